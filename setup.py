@@ -1,0 +1,45 @@
+"""capsedge: shoulder-implant manufacturer identification on edge hardware."""
+
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"', (HERE / "edge" / "__init__.py").read_text(), re.M
+).group(1)
+
+EXPORT = ["tensorflow>=2.21,<2.22", "ncps>=1.0.1", "tf2onnx>=1.17", "onnx>=1.17", "onnxruntime>=1.20"]
+
+setup(
+    name="capsedge",
+    version=VERSION,
+    description="Identify a shoulder implant's manufacturer from an X-ray with a capsule network, on edge devices.",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    # The runtime is the top-level package; the heavy parts (TensorFlow) are
+    # sub-packages that a device never imports.
+    packages=["capsedge", "capsedge.models", "capsedge.train", "capsedge.export"],
+    package_dir={
+        "capsedge": "edge",
+        "capsedge.models": "models",
+        "capsedge.train": "train",
+        "capsedge.export": "export",
+    },
+    package_data={"capsedge": ["assets/*.tflite", "assets/*.json"]},
+    install_requires=["numpy>=1.24", "pillow>=10", "click>=8.1", "ai-edge-litert>=2.0"],
+    extras_require={
+        "train": ["tensorflow>=2.21,<2.22", "ncps>=1.0.1"],
+        "export": EXPORT,
+        "dev": EXPORT + ["pytest>=8", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["capsedge=capsedge.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Intended Audience :: Healthcare Industry",
+        "Topic :: Scientific/Engineering :: Image Recognition",
+    ],
+)
