@@ -1,0 +1,149 @@
+"""Inference backends: each runs one preprocessed batch-1 tensor through a model file.
+
+Every backend takes float32 input and returns float32 class probabilities;
+quantization at the model's boundary is handled here, in one place each way.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .errors import ModelError, RuntimeMissingError
+
+
+class Backend(Protocol):
+    """What the classifier needs from a runtime."""
+
+    name: str
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The model's input shape, batch included."""
+        ...
+
+    @property
+    def num_outputs(self) -> int:
+        """Number of values in the model's output."""
+        ...
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Run a float32 ``(1, H, W, C)`` batch; return float32 ``(K,)`` outputs."""
+        ...
+
+
+def quantize(values: np.ndarray, scale: float, zero_point: int, dtype: np.dtype) -> np.ndarray:
+    """Float to integer with the tensor's affine parameters (round half to even, then clip)."""
+    info = np.iinfo(dtype)
+    quantized = np.round(values / scale) + zero_point
+    return np.clip(quantized, info.min, info.max).astype(dtype)
+
+
+def dequantize(values: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """Integer to float with the tensor's affine parameters.
+
+    The cast to int32 comes first: subtracting the zero point in int8/uint8
+    arithmetic would wrap around.
+    """
+    return (values.astype(np.int32) - zero_point).astype(np.float32) * np.float32(scale)
+
+
+def load_litert_interpreter_class() -> Any:
+    """The LiteRT ``Interpreter`` class: ``ai_edge_litert``, else legacy ``tflite_runtime``.
+
+    ``tflite_runtime`` 2.14 cannot run models from TensorFlow 2.21 and breaks on
+    numpy 2; it is only a fallback for old devices where LiteRT has no wheel.
+    """
+    for module in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"):
+        try:
+            return importlib.import_module(module).Interpreter
+        except ImportError:
+            continue
+    raise RuntimeMissingError(
+        "no TFLite runtime is installed; install it with: pip install ai-edge-litert"
+    )
+
+
+class LiteRTBackend:
+    """Runs ``.tflite`` models with LiteRT (``ai_edge_litert``)."""
+
+    name = "litert"
+
+    def __init__(self, model_path: str | Path, threads: int | None = None) -> None:
+        """Load the model.
+
+        Args:
+            model_path: a ``.tflite`` file.
+            threads: CPU threads for the interpreter; ``None`` lets LiteRT choose.
+
+        Raises:
+            ModelError: the file is not a model LiteRT can run.
+            RuntimeMissingError: no TFLite runtime is installed.
+        """
+        interpreter_class = load_litert_interpreter_class()
+        try:
+            self._interpreter = interpreter_class(model_path=str(model_path), num_threads=threads)
+            self._interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"not a valid TFLite model ({reason})") from None
+        inputs = self._interpreter.get_input_details()
+        outputs = self._interpreter.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ModelError(
+                f"expected a model with one input and one output, got {len(inputs)} and {len(outputs)}"
+            )
+        self._input, self._output = inputs[0], outputs[0]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The model's input shape, batch included."""
+        return tuple(int(d) for d in self._input["shape"])
+
+    @property
+    def num_outputs(self) -> int:
+        """Number of values in the model's output."""
+        return int(np.prod(self._output["shape"]))
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Run a float32 ``(1, H, W, C)`` batch; return float32 ``(K,)`` outputs."""
+        dtype = self._input["dtype"]
+        if np.issubdtype(dtype, np.integer):
+            scale, zero_point = self._input["quantization"]
+            batch = quantize(batch, scale, zero_point, dtype)
+        self._interpreter.set_tensor(self._input["index"], batch.astype(dtype, copy=False))
+        self._interpreter.invoke()
+        result = self._interpreter.get_tensor(self._output["index"])
+        if np.issubdtype(result.dtype, np.integer):
+            scale, zero_point = self._output["quantization"]
+            result = dequantize(result, scale, zero_point)
+        return result.reshape(-1).astype(np.float32, copy=False)
+
+
+BACKENDS = {"litert": (LiteRTBackend, (".tflite",))}
+
+
+def open_backend(model_path: str | Path, backend: str = "auto", threads: int | None = None) -> Backend:
+    """Open a model file with the named backend, or the one its suffix calls for.
+
+    Raises:
+        ModelError: the file is missing or no backend reads its kind.
+    """
+    path = Path(model_path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    if backend == "auto":
+        for name, (_, suffixes) in BACKENDS.items():
+            if path.suffix.lower() in suffixes:
+                backend = name
+                break
+        else:
+            known = sorted({s for _, suffixes in BACKENDS.values() for s in suffixes})
+            raise ModelError(f"unknown model file type {path.suffix!r}; expected one of {known}")
+    if backend not in BACKENDS:
+        raise ModelError(f"unknown backend {backend!r}; choose from {['auto', *BACKENDS]}")
+    backend_class, _ = BACKENDS[backend]
+    return backend_class(path, threads=threads)

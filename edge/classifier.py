@@ -1,0 +1,135 @@
+"""The Python API for device integration: load a model once, classify images."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .backends import Backend, open_backend
+from .errors import ModelError
+from .metadata import ModelMetadata, read_metadata
+from .preprocess import ImageSource, preprocess
+
+DEFAULT_MODEL_NAME = "default.tflite"
+
+
+def default_model_path() -> Path:
+    """The model bundled with the package."""
+    return Path(str(resources.files("capsedge") / "assets" / DEFAULT_MODEL_NAME))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result.
+
+    Attributes:
+        label: the most probable manufacturer.
+        probabilities: probability of each class, in the model's label order.
+        latency_ms: preprocessing plus inference time for this image.
+        model_version: the version of the model that made it.
+    """
+
+    label: str
+    probabilities: dict[str, float]
+    latency_ms: float
+    model_version: str
+
+    @property
+    def confidence(self) -> float:
+        """Probability of the predicted label."""
+        return self.probabilities[self.label]
+
+
+class Classifier:
+    """A loaded model with its metadata.
+
+    A ``Classifier`` may be shared between threads: inference is serialised by
+    a lock (the interpreter is not re-entrant), preprocessing runs in parallel.
+    For parallel inference, load one ``Classifier`` per thread.
+    """
+
+    def __init__(self, backend: Backend, metadata: ModelMetadata, model_path: Path) -> None:
+        """Wrap an open backend; prefer :meth:`load`.
+
+        Raises:
+            ModelError: the metadata does not match the model's input or output.
+        """
+        expected = (1, *metadata.preprocessing.input_shape)
+        if tuple(backend.input_shape) != expected:
+            raise ModelError(
+                f"model input shape {tuple(backend.input_shape)} does not match its metadata "
+                f"(expected {expected})"
+            )
+        if backend.num_outputs != len(metadata.labels):
+            raise ModelError(
+                f"model has {backend.num_outputs} outputs but its metadata names "
+                f"{len(metadata.labels)} labels"
+            )
+        self.backend = backend
+        self.metadata = metadata
+        self.model_path = model_path
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | None = None,
+        *,
+        backend: str = "auto",
+        threads: int | None = None,
+        warm_up: bool = True,
+    ) -> Classifier:
+        """Load a model file and its metadata, and run one warm-up inference.
+
+        Args:
+            path: an exported model; ``None`` for the bundled default model.
+            backend: ``"auto"`` (from the file type) or a backend name.
+            threads: CPU threads for the runtime; ``None`` lets it choose.
+            warm_up: run one inference on a blank image so the first real call is fast.
+
+        Raises:
+            ModelError: the model or its metadata is missing, corrupt or inconsistent.
+            RuntimeMissingError: the runtime for this model is not installed.
+        """
+        model_path = Path(path) if path is not None else default_model_path()
+        if not model_path.is_file():
+            raise ModelError(f"model file not found: {model_path}")
+        metadata = read_metadata(model_path)
+        classifier = cls(open_backend(model_path, backend, threads), metadata, model_path)
+        if warm_up:
+            classifier.predict_tensor(np.zeros(metadata.preprocessing.input_shape, np.float32))
+        return classifier
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Class names in output order."""
+        return self.metadata.labels
+
+    def predict_tensor(self, tensor: np.ndarray) -> np.ndarray:
+        """Class probabilities for one preprocessed ``(H, W, C)`` tensor."""
+        batch = np.ascontiguousarray(tensor[np.newaxis], dtype=np.float32)
+        with self._lock:
+            return self.backend.run(batch)
+
+    def classify(self, image: ImageSource) -> Prediction:
+        """Classify one image: a path, encoded bytes, a PIL image or a numpy array.
+
+        Raises:
+            ImageError: the image cannot be read or decoded.
+        """
+        start = time.perf_counter()
+        tensor = preprocess(image, self.metadata.preprocessing)
+        scores = self.predict_tensor(tensor)
+        latency_ms = (time.perf_counter() - start) * 1000.0
+        probabilities = {label: float(p) for label, p in zip(self.labels, scores)}
+        return Prediction(
+            label=self.labels[int(np.argmax(scores))],
+            probabilities=probabilities,
+            latency_ms=latency_ms,
+            model_version=self.metadata.version,
+        )

@@ -1,0 +1,221 @@
+"""The one preprocessing path, shared by training, export calibration and inference.
+
+numpy and Pillow only. An image of any common kind (8/16-bit greyscale, RGB,
+RGBA, palette, CMYK, 32-bit integer or float, EXIF-rotated, animated: first
+frame) becomes a ``(size, size, 1)`` float32 tensor in ``[0, 1]``:
+
+1. decode; apply the EXIF orientation; keep the first frame;
+2. convert to one greyscale channel (transparent pixels become black);
+3. resize (antialiased bilinear) so that the longer side is ``size``;
+4. stretch the intensities to ``[0, 1]`` (per-image min-max, so that 8-bit,
+   12-bit and 16-bit radiographs all look alike to the network);
+5. letterbox: centre on a black square of ``size`` x ``size``.
+
+The parameters live in :class:`Preprocessing`, which is stored in every
+exported model so that the runtime reads them instead of assuming them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+#: Images with more pixels than this are refused (decompression bombs).
+MAX_PIXELS = 64_000_000
+
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model's input tensor is made from an image.
+
+    Attributes:
+        input_size: side of the square input, in pixels.
+        channels: channels of the input tensor (1: greyscale).
+        layout: tensor layout of the batch, ``"NHWC"``.
+        intensity: ``"minmax"``, per-image stretch of the grey levels to [0, 1].
+        resample: ``"bilinear"`` (antialiased when downscaling).
+        letterbox: keep the aspect ratio and pad with black to a square.
+    """
+
+    input_size: int = 128
+    channels: int = 1
+    layout: str = "NHWC"
+    intensity: str = "minmax"
+    resample: str = "bilinear"
+    letterbox: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.input_size, int) or not 8 <= self.input_size <= 1024:
+            raise ValueError(f"input_size must be an integer in [8, 1024], got {self.input_size!r}")
+        for name, value, valid in (
+            ("channels", self.channels, (1,)),
+            ("layout", self.layout, ("NHWC",)),
+            ("intensity", self.intensity, ("minmax",)),
+            ("resample", self.resample, ("bilinear",)),
+            ("letterbox", self.letterbox, (True,)),
+        ):
+            if value not in valid:
+                raise ValueError(f"{name} must be one of {valid}, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready form stored in model metadata."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        """Rebuild from :meth:`to_dict`; unknown keys are an error, not ignored."""
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys {sorted(unknown)}; valid: {sorted(known)}")
+        return cls(**data)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Shape of one preprocessed image, ``(H, W, C)``."""
+        return (self.input_size, self.input_size, self.channels)
+
+
+def open_image(source: ImageSource) -> Image.Image:
+    """Open a path, bytes, PIL image or array as a PIL image (not yet decoded).
+
+    Raises:
+        ImageError: the file is missing, unreadable, empty, not an image, or too large.
+    """
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, np.ndarray):
+        return _array_to_image(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ImageError("empty image data")
+        stream: Any = io.BytesIO(bytes(source))
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ImageError("no such file")
+        if path.is_dir():
+            raise ImageError("is a directory, not an image")
+        try:
+            if path.stat().st_size == 0:
+                raise ImageError("empty file")
+            stream = io.BytesIO(path.read_bytes())
+        except PermissionError as exc:
+            raise ImageError("permission denied") from exc
+        except OSError as exc:
+            raise ImageError(f"cannot read file ({exc.strerror or exc})") from exc
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(stream)
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError("not a readable image") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"not a readable image ({exc})") from None
+    return image
+
+
+def _array_to_image(array: np.ndarray) -> Image.Image:
+    if array.size == 0:
+        raise ImageError("empty array")
+    if array.ndim == 3 and array.shape[-1] in (1, 3, 4):
+        array = array[..., 0] if array.shape[-1] == 1 else array
+    if array.ndim == 3:
+        grey = array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        if array.shape[-1] == 4:
+            alpha = array[..., 3].astype(np.float32)
+            grey = grey * alpha / (alpha.max() or 1.0)
+        array = grey
+    if array.ndim != 2:
+        raise ImageError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, got {array.shape}")
+    return Image.fromarray(np.nan_to_num(array.astype(np.float32)), mode="F")
+
+
+def _to_grey(image: Image.Image) -> Image.Image:
+    """One channel, mode ``L`` (8-bit), ``I`` (integer) or ``F`` (float)."""
+    mode = image.mode
+    if mode in ("L", "F"):
+        return image
+    if mode in _SIXTEEN_BIT_MODES:
+        return image.convert("I")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("L")
+    return image.convert("L")
+
+
+def load_grey(source: ImageSource, size_hint: int = 0) -> Image.Image:
+    """Decode an image to one upright greyscale channel.
+
+    Args:
+        source: a path, encoded bytes, a PIL image or a numpy array.
+        size_hint: the final size; large JPEGs are decoded at a reduced scale
+            no smaller than twice this.
+
+    Raises:
+        ImageError: the image cannot be decoded.
+    """
+    image = open_image(source)
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageError("image has no pixels")
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"image too large ({width}x{height} pixels, limit {MAX_PIXELS:,})")
+    try:
+        if size_hint and image.format == "JPEG" and min(width, height) > 4 * size_hint:
+            image.draft(image.mode, (2 * size_hint, 2 * size_hint))
+        image.seek(0)
+        image = ImageOps.exif_transpose(image) or image
+        image.load()
+        return _to_grey(image)
+    except ImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds on corrupt data
+        raise ImageError(f"cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+def to_model_input(grey: Image.Image, config: Preprocessing) -> np.ndarray:
+    """Resize, stretch and letterbox a greyscale image into a ``(H, W, 1)`` float32 tensor."""
+    size = config.input_size
+    width, height = grey.size
+    factor = max(1, max(width, height) // (2 * size))
+    if factor > 1:  # cheap box reduction first; the bilinear pass below antialiases the rest
+        grey = grey.reduce(factor)
+        width, height = grey.size
+    scale = size / max(width, height)
+    new_w = max(1, min(size, round(width * scale)))
+    new_h = max(1, min(size, round(height * scale)))
+    resized = grey.convert("F").resize((new_w, new_h), Image.Resampling.BILINEAR)
+    pixels = np.asarray(resized, dtype=np.float32)
+    low, high = float(pixels.min()), float(pixels.max())
+    pixels = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
+    canvas = np.zeros((size, size), dtype=np.float32)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    canvas[top : top + new_h, left : left + new_w] = np.clip(pixels, 0.0, 1.0)
+    return canvas[..., np.newaxis]
+
+
+def preprocess(source: ImageSource, config: Preprocessing) -> np.ndarray:
+    """Turn an image into the model's ``(H, W, C)`` float32 input tensor.
+
+    Raises:
+        ImageError: the image cannot be read or decoded.
+    """
+    return to_model_input(load_grey(source, config.input_size), config)

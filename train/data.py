@@ -1,0 +1,140 @@
+"""Reading a labelled image collection: the public flat layout, a folder per class, or a CSV.
+
+numpy and the shared preprocessing only; TensorFlow is not needed to read data.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from capsedge.errors import CapsedgeError
+from capsedge.preprocess import Preprocessing, preprocess
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+
+
+class DatasetError(CapsedgeError):
+    """A data set is missing, empty, unreadable or has fewer than two classes."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Image paths with their labels.
+
+    Attributes:
+        paths: one path per image.
+        labels: the class name of each image.
+        classes: the sorted class names; a label's index is its class id.
+        layout: ``"flat"``, ``"folders"`` or ``"csv"``.
+    """
+
+    paths: tuple[Path, ...]
+    labels: tuple[str, ...]
+    classes: tuple[str, ...]
+    layout: str
+
+    @property
+    def targets(self) -> np.ndarray:
+        """Class ids, int64, one per image."""
+        index = {name: i for i, name in enumerate(self.classes)}
+        return np.array([index[label] for label in self.labels], dtype=np.int64)
+
+    def counts(self) -> dict[str, int]:
+        """Images per class, in class order."""
+        counter = Counter(self.labels)
+        return {name: counter[name] for name in self.classes}
+
+    def subset(self, indices: np.ndarray) -> Dataset:
+        """The images at ``indices``, same classes."""
+        return Dataset(
+            paths=tuple(self.paths[i] for i in indices),
+            labels=tuple(self.labels[i] for i in indices),
+            classes=self.classes,
+            layout=self.layout,
+        )
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def read_dataset(source: str | Path) -> Dataset:
+    """Find the images and labels under ``source``.
+
+    Three layouts are read:
+
+    - flat, as in the public UCI archive: ``DIR/Maker.N.jpg``, the label being
+      the file name's first dot-separated token;
+    - a folder per class: ``DIR/Maker/any-name.png``;
+    - a CSV file with ``path,label`` rows (a header row is optional; relative
+      paths are taken from the CSV's folder).
+
+    Raises:
+        DatasetError: nothing usable was found, or fewer than two classes.
+    """
+    root = Path(source)
+    if not root.exists():
+        raise DatasetError(f"data not found: {root}")
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise DatasetError(f"expected a folder or a .csv file, got {root}")
+        pairs, layout = _read_csv(root), "csv"
+    else:
+        subfolders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        foldered = [(f, folder.name) for folder in subfolders for f in sorted(folder.iterdir()) if _is_image(f)]
+        if foldered:
+            pairs, layout = foldered, "folders"
+        else:
+            pairs = [(f, f.name.split(".")[0]) for f in sorted(root.iterdir()) if _is_image(f)]
+            layout = "flat"
+    if not pairs:
+        raise DatasetError(f"no images found in {root} ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    classes = tuple(sorted({label for _, label in pairs}))
+    if len(classes) < 2:
+        raise DatasetError(f"need at least two classes, found only {classes[0]!r} in {root}")
+    return Dataset(
+        paths=tuple(p for p, _ in pairs),
+        labels=tuple(label for _, label in pairs),
+        classes=classes,
+        layout=layout,
+    )
+
+
+def _read_csv(path: Path) -> list[tuple[Path, str]]:
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"cannot read {path} ({exc})") from None
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    pairs = []
+    for line, row in enumerate(rows, start=1):
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise DatasetError(f"{path.name} row {line}: expected 'path,label', got {row!r}")
+        image = Path(row[0].strip())
+        image = image if image.is_absolute() else path.parent / image
+        if not image.is_file():
+            raise DatasetError(f"{path.name} row {line}: image not found: {image}")
+        pairs.append((image, row[1].strip()))
+    return pairs
+
+
+def load_images(dataset: Dataset, config: Preprocessing) -> np.ndarray:
+    """Preprocess every image of ``dataset`` into one ``(N, H, W, C)`` float32 array.
+
+    Raises:
+        DatasetError: an image cannot be decoded (its path is named).
+    """
+    images = np.empty((len(dataset.paths), *config.input_shape), dtype=np.float32)
+    for i, path in enumerate(dataset.paths):
+        try:
+            images[i] = preprocess(path, config)
+        except CapsedgeError as exc:
+            raise DatasetError(f"{path}: {exc}") from None
+    return images
