@@ -126,7 +126,7 @@ class Classifier:
         tensor = preprocess(image, self.metadata.preprocessing)
         scores = self.predict_tensor(tensor)
         latency_ms = (time.perf_counter() - start) * 1000.0
-        probabilities = {label: float(p) for label, p in zip(self.labels, scores)}
+        probabilities = {label: float(p) for label, p in zip(self.labels, scores, strict=True)}
         return Prediction(
             label=self.labels[int(np.argmax(scores))],
             probabilities=probabilities,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -24,7 +25,37 @@ def _format_text(path: str, label: str, probabilities: dict[str, float]) -> str:
     return f"{path}: {label} ({100 * probabilities[label]:.1f} %)   {scores}"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """Subcommands that need TensorFlow are imported only when they are run."""
+
+    lazy = {
+        "train": ("capsedge.train.cli", "command", "Train a model on labelled X-rays [train extra]."),
+        "export": ("capsedge.export.quantize", "command", "Export a trained model [export extra]."),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, cmd.get_short_help_str(60)) for name, cmd in self.commands.items()]
+        rows += [(name, summary) for name, (_, _, summary) in self.lazy.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(sorted(rows))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.lazy:
+            return super().get_command(ctx, name)
+        module, attribute, _ = self.lazy[name]
+        try:
+            return getattr(importlib.import_module(module), attribute)
+        except ImportError as exc:
+            extra = "train" if name == "train" else "export"
+            fail(f"'capsedge {name}' needs {exc.name or 'more packages'}: "
+                 f"pip install 'capsedge[{extra}]'")
+            sys.exit(EXIT_FAILED)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="capsedge")
 def main() -> None:
     """Identify a shoulder implant's manufacturer from an X-ray.

@@ -22,14 +22,14 @@ import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
-ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 #: Images with more pixels than this are refused (decompression bombs).
 MAX_PIXELS = 64_000_000
@@ -121,7 +121,9 @@ def open_image(source: ImageSource) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(stream)
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"image too large (over {MAX_PIXELS:,} pixels)") from None
+    except UnidentifiedImageError:
         raise ImageError("not a readable image") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"not a readable image ({exc})") from None

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from capsedge.metadata import ModelMetadata, embed_in_tflite, sidecar_path
 
 

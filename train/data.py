@@ -11,9 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from capsedge.errors import CapsedgeError
 from capsedge.preprocess import Preprocessing, preprocess
+
+UCI_SHOULDER_IMPLANTS = (
+    "Shoulder Implant X-Ray Manufacturer Classification, UCI Machine Learning Repository, "
+    "id 517, doi:10.24432/C5F893 (Urban, Porhemmat, Stark, Feeley, Okada, Baldi, "
+    "Computational and Structural Biotechnology Journal 18 (2020) 967-972); licence CC BY 4.0"
+)
+IMPLANT_MAKERS = ("Cofield", "Depuy", "Tornier", "Zimmer")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 
@@ -48,6 +54,12 @@ class Dataset:
         """Images per class, in class order."""
         counter = Counter(self.labels)
         return {name: counter[name] for name in self.classes}
+
+    def attribution(self) -> str:
+        """Credit for the data: the UCI data set's when these are its four makers."""
+        if self.classes == IMPLANT_MAKERS:
+            return f"trained on images from the {UCI_SHOULDER_IMPLANTS}"
+        return "trained on user-supplied images"
 
     def subset(self, indices: np.ndarray) -> Dataset:
         """The images at ``indices``, same classes."""
@@ -86,7 +98,9 @@ def read_dataset(source: str | Path) -> Dataset:
         pairs, layout = _read_csv(root), "csv"
     else:
         subfolders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        foldered = [(f, folder.name) for folder in subfolders for f in sorted(folder.iterdir()) if _is_image(f)]
+        foldered = [
+            (f, folder.name) for folder in subfolders for f in sorted(folder.iterdir()) if _is_image(f)
+        ]
         if foldered:
             pairs, layout = foldered, "folders"
         else:

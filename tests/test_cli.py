@@ -1,0 +1,136 @@
+"""`capsedge classify` through click's CliRunner: output shapes, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from capsedge import __version__, default_model_path
+from capsedge.cli import main
+from capsedge.metadata import read_metadata, sidecar_path
+from click.testing import CliRunner
+from conftest import synthetic_xray
+from PIL import Image
+
+LABELS = ["Cofield", "Depuy", "Tornier", "Zimmer"]
+
+
+def run(*args: str) -> object:
+    return CliRunner().invoke(main, list(args))
+
+
+def assert_one_line_error(result: object, fragment: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert any(fragment in line for line in lines), result.stderr
+    assert all(line.startswith("capsedge: error: ") for line in lines), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_version_and_help() -> None:
+    assert __version__ in run("--version").stdout
+    result = run("--help")
+    assert result.exit_code == 0 and "classify" in result.stdout and "not a medical device" in result.stdout
+
+
+def test_classify_prints_label_and_every_probability(xray_png: Path) -> None:
+    result = run("classify", str(xray_png))
+    assert result.exit_code == 0, result.stderr
+    line = result.stdout.strip()
+    assert line.startswith(f"{xray_png}: ")
+    assert line.split(": ", 1)[1].split(" ")[0] in LABELS
+    assert all(f"{label} " in line for label in LABELS)
+
+
+def test_json_output_shape(xray_png: Path) -> None:
+    result = run("classify", "--json", str(xray_png), str(xray_png))
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == 2
+    for record in records:
+        assert set(record) == {"path", "label", "probabilities", "latency_ms"}
+        assert record["path"] == str(xray_png)
+        assert list(record["probabilities"]) == LABELS
+        assert sum(record["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert record["label"] == max(record["probabilities"], key=record["probabilities"].get)
+        assert record["latency_ms"] > 0
+
+
+def test_batch_goes_on_past_bad_files(tmp_path: Path, xray_png: Path) -> None:
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    missing = tmp_path / "missing.png"
+    result = run("classify", "--json", str(missing), str(xray_png), str(empty), str(text))
+    assert result.exit_code == 1
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["path"] for r in records] == [str(missing), str(xray_png), str(empty), str(text)]
+    assert "label" in records[1]
+    assert [("error" in r) for r in records] == [True, False, True, True]
+    assert_one_line_error(result, "3 of 4 images failed")
+    assert_one_line_error(result, f"{missing}: no such file")
+
+
+def test_single_missing_file_exits_non_zero(tmp_path: Path) -> None:
+    result = run("classify", str(tmp_path / "nope.png"))
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert_one_line_error(result, "no such file")
+
+
+def _copy_model(tmp_path: Path) -> Path:
+    model = tmp_path / "model.tflite"
+    shutil.copyfile(default_model_path(), model)
+    return model
+
+
+def test_corrupt_model(tmp_path: Path, xray_png: Path) -> None:
+    model = tmp_path / "broken.tflite"
+    model.write_bytes(bytes(np.random.default_rng(1).integers(0, 256, 2048, dtype=np.uint8)))
+    sidecar_path(model).write_text(read_metadata(default_model_path()).to_json())
+    result = run("classify", "--model", str(model), str(xray_png))
+    assert result.exit_code == 1
+    assert_one_line_error(result, "not a valid TFLite model")
+
+
+def test_model_without_metadata(tmp_path: Path, xray_png: Path) -> None:
+    model = tmp_path / "bare.tflite"
+    data = default_model_path().read_bytes()
+    model.write_bytes(data[: data.rfind(b"PK\x03\x04")])  # strip the embedded archive
+    result = run("classify", "--model", str(model), str(xray_png))
+    assert result.exit_code == 1
+    assert_one_line_error(result, "no capsedge metadata")
+
+
+def test_metadata_that_does_not_match_the_model(tmp_path: Path, xray_png: Path) -> None:
+    model = tmp_path / "bare.tflite"
+    data = default_model_path().read_bytes()
+    model.write_bytes(data[: data.rfind(b"PK\x03\x04")])
+    wrong = json.loads(read_metadata(default_model_path()).to_json())
+    wrong["preprocessing"]["input_size"] = 64
+    sidecar_path(model).write_text(json.dumps(wrong))
+    result = run("classify", "--model", str(model), str(xray_png))
+    assert result.exit_code == 1
+    assert_one_line_error(result, "does not match its metadata")
+    wrong["preprocessing"]["input_size"] = read_metadata(default_model_path()).preprocessing.input_size
+    wrong["labels"] = ["a", "b", "c"]
+    sidecar_path(model).write_text(json.dumps(wrong))
+    assert_one_line_error(run("classify", "--model", str(model), str(xray_png)), "3 labels")
+
+
+def test_missing_model_and_unknown_type(tmp_path: Path, xray_png: Path) -> None:
+    assert_one_line_error(run("classify", "--model", str(tmp_path / "x.tflite"), str(xray_png)), "not found")
+    other = tmp_path / "model.bin"
+    other.write_bytes(b"123")
+    assert_one_line_error(run("classify", "--model", str(other), str(xray_png)), "unknown model file type")
+
+
+def test_unusual_file_names(tmp_path: Path) -> None:
+    path = tmp_path / "Röntgen Bild ümlaut 1.png"
+    Image.fromarray(synthetic_xray()).save(path)
+    result = run("classify", "--json", str(path))
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["path"] == str(path)

@@ -1,0 +1,30 @@
+"""The device path never imports TensorFlow, Keras or other training libraries."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import synthetic_xray
+from PIL import Image
+
+HEAVY = ("tensorflow", "keras", "tf2onnx", "ncps", "onnx")
+
+
+def test_classify_runs_without_importing_training_libraries(tmp_path: Path) -> None:
+    image = tmp_path / "x.png"
+    Image.fromarray(synthetic_xray()).save(image)
+    script = f"""
+import sys
+from click.testing import CliRunner
+import capsedge
+from capsedge.cli import main
+result = CliRunner().invoke(main, ["classify", "--json", {str(image)!r}])
+assert result.exit_code == 0, result.output
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r})
+print("HEAVY", heavy)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout, done.stdout

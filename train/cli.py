@@ -1,0 +1,41 @@
+"""``capsedge train``: a thin command over :func:`capsedge.train.trainer.train`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from capsedge.errors import CapsedgeError
+
+
+@click.command(name="train", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Flat folder (Maker.N.jpg), a folder per class, or a CSV of path,label.")
+@click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path),
+              help="Run folder: config, history, metrics, classifier.keras.")
+@click.option("--model", default="effcaps_ncp_implant_128", show_default=True,
+              help="Model configuration name.")
+@click.option("--epochs", type=click.IntRange(1), default=60, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--lr", "learning_rate", type=float, default=2e-3, show_default=True)
+@click.option("--beta", type=click.FloatRange(0, 1, max_open=True), default=0.999,
+              show_default=True, help="Class-balanced loss beta (0: no reweighting).")
+@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.2,
+              show_default=True, help="Fraction of each class held out for evaluation.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int,
+            learning_rate: float, beta: float, holdout: float, seed: int) -> None:
+    """Train a capsule network on labelled X-rays."""
+    from capsedge.train.trainer import TrainConfig, train
+
+    try:
+        config = TrainConfig(model=model, epochs=epochs, batch_size=batch_size,
+                             learning_rate=learning_rate, beta=beta, holdout=holdout, seed=seed)
+        result = train(data, run_dir, config)
+    except (CapsedgeError, ValueError) as exc:
+        click.echo(f"capsedge: error: {exc}", err=True)
+        raise SystemExit(1) from None
+    held = result.metrics.get("holdout")
+    if held:
+        click.echo(f"held-out accuracy {held['accuracy']:.3f}, macro-F1 {held['macro_f1']:.3f}")
+    click.echo(f"run written to {result.run_dir}")
