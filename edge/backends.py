@@ -6,7 +6,11 @@ quantization at the model's boundary is handled here, in one place each way.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -67,6 +71,28 @@ def load_litert_interpreter_class() -> Any:
     )
 
 
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Hide what native code writes to file descriptor 2 (LiteRT's "INFO: Created ... delegate").
+
+    Python-level errors still surface as exceptions; only the C++ runtime's
+    chatter on stderr, which would break the CLI's one-line error contract, is dropped.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (embedded interpreters)
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class LiteRTBackend:
     """Runs ``.tflite`` models with LiteRT (``ai_edge_litert``)."""
 
@@ -85,8 +111,9 @@ class LiteRTBackend:
         """
         interpreter_class = load_litert_interpreter_class()
         try:
-            self._interpreter = interpreter_class(model_path=str(model_path), num_threads=threads)
-            self._interpreter.allocate_tensors()
+            with native_stderr_silenced():
+                self._interpreter = interpreter_class(model_path=str(model_path), num_threads=threads)
+                self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"not a valid TFLite model ({reason})") from None

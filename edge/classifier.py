@@ -99,10 +99,10 @@ class Classifier:
         model_path = Path(path) if path is not None else default_model_path()
         if not model_path.is_file():
             raise ModelError(f"model file not found: {model_path}")
-        metadata = read_metadata(model_path)
-        classifier = cls(open_backend(model_path, backend, threads), metadata, model_path)
+        runtime = open_backend(model_path, backend, threads)
+        classifier = cls(runtime, read_metadata(model_path), model_path)
         if warm_up:
-            classifier.predict_tensor(np.zeros(metadata.preprocessing.input_shape, np.float32))
+            classifier.predict_tensor(np.zeros(classifier.metadata.preprocessing.input_shape, np.float32))
         return classifier
 
     @property
