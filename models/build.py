@@ -1,0 +1,111 @@
+"""Build the classifier, trainer and decoder of a ``ModelConfig``, sharing one set of weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+from capsedge.models.config import ModelConfig
+from capsedge.models.decoder import DECODERS
+from capsedge.models.heads import ProbabilityFusion, ncp_head
+from capsedge.models.layers import (
+    DigitCaps,
+    FCCaps,
+    Length,
+    Mask,
+    NormalizeLengths,
+    PrimaryCaps,
+    PrimaryConvCaps,
+)
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """The models of one configuration; all share the same layers and weights.
+
+    Attributes:
+        config: the configuration built.
+        classifier: image ``(batch, H, W, C)`` in [0, 1] -> ``(batch, K)`` class
+            probabilities (the fused prediction when ``use_ncp``). No decoder, no loops: the
+            model to export.
+        trainer: ``[image, y_onehot]`` -> dict with ``"caps_length"`` ``(batch, K)``,
+            ``"ncp_probs"`` ``(batch, K)`` when ``use_ncp``, and ``"reconstruction"``
+            ``(batch, H, W, C)`` (decoded from the capsule of the true label) when a decoder
+            is configured.
+        decoder: ``(batch, K*D)`` masked class capsules -> image, or ``None``.
+        encoder: image -> ``(batch, K, D)`` class capsules, for the perturbation view.
+    """
+
+    config: ModelConfig
+    classifier: keras.Model
+    trainer: keras.Model
+    decoder: keras.Model | None
+    encoder: keras.Model
+
+
+def _stem(x: Any, cfg: ModelConfig) -> Any:
+    for i, spec in enumerate(cfg.stem, start=1):
+        x = keras.layers.Conv2D(
+            spec.filters,
+            spec.kernel_size,
+            strides=spec.strides,
+            padding=spec.padding,
+            activation="relu",
+            kernel_initializer="he_normal",
+            name=f"conv{i}",
+        )(x)
+        if cfg.batch_norm:
+            x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+    return x
+
+
+def _capsules(x: Any, cfg: ModelConfig) -> tuple[Any, Any]:
+    """Primary and class capsules of the configured routing."""
+    if cfg.routing == "self_attention":
+        primary = PrimaryCaps(
+            cfg.primary_caps, cfg.primary_dim, cfg.primary_kernel, cfg.squash, name="primary_caps"
+        )(x)
+        caps = FCCaps(cfg.num_classes, cfg.class_dim, cfg.attention_scale, cfg.squash, name="class_caps")(
+            primary
+        )
+    else:
+        primary = PrimaryConvCaps(
+            cfg.primary_caps,
+            cfg.primary_dim,
+            cfg.primary_kernel,
+            cfg.primary_strides,
+            cfg.squash,
+            name="primary_caps",
+        )(x)
+        caps = DigitCaps(
+            cfg.num_classes, cfg.class_dim, cfg.routing_iterations, cfg.squash, name="class_caps"
+        )(primary)
+    return primary, caps
+
+
+def build_model(cfg: ModelConfig) -> BuiltModel:
+    """Build the models of ``cfg`` (see ``BuiltModel``); weights are freshly initialised.
+
+    The classifier's output is the capsule lengths normalised to sum to 1, or, with
+    ``use_ncp``, ``w * that + (1 - w) * ncp_probs`` with ``w = cfg.fusion_weight``.
+    """
+    image = keras.Input(cfg.input_shape, name="image")
+    primary, caps = _capsules(_stem(image, cfg), cfg)
+    lengths = Length(name="caps_length")(caps)
+    probs = NormalizeLengths(name="caps_probs")(lengths)
+    outputs: dict[str, Any] = {"caps_length": lengths}
+    if cfg.use_ncp:
+        outputs["ncp_probs"] = ncp_head(primary, cfg.num_classes, cfg.ncp_units)
+        probs = ProbabilityFusion(cfg.fusion_weight, name="fused_probs")([probs, outputs["ncp_probs"]])
+    classifier = keras.Model(image, probs, name=f"{cfg.name}_classifier")
+
+    y_true = keras.Input((cfg.num_classes,), name="y_onehot")
+    decoder = None
+    if cfg.decoder is not None:
+        decoder = DECODERS[cfg.decoder](cfg.num_classes, cfg.class_dim, cfg.input_shape)
+        masked = Mask(name="mask_by_label")([caps, y_true])
+        outputs["reconstruction"] = keras.layers.Identity(name="reconstruction")(decoder(masked))
+    trainer = keras.Model([image, y_true], outputs, name=f"{cfg.name}_trainer")
+    encoder = keras.Model(image, caps, name=f"{cfg.name}_encoder")
+    return BuiltModel(cfg, classifier, trainer, decoder, encoder)

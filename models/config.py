@@ -1,0 +1,143 @@
+"""Model options as small frozen dataclasses: what to build, never how to train it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from capsedge.errors import CapsedgeError
+
+ROUTINGS = ("self_attention", "dynamic")
+DECODERS = ("dense", "lean")
+SQUASHES = ("efficient", "hinton")
+PADDINGS = ("valid", "same")
+
+
+class ModelConfigError(CapsedgeError, ValueError):
+    """A model configuration name or option is not valid."""
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """One stem convolution: ``Conv2D(filters, kernel_size, strides, padding)`` + ReLU.
+
+    Args:
+        filters: output channels.
+        kernel_size: square kernel size.
+        strides: stride in both directions.
+        padding: ``"valid"`` or ``"same"``.
+    """
+
+    filters: int
+    kernel_size: int
+    strides: int = 1
+    padding: str = "valid"
+
+    def __post_init__(self) -> None:
+        for name in ("filters", "kernel_size", "strides"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelConfigError(f"ConvSpec.{name} must be a positive int, received {value!r}")
+        if self.padding not in PADDINGS:
+            raise ModelConfigError(f"ConvSpec.padding must be one of {PADDINGS}, received {self.padding!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything ``build_model`` needs; switch parts with ``dataclasses.replace``.
+
+    Args:
+        name: registry name.
+        input_shape: ``(H, W, C)`` of images scaled to [0, 1].
+        num_classes: number of classes K (= class capsules).
+        class_names: K names in label order.
+        stem: convolutions before the primary capsules (ReLU, he_normal).
+        batch_norm: BatchNormalization after each stem convolution.
+        routing: ``"self_attention"`` (Efficient-CapsNet: depthwise ``PrimaryCaps`` +
+            ``FCCaps``) or ``"dynamic"`` (CapsNet: ``PrimaryConvCaps`` + ``DigitCaps``).
+        primary_caps: number of primary capsules (self-attention) or of primary capsule
+            channels (dynamic).
+        primary_dim: primary capsule dimension.
+        primary_kernel: primary capsule kernel; for self-attention routing it must equal the
+            stem's output map size.
+        primary_strides: stride of the primary convolution (dynamic routing only).
+        class_dim: class capsule dimension.
+        squash: ``"efficient"`` or ``"hinton"``.
+        attention_scale: ``"d_out"`` (reference code) or ``"d_in"`` (paper), see ``FCCaps``.
+        routing_iterations: dynamic routing iterations.
+        use_ncp: add the neural-circuit-policy head and fuse its probabilities.
+        ncp_units: neurons of the ``AutoNCP`` wiring (motor neurons = K).
+        fusion_weight: w in ``p = w * p_caps + (1 - w) * p_ncp``.
+        decoder: ``"dense"`` (the papers' 512-1024 MLP), ``"lean"`` (dense + transposed
+            convolutions) or ``None`` for no reconstruction branch.
+        description: one line for listings.
+    """
+
+    name: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    stem: tuple[ConvSpec, ...]
+    class_names: tuple[str, ...] = ()
+    batch_norm: bool = True
+    routing: str = "self_attention"
+    primary_caps: int = 16
+    primary_dim: int = 8
+    primary_kernel: int = 9
+    primary_strides: int = 1
+    class_dim: int = 16
+    squash: str = "efficient"
+    attention_scale: str = "d_out"
+    routing_iterations: int = 3
+    use_ncp: bool = False
+    ncp_units: int = 16
+    fusion_weight: float = 0.5
+    decoder: str | None = "dense"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.input_shape) != 3 or any(n < 1 for n in self.input_shape):
+            raise ModelConfigError(f"input_shape must be (H, W, C), received {self.input_shape!r}")
+        if self.num_classes < 2:
+            raise ModelConfigError(f"num_classes must be >= 2, received {self.num_classes!r}")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ModelConfigError(
+                f"class_names must have num_classes={self.num_classes} entries, received {self.class_names!r}"
+            )
+        for name, value, choices in (
+            ("routing", self.routing, ROUTINGS),
+            ("squash", self.squash, SQUASHES),
+            ("decoder", self.decoder, (*DECODERS, None)),
+        ):
+            if value not in choices:
+                raise ModelConfigError(f"{name} must be one of {choices}, received {value!r}")
+        if not 0.0 <= self.fusion_weight <= 1.0:
+            raise ModelConfigError(f"fusion_weight must be in [0, 1], received {self.fusion_weight!r}")
+        if self.use_ncp and self.ncp_units < self.num_classes + 3:
+            raise ModelConfigError(
+                f"ncp_units must be >= num_classes + 3 = {self.num_classes + 3} for an AutoNCP "
+                f"wiring, received {self.ncp_units!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists); ``from_dict`` reverses it."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Rebuild a configuration from ``to_dict`` output (e.g. a run's ``config.json``).
+
+        Raises:
+            ModelConfigError: for keys that are not fields, or invalid values.
+        """
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ModelConfigError(f"unknown ModelConfig fields {unknown}; valid: {sorted(names)}")
+        values = dict(data)
+        values["stem"] = tuple(
+            spec if isinstance(spec, ConvSpec) else ConvSpec(**spec) for spec in values.get("stem", ())
+        )
+        for name in ("input_shape", "class_names"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)

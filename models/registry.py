@@ -1,0 +1,116 @@
+"""The named model configurations: one explicit table for the CLI and the tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from capsedge.models.config import ConvSpec, ModelConfig, ModelConfigError
+
+IMPLANT_CLASSES = ("Cofield", "Depuy", "Tornier", "Zimmer")
+MNIST_CLASSES = tuple(str(d) for d in range(10))
+
+# 128 -> 64 -> 32 -> 16 -> 8: an 8x8x128 map for 16 primary capsules of 8D.
+_IMPLANT_STEM = (
+    ConvSpec(16, 3, 2, "same"),
+    ConvSpec(32, 3, 2, "same"),
+    ConvSpec(32, 3, 1, "same"),
+    ConvSpec(64, 3, 2, "same"),
+    ConvSpec(64, 3, 1, "same"),
+    ConvSpec(128, 3, 2, "same"),
+)
+
+_EFFCAPS_IMPLANT = ModelConfig(
+    name="effcaps_implant_128",
+    input_shape=(128, 128, 1),
+    num_classes=4,
+    class_names=IMPLANT_CLASSES,
+    stem=_IMPLANT_STEM,
+    primary_caps=16,
+    primary_dim=8,
+    primary_kernel=8,
+    decoder="lean",
+    description="Efficient-CapsNet for 128x128 greyscale implant X-rays, 4 manufacturers",
+)
+
+_CONFIGS = (
+    ModelConfig(
+        name="effcaps_mnist",
+        input_shape=(28, 28, 1),
+        num_classes=10,
+        class_names=MNIST_CLASSES,
+        # Mazzia et al. 2021, efficient_capsnet_graph_mnist.py: 28 -> 24 -> 22 -> 20 -> 9.
+        stem=(ConvSpec(32, 5), ConvSpec(64, 3), ConvSpec(64, 3), ConvSpec(128, 3, 2)),
+        primary_caps=16,
+        primary_dim=8,
+        primary_kernel=9,
+        decoder="dense",
+        description="Efficient-CapsNet, MNIST (Mazzia et al. 2021), 161,824 parameters",
+    ),
+    _EFFCAPS_IMPLANT,
+    dataclasses.replace(
+        _EFFCAPS_IMPLANT,
+        name="effcaps_ncp_implant_128",
+        use_ncp=True,
+        ncp_units=16,
+        fusion_weight=0.5,
+        description="effcaps_implant_128 + CfC/AutoNCP head on the primary capsules, fused",
+    ),
+    ModelConfig(
+        name="capsnet_mnist",
+        input_shape=(28, 28, 1),
+        num_classes=10,
+        class_names=MNIST_CLASSES,
+        stem=(ConvSpec(256, 9),),
+        batch_norm=False,
+        routing="dynamic",
+        primary_caps=32,
+        primary_dim=8,
+        primary_kernel=9,
+        primary_strides=2,
+        squash="hinton",
+        decoder="dense",
+        description="CapsNet with dynamic routing, MNIST (Sabour et al. 2017) baseline",
+    ),
+    ModelConfig(
+        name="capsnet_implant_128",
+        input_shape=(128, 128, 1),
+        num_classes=4,
+        class_names=IMPLANT_CLASSES,
+        # A strided stem first: CapsNet's 9x9 convolutions on 128x128 would give ~100k capsules.
+        stem=(ConvSpec(32, 3, 2, "same"), ConvSpec(64, 3, 2, "same"), ConvSpec(128, 3, 2, "same")),
+        batch_norm=True,
+        routing="dynamic",
+        primary_caps=8,
+        primary_dim=8,
+        primary_kernel=3,
+        primary_strides=2,
+        squash="hinton",
+        decoder="lean",
+        description="CapsNet (dynamic routing) baseline for 128x128 implant X-rays",
+    ),
+)
+
+MODEL_CONFIGS: dict[str, ModelConfig] = {cfg.name: cfg for cfg in _CONFIGS}
+
+
+def list_model_configs() -> list[str]:
+    """Names of the registered model configurations, sorted."""
+    return sorted(MODEL_CONFIGS)
+
+
+def get_model_config(name: str) -> ModelConfig:
+    """Look up a registered configuration by name.
+
+    Raises:
+        ModelConfigError: (a ``ValueError``) for an unknown name; the message lists the valid
+            names and the closest match.
+    """
+    try:
+        return MODEL_CONFIGS[name]
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(name), list(MODEL_CONFIGS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ModelConfigError(
+            f"unknown model config {name!r}; valid names: {', '.join(list_model_configs())}{hint}"
+        ) from None
