@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib
 import json
 import sys
@@ -64,6 +65,28 @@ def main() -> None:
     """
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm", ".dicom"}
+
+
+def expand_inputs(paths: tuple[str, ...]) -> list[str]:
+    """Files as given; a directory becomes its images (recursively, sorted).
+
+    Inside a directory, files with an image suffix and files with no suffix
+    (DICOM exports often have none) are taken; hidden files are skipped.
+    """
+    files: list[str] = []
+    for given in paths:
+        folder = Path(given)
+        if not folder.is_dir():
+            files.append(given)
+            continue
+        for path in sorted(folder.rglob("*")):
+            hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
+            if path.is_file() and not hidden and (path.suffix.lower() in IMAGE_SUFFIXES or not path.suffix):
+                files.append(str(path))
+    return files
+
+
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option(
@@ -74,9 +97,12 @@ def main() -> None:
     help="An exported model (.tflite). Default: the bundled model.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line per image.")
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also write one row per image to this CSV file.")
 @click.option("--threads", type=click.IntRange(1, 64), default=None, help="CPU threads for inference.")
-def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, threads: int | None) -> None:
-    """Classify one or more X-ray images (PNG, JPEG, TIFF, BMP, ...)."""
+def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, csv_path: Path | None,
+             threads: int | None) -> None:
+    """Classify X-ray images (PNG, JPEG, TIFF, BMP, DICOM, ...) or folders of them."""
     from .classifier import Classifier
 
     try:
@@ -85,30 +111,59 @@ def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, th
         fail(str(exc))
         sys.exit(EXIT_FAILED)
 
+    files = expand_inputs(images)
+    if not files:
+        fail("no images found in " + ", ".join(images))
+        sys.exit(EXIT_FAILED)
+    rows: list[dict[str, object]] = []
     failed = 0
-    for image in images:
+    for image in files:
         try:
             prediction = classifier.classify(image)
         except CapsedgeError as exc:
             failed += 1
             fail(f"{image}: {exc}")
+            rows.append({"path": image, "error": str(exc)})
             if as_json:
                 click.echo(json.dumps({"path": image, "error": str(exc)}))
             continue
+        record = {
+            "path": image,
+            "label": prediction.label,
+            "probabilities": prediction.probabilities,
+            "latency_ms": round(prediction.latency_ms, 3),
+        }
+        rows.append(record)
         if as_json:
-            record = {
-                "path": image,
-                "label": prediction.label,
-                "probabilities": prediction.probabilities,
-                "latency_ms": round(prediction.latency_ms, 3),
-            }
             click.echo(json.dumps(record))
         else:
             click.echo(_format_text(image, prediction.label, prediction.probabilities))
+    if csv_path is not None:
+        try:
+            write_csv(csv_path, rows, classifier.labels)
+        except OSError as exc:
+            fail(f"cannot write {csv_path} ({exc.strerror or exc})")
+            sys.exit(EXIT_FAILED)
     if failed:
-        if len(images) > 1:
-            fail(f"{failed} of {len(images)} images failed")
+        if len(files) > 1:
+            fail(f"{failed} of {len(files)} images failed")
         sys.exit(EXIT_FAILED)
+
+
+def write_csv(path: Path, rows: list[dict[str, object]], labels: tuple[str, ...]) -> None:
+    """One row per image: path, label, one probability column per class, latency, error."""
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", *(f"p_{label}" for label in labels), "latency_ms", "error"])
+        for row in rows:
+            probabilities = row.get("probabilities") or {}
+            writer.writerow([
+                row["path"],
+                row.get("label", ""),
+                *(f"{probabilities[label]:.6f}" if probabilities else "" for label in labels),
+                row.get("latency_ms", ""),
+                row.get("error", ""),
+            ])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ numpy and Pillow only. An image of any common kind (8/16-bit greyscale, RGB,
 RGBA, palette, CMYK, 32-bit integer or float, EXIF-rotated, animated: first
 frame) becomes a ``(size, size, 1)`` float32 tensor in ``[0, 1]``:
 
-1. decode; apply the EXIF orientation; keep the first frame;
+1. decode (DICOM too, with the optional ``pydicom``: see :mod:`capsedge.dicom`);
+   apply the EXIF orientation; keep the first frame;
 2. convert to one greyscale channel (transparent pixels become black);
 3. resize (antialiased bilinear) so that the longer side is ``size``;
 4. stretch the intensities to ``[0, 1]`` (per-image min-max, so that 8-bit,
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .dicom import looks_like_dicom, read_dicom
 from .errors import ImageError
 
 ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray
@@ -99,10 +101,11 @@ def open_image(source: ImageSource) -> Image.Image:
         return source
     if isinstance(source, np.ndarray):
         return _array_to_image(source)
+    name = ""
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise ImageError("empty image data")
-        stream: Any = io.BytesIO(bytes(source))
+        data = bytes(source)
     else:
         path = Path(source)
         if not path.exists():
@@ -112,11 +115,15 @@ def open_image(source: ImageSource) -> Image.Image:
         try:
             if path.stat().st_size == 0:
                 raise ImageError("empty file")
-            stream = io.BytesIO(path.read_bytes())
+            data = path.read_bytes()
         except PermissionError as exc:
             raise ImageError("permission denied") from exc
         except OSError as exc:
             raise ImageError(f"cannot read file ({exc.strerror or exc})") from exc
+        name = path.name
+    if looks_like_dicom(data[:132], name):
+        return read_dicom(data)
+    stream = io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

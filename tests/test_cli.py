@@ -134,3 +134,27 @@ def test_unusual_file_names(tmp_path: Path) -> None:
     result = run("classify", "--json", str(path))
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["path"] == str(path)
+
+
+def test_directory_walk_and_csv(tmp_path: Path) -> None:
+    folder = tmp_path / "study"
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray(synthetic_xray(seed=1)).save(folder / "a.png")
+    Image.fromarray(synthetic_xray(seed=2)).save(folder / "sub" / "b.jpg")
+    (folder / "notes.txt").write_text("skipped: not an image suffix")
+    (folder / ".hidden.png").write_bytes(b"skipped: hidden")
+    (folder / "IM0001").write_bytes(b"no suffix, so taken, and it is not an image")
+    table = tmp_path / "out.csv"
+    result = run("classify", "--json", "--csv", str(table), str(folder))
+    assert result.exit_code == 1  # IM0001 is not an image
+    paths = [json.loads(line)["path"] for line in result.stdout.splitlines()]
+    assert paths == [str(folder / "IM0001"), str(folder / "a.png"), str(folder / "sub" / "b.jpg")]
+    rows = table.read_text(encoding="utf-8").splitlines()
+    assert rows[0] == "path,label,p_Cofield,p_Depuy,p_Tornier,p_Zimmer,latency_ms,error"
+    assert len(rows) == 4 and rows[1].endswith("not a readable image") and rows[2].split(",")[1] in LABELS
+
+
+def test_empty_directory(tmp_path: Path) -> None:
+    result = run("classify", str(tmp_path))
+    assert result.exit_code == 1
+    assert_one_line_error(result, "no images found")
