@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
     import tensorflow as tf
+
     from capsedge.models import build_model, get_model_config
     from capsedge.models.losses import MarginLoss, ReconstructionLoss
 

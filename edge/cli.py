@@ -65,6 +65,54 @@ def main() -> None:
     """
 
 
+@main.command()
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="An exported model. Default: the bundled model.")
+@click.option("--image", type=click.Path(path_type=Path), default=None,
+              help="Input image. Default: a generated picture.")
+@click.option("--backend", "backends", default="auto", show_default=True,
+              help="Comma-separated backends to compare (auto: from the model file).")
+@click.option("--threads", "thread_counts", default="1", show_default=True,
+              help="Comma-separated thread counts, e.g. 1,2,4.")
+@click.option("--runs", type=click.IntRange(1), default=200, show_default=True, help="Timed inferences.")
+@click.option("--warmup", type=click.IntRange(0), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line per configuration.")
+def bench(model_path: Path | None, image: Path | None, backends: str, thread_counts: str, runs: int,
+          warmup: int, as_json: bool) -> None:
+    """Time the model on this machine: load, latency percentiles, throughput, memory."""
+    from .bench import benchmark, machine_summary
+
+    try:
+        threads = [int(t) for t in thread_counts.split(",") if t.strip()]
+    except ValueError:
+        fail(f"--threads must be comma-separated integers, got {thread_counts!r}")
+        sys.exit(EXIT_FAILED)
+    header = f"{'backend':8s} {'threads':>7s} {'load ms':>8s} {'prep ms':>8s} {'median ms':>9s} " \
+             f"{'p90 ms':>7s} {'p99 ms':>7s} {'per s':>8s} {'peak MB':>8s}"
+    if not as_json:
+        click.echo(f"# {machine_summary()}; {runs} runs after {warmup} warm-up")
+        click.echo(header)
+    failed = False
+    for backend in [b.strip() for b in backends.split(",") if b.strip()]:
+        for count in threads:
+            try:
+                result = benchmark(model_path, image, backend=backend, threads=count, runs=runs,
+                                   warmup=warmup)
+            except (CapsedgeError, ValueError) as exc:
+                fail(f"{backend}, {count} threads: {exc}")
+                failed = True
+                continue
+            if as_json:
+                click.echo(json.dumps(result.to_dict()))
+            else:
+                r = result
+                click.echo(f"{r.backend:8s} {r.threads:7d} {r.load_ms:8.1f} {r.preprocess_ms:8.2f} "
+                           f"{r.median_ms:9.3f} {r.p90_ms:7.3f} {r.p99_ms:7.3f} {r.throughput:8.0f} "
+                           f"{r.peak_rss_mb:8.1f}")
+    if failed:
+        sys.exit(EXIT_FAILED)
+
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm", ".dicom"}
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
+
 from capsedge.models.config import ModelConfig
 from capsedge.models.decoder import DECODERS
 from capsedge.models.heads import ProbabilityFusion, ncp_head

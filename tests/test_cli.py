@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
+from PIL import Image
+
 from capsedge import __version__, default_model_path
 from capsedge.cli import main
 from capsedge.metadata import read_metadata, sidecar_path
-from click.testing import CliRunner
+
 from conftest import synthetic_xray
-from PIL import Image
 
 LABELS = ["Cofield", "Depuy", "Tornier", "Zimmer"]
 

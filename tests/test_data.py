@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from capsedge.train.data import DatasetError, read_dataset
 from capsedge.train.metrics import classification_report, stratified_folds, stratified_split
+
 from conftest import implant_data, synthetic_xray
-from PIL import Image
 
 
 def _save(path: Path, seed: int = 0) -> None:

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
+
 from capsedge.cli import main
 from capsedge.errors import ImageError
 from capsedge.preprocess import Preprocessing, preprocess
-from click.testing import CliRunner
+
 from conftest import synthetic_xray
 
 pydicom = pytest.importorskip("pydicom")

@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import synthetic_xray
 from PIL import Image
+
+from conftest import synthetic_xray
 
 HEAVY = ("tensorflow", "keras", "tf2onnx", "ncps", "onnx")
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from capsedge.errors import ModelError
 from capsedge.metadata import (
     ModelMetadata,

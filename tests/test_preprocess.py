@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from capsedge.errors import ImageError
 from capsedge.preprocess import Preprocessing, load_grey, preprocess
+
 from conftest import implant_data, synthetic_xray
-from PIL import Image
 
 CONFIG = Preprocessing(input_size=32)
 

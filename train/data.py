@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from capsedge.errors import CapsedgeError
 from capsedge.preprocess import Preprocessing, preprocess
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from capsedge.preprocess import Preprocessing
 
 from .data import Dataset, DatasetError, load_images, read_dataset
@@ -89,6 +90,7 @@ def build_augmenter(seed: int) -> Any:
 
 def _compile_trainer(built: Any, config: TrainConfig, counts: np.ndarray, steps: int) -> None:
     import keras
+
     from capsedge.models import losses
 
     class_weights = losses.class_balanced_weights(counts, config.beta).astype("float32")
@@ -148,6 +150,7 @@ def train(data: str | Path | Dataset, run_dir: str | Path, config: TrainConfig |
         DatasetError: the data cannot be used.
     """
     import keras
+
     from capsedge.models import build_model, get_model_config
 
     config = config or TrainConfig()

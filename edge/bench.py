@@ -1,0 +1,124 @@
+"""Timing a model on this machine: load time, steady-state latency, throughput, peak memory."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .classifier import Classifier
+from .preprocess import ImageSource, preprocess
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """One backend at one thread count.
+
+    Attributes:
+        backend: runtime name.
+        threads: CPU threads given to the runtime.
+        load_ms: model load, metadata and one warm-up inference.
+        preprocess_ms: median time to make the input tensor from the image.
+        median_ms: median inference latency (preprocessed input, after warm-up).
+        p90_ms: 90th percentile latency.
+        p99_ms: 99th percentile latency.
+        throughput: inferences per second, one after another.
+        peak_rss_mb: the process's peak resident memory so far (it only grows:
+            later rows include what earlier rows used).
+        runs: timed inferences.
+    """
+
+    backend: str
+    threads: int
+    load_ms: float
+    preprocess_ms: float
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    throughput: float
+    peak_rss_mb: float
+    runs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values, rounded."""
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def machine_summary() -> str:
+    """A one-line description of this machine, to quote with the figures."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on macOS or Windows
+        cores = os.cpu_count() or 0
+    return f"{platform.machine()}, {cores} cores, {platform.system()}, Python {platform.python_version()}"
+
+
+def benchmark(
+    model_path: str | Path | None,
+    image: ImageSource | None = None,
+    *,
+    backend: str = "auto",
+    threads: int = 1,
+    runs: int = 200,
+    warmup: int = 20,
+) -> BenchResult:
+    """Time one backend at one thread count.
+
+    Args:
+        model_path: an exported model, ``None`` for the bundled one.
+        image: the input; ``None`` uses a generated picture.
+        backend: runtime name or ``"auto"``.
+        threads: CPU threads for the runtime.
+        runs: timed inferences after the warm-up.
+        warmup: untimed inferences first.
+
+    Raises:
+        CapsedgeError: the model or image cannot be used.
+    """
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"runs must be >= 1 and warmup >= 0, got {runs!r} and {warmup!r}")
+    start = time.perf_counter()
+    classifier = Classifier.load(model_path, backend=backend, threads=threads)
+    load_ms = (time.perf_counter() - start) * 1000
+    config = classifier.metadata.preprocessing
+    if image is None:
+        rng = np.random.default_rng(0)
+        image = (rng.random((256, 256)) * 255).astype(np.uint8)
+    preprocess_times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        tensor = preprocess(image, config)
+        preprocess_times.append((time.perf_counter() - t0) * 1000)
+    for _ in range(warmup):
+        classifier.predict_tensor(tensor)
+    latencies = np.empty(runs)
+    for i in range(runs):
+        t0 = time.perf_counter()
+        classifier.predict_tensor(tensor)
+        latencies[i] = (time.perf_counter() - t0) * 1000
+    return BenchResult(
+        backend=classifier.backend.name,
+        threads=threads,
+        load_ms=load_ms,
+        preprocess_ms=statistics.median(preprocess_times),
+        median_ms=float(np.median(latencies)),
+        p90_ms=float(np.percentile(latencies, 90)),
+        p99_ms=float(np.percentile(latencies, 99)),
+        throughput=float(1000.0 / latencies.mean()),
+        peak_rss_mb=peak_rss_mb(),
+        runs=runs,
+    )
