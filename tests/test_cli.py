@@ -160,3 +160,12 @@ def test_empty_directory(tmp_path: Path) -> None:
     result = run("classify", str(tmp_path))
     assert result.exit_code == 1
     assert_one_line_error(result, "no images found")
+
+
+def test_empty_model_file(tmp_path: Path, xray_png: Path) -> None:
+    model = tmp_path / "empty.tflite"
+    model.write_bytes(b"")
+    sidecar_path(model).write_text(read_metadata(default_model_path()).to_json())
+    result = run("classify", "--model", str(model), str(xray_png))
+    assert result.exit_code == 1
+    assert_one_line_error(result, "not a valid TFLite model")

@@ -192,3 +192,13 @@ def test_real_xrays_preprocess_identically_in_training_and_runtime() -> None:
     for path, tensor in zip(subset.paths, batch, strict=True):
         np.testing.assert_array_equal(tensor, preprocess(path, config))
         assert tensor.max() == pytest.approx(1.0)
+
+
+def test_animated_gif_uses_the_first_frame() -> None:
+    first = Image.fromarray(synthetic_xray(seed=1)).convert("P")
+    second = Image.fromarray(255 - synthetic_xray(seed=2)).convert("P")
+    buffer = io.BytesIO()
+    first.save(buffer, format="GIF", save_all=True, append_images=[second], duration=100, loop=0)
+    animated = preprocess(buffer.getvalue(), CONFIG)
+    assert np.abs(animated - preprocess(first, CONFIG)).mean() < 0.01
+    assert np.abs(animated - preprocess(second, CONFIG)).mean() > 0.1
