@@ -15,7 +15,7 @@ EXPORT = ["tensorflow>=2.21,<2.22", "ncps>=1.0.1", "tf2onnx>=1.17", "onnx>=1.17"
 setup(
     name="capsedge",
     version=VERSION,
-    description="Identify a shoulder implant's manufacturer from an X-ray with a capsule network, on edge devices.",
+    description="Identify a shoulder implant's manufacturer from an X-ray, on edge devices.",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
@@ -34,7 +34,9 @@ setup(
     extras_require={
         "train": ["tensorflow>=2.21,<2.22", "ncps>=1.0.1"],
         "export": EXPORT,
-        "dev": EXPORT + ["pytest>=8", "ruff>=0.6"],
+        "onnx": ["onnxruntime>=1.20"],
+        "dicom": ["pydicom>=3.0"],
+        "dev": EXPORT + ["pydicom>=3.0", "pytest>=8", "ruff>=0.6", "hypothesis>=6"],
     },
     entry_points={"console_scripts": ["capsedge=capsedge.cli:main"]},
     classifiers=[

@@ -2,6 +2,8 @@
 
 Every backend takes float32 input and returns float32 class probabilities;
 quantization at the model's boundary is handled here, in one place each way.
+``.tflite`` files run on LiteRT, ``.onnx`` files on onnxruntime (the ``onnx``
+extra); each runtime is imported only when a model of its kind is opened.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import ModelError, RuntimeMissingError
+from .errors import ModelError, RuntimeMissingError, missing_extra
 
 
 class Backend(Protocol):
@@ -150,7 +152,84 @@ class LiteRTBackend:
         return result.reshape(-1).astype(np.float32, copy=False)
 
 
-BACKENDS = {"litert": (LiteRTBackend, (".tflite",))}
+class OnnxBackend:
+    """Runs ``.onnx`` models with onnxruntime.
+
+    TensorRT and CUDA come first when this onnxruntime build has them, the CPU
+    last. A QDQ-quantized model still takes and returns float32 (its
+    QuantizeLinear/DequantizeLinear nodes sit inside the graph), so no
+    quantization happens here.
+    """
+
+    name = "onnxruntime"
+    PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+    def __init__(self, model_path: str | Path, threads: int | None = None) -> None:
+        """Load the model.
+
+        Args:
+            model_path: an ``.onnx`` file.
+            threads: intra-op CPU threads; ``None`` lets onnxruntime choose.
+
+        Raises:
+            ModelError: the file is not a model onnxruntime can run, or not a one-in, one-out
+                float model.
+            RuntimeMissingError: onnxruntime is not installed.
+        """
+        try:
+            ort = importlib.import_module("onnxruntime")
+        except ImportError:
+            raise missing_extra("onnxruntime", "onnx") from None
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: warnings would break the CLI's one-line output
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        available = ort.get_available_providers()
+        providers = [p for p in self.PREFERRED_PROVIDERS if p in available] or list(available)
+        try:
+            with native_stderr_silenced():
+                self._session = ort.InferenceSession(str(model_path), sess_options=options,
+                                                     providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's pybind errors share no base class
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"not a valid ONNX model ({reason})") from None
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ModelError(
+                f"expected a model with one input and one output, got {len(inputs)} and {len(outputs)}"
+            )
+        if inputs[0].type != "tensor(float)":
+            raise ModelError(f"expected a float32 model input, got {inputs[0].type}")
+        self._input, self._output = inputs[0], outputs[0]
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers in use, in priority order."""
+        return list(self._session.get_providers())
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The model's input shape, batch included; a symbolic dimension reads as -1."""
+        return tuple(d if isinstance(d, int) else -1 for d in self._input.shape)
+
+    @property
+    def num_outputs(self) -> int:
+        """Number of values in the model's output (-1 when a dimension is symbolic)."""
+        dims = self._output.shape
+        return int(np.prod(dims)) if all(isinstance(d, int) for d in dims) else -1
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Run a float32 ``(1, H, W, C)`` batch; return float32 ``(K,)`` outputs."""
+        feed = {self._input.name: np.ascontiguousarray(batch, dtype=np.float32)}
+        (result,) = self._session.run([self._output.name], feed)
+        return np.asarray(result).reshape(-1).astype(np.float32, copy=False)
+
+
+BACKENDS = {
+    "litert": (LiteRTBackend, (".tflite",)),
+    "onnxruntime": (OnnxBackend, (".onnx",)),
+}
 
 
 def open_backend(model_path: str | Path, backend: str = "auto", threads: int | None = None) -> Backend:

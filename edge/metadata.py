@@ -3,18 +3,20 @@
 A ``.tflite`` file carries its metadata as a ZIP archive appended to the
 flatbuffer (the same trick TFLite's own metadata writer uses for associated
 files: interpreters ignore trailing bytes, ``zipfile`` finds the archive from
-the end). Every model also gets a sidecar ``<stem>.json`` beside it, which is
-read when nothing is embedded.
+the end). An ``.onnx`` file carries it in the model's ``metadata_props`` under
+the key ``capsedge_metadata``. Every model also gets a sidecar ``<stem>.json``
+beside it, which is read when nothing is embedded.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import ModelError
 from .preprocess import Preprocessing
@@ -22,6 +24,7 @@ from .preprocess import Preprocessing
 FORMAT = "capsedge-model"
 FORMAT_VERSION = 1
 EMBEDDED_NAME = "capsedge_metadata.json"
+ONNX_METADATA_KEY = "capsedge_metadata"
 
 
 @dataclass(frozen=True)
@@ -114,13 +117,87 @@ def _find_archive_offset(data: bytes) -> int | None:
 
 
 def read_embedded(model_path: str | Path) -> ModelMetadata | None:
-    """Metadata embedded in a ``.tflite`` file, or ``None`` when there is none."""
+    """Metadata embedded in a ``.tflite`` or ``.onnx`` file, or ``None`` when there is none."""
+    if Path(model_path).suffix.lower() == ".onnx":
+        try:
+            text = read_onnx_metadata_props(model_path).get(ONNX_METADATA_KEY)
+        except (ModelError, OSError):
+            return None
+        return None if text is None else ModelMetadata.from_dict(_parse_json(text, "embedded metadata"))
     try:
         with zipfile.ZipFile(model_path) as zf:
             text = zf.read(EMBEDDED_NAME).decode("utf-8")
     except (zipfile.BadZipFile, KeyError, OSError, UnicodeDecodeError):
         return None
     return ModelMetadata.from_dict(_parse_json(text, "embedded metadata"))
+
+
+# ONNX ModelProto field numbers (onnx/onnx.proto): metadata_props is a repeated
+# StringStringEntryProto {key = 1, value = 2}.
+_ONNX_METADATA_PROPS = 14
+_VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
+
+
+def read_onnx_metadata_props(model_path: str | Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX model, read without onnx or onnxruntime.
+
+    Only the top level of the protobuf is walked; the graph and its weights are
+    skipped with seeks, so this is cheap even for a large model, and the device
+    install needs no protobuf library to find a model's labels.
+
+    Raises:
+        ModelError: the file is not a well-formed protobuf message.
+    """
+    properties: dict[str, str] = {}
+    with open(model_path, "rb") as stream:
+        size = os.fstat(stream.fileno()).st_size
+        while stream.tell() < size:
+            key = _read_varint(stream)
+            field_number, wire_type = key >> 3, key & 7
+            if wire_type == _VARINT:
+                _read_varint(stream)
+            elif wire_type in (_FIXED64, _FIXED32):
+                stream.seek(8 if wire_type == _FIXED64 else 4, os.SEEK_CUR)
+            elif wire_type == _LENGTH_DELIMITED:
+                length = _read_varint(stream)
+                if stream.tell() + length > size:
+                    raise ModelError("not a valid ONNX model (truncated field)")
+                if field_number == _ONNX_METADATA_PROPS:
+                    name, value = _string_pair(stream.read(length))
+                    properties[name] = value
+                else:
+                    stream.seek(length, os.SEEK_CUR)
+            else:
+                raise ModelError(f"not a valid ONNX model (protobuf wire type {wire_type})")
+    return properties
+
+
+def _read_varint(stream: BinaryIO) -> int:
+    value = 0
+    for shift in range(0, 70, 7):
+        byte = stream.read(1)
+        if not byte:
+            raise ModelError("not a valid ONNX model (unexpected end of file)")
+        value |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return value
+    raise ModelError("not a valid ONNX model (varint too long)")
+
+
+def _string_pair(message: bytes) -> tuple[str, str]:
+    """``(key, value)`` of a serialized ``StringStringEntryProto``."""
+    fields = {1: "", 2: ""}
+    stream = io.BytesIO(message)
+    while stream.tell() < len(message):
+        key = _read_varint(stream)
+        if key & 7 != _LENGTH_DELIMITED:
+            raise ModelError("not a valid ONNX model (bad metadata entry)")
+        data = stream.read(_read_varint(stream))
+        try:
+            fields[key >> 3] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ModelError("not a valid ONNX model (metadata is not UTF-8)") from None
+    return fields[1], fields[2]
 
 
 def read_sidecar(model_path: str | Path) -> ModelMetadata | None:

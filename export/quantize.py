@@ -1,44 +1,31 @@
-"""Export a trained run to device artifacts: ``python export/quantize.py --help``.
+"""Export a trained run to device artifacts and verify them: ``python export/quantize.py --help``.
 
-Also reachable as ``capsedge export``. Each format writes one model file with
-its metadata embedded and a sidecar ``<stem>.json``.
+Also reachable as ``capsedge export``. Each format (see ``capsedge.export.formats.FORMATS``)
+writes one model file with its metadata embedded and a sidecar ``<stem>.json``;
+then every file is run on real images and compared with the Keras model, and
+``report.json`` and ``report.md`` are written beside them.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from capsedge import __version__
-from capsedge.errors import CapsedgeError, ModelError, missing_extra
+from capsedge.errors import CapsedgeError, ImageError, ModelError, missing_extra
+from capsedge.export.formats import FORMATS, ExportFormat, check_requirements, parse_formats
+from capsedge.export.quantization import Quantization
 from capsedge.metadata import ModelMetadata
 from capsedge.preprocess import Preprocessing, preprocess
 
-
-@dataclass(frozen=True)
-class ExportFormat:
-    """One row of the format table: what the CLI offers, what it needs, what it writes."""
-
-    name: str
-    suffix: str
-    quantization: str
-    extra: str
-    device: str
-
-
-FORMATS: dict[str, ExportFormat] = {
-    f.name: f
-    for f in (
-        ExportFormat("tflite-f32", ".tflite", "float32", "export", "any CPU (LiteRT)"),
-        ExportFormat("tflite-f16", ".tflite", "float16", "export", "CPU, mobile GPU delegates"),
-        ExportFormat("tflite-dynamic", ".tflite", "dynamic", "export", "CPU, smaller file"),
-        ExportFormat("tflite-int8", ".tflite", "int8", "export", "CPU, Raspberry Pi, microcontrollers"),
-    )
-}
+__all__ = ["FORMATS", "TrainedRun", "calibration_images", "command", "export", "export_and_verify",
+           "export_run", "load_run"]
 
 
 @dataclass(frozen=True)
@@ -67,8 +54,9 @@ def load_run(path: str | Path) -> TrainedRun:
     if not config_file.is_file():
         raise ModelError(f"no config.json beside {model_file.name} in {run_dir}")
     try:
-        import capsedge.models  # noqa: F401 - registers the custom layers for loading
         import keras
+
+        import capsedge.models  # noqa: F401 - registers the custom layers for loading
     except ImportError as exc:
         raise missing_extra(exc.name or "tensorflow", "export") from None
     config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -105,17 +93,87 @@ def calibration_images(
     """Up to ``limit`` preprocessed images from a folder (any layout), for int8 calibration.
 
     Raises:
-        CapsedgeError: the folder has no readable images.
+        CapsedgeError: the folder is missing, has no images, or an image cannot be decoded.
     """
-    folder = Path(source)
-    suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm"}
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-    if not files:
-        raise CapsedgeError(f"no calibration images found in {folder}")
+    files = _calibration_files(source)
     rng = np.random.default_rng(seed)
     chosen = [files[i] for i in sorted(rng.permutation(len(files))[:limit])]
-    images = [preprocess(p, preprocessing) for p in chosen]
+    images = []
+    for path in chosen:
+        try:
+            images.append(preprocess(path, preprocessing))
+        except ImageError as exc:
+            raise CapsedgeError(f"calibration image {path}: {exc}") from None
     return lambda: iter(images)
+
+
+def _calibration_files(source: str | Path) -> list[Path]:
+    from capsedge.export.verify import image_files
+
+    folder = Path(source)
+    if not folder.is_dir():
+        raise CapsedgeError(f"calibration folder not found: {folder}")
+    files = image_files(folder)
+    if not files:
+        raise CapsedgeError(f"no calibration images found in {folder}")
+    return files
+
+
+def export_run(
+    run: TrainedRun,
+    out_dir: str | Path,
+    formats: Sequence[ExportFormat],
+    calibration: str | Path | None = None,
+    version: str | None = None,
+    calibration_limit: int = 200,
+) -> dict[str, Path]:
+    """Write each format of a loaded run into ``out_dir``.
+
+    Returns:
+        Format name to the file written.
+    """
+    metadata = ModelMetadata(
+        name=run.name,
+        version=version or f"{run.name}-{__version__}",
+        labels=run.labels,
+        preprocessing=run.preprocessing,
+        provenance=run.provenance,
+    )
+    images = None
+    if any(fmt.needs_calibration for fmt in formats):
+        if calibration is None:
+            needing = ", ".join(f.name for f in formats if f.needs_calibration)
+            raise CapsedgeError(f"{needing} need calibration images: pass --calib DIR")
+        images = calibration_images(calibration, run.preprocessing, calibration_limit)
+    out = Path(out_dir)
+    written = {}
+    for fmt in formats:
+        if fmt.needs_calibration:
+            quantization = Quantization.for_int8(images)
+        else:
+            quantization = Quantization(fmt.quantization)
+        provenance = {**metadata.provenance, "format": fmt.name, "exporter": f"capsedge {__version__}"}
+        if fmt.needs_calibration:
+            provenance["calibration"] = {"folder": str(calibration), "images": len(list(images()))}
+        stamped = replace(metadata, provenance=provenance)
+        path = out / f"{run.name}_{fmt.name.replace('-', '_')}{fmt.suffix}"
+        written[fmt.name] = fmt.load_exporter()(run.classifier, path, stamped, quantization=quantization)
+    return written
+
+
+def _prepare(formats: Iterable[str], calibration: str | Path | None, model: str | Path) -> list[ExportFormat]:
+    """Everything that can fail cheaply, before TensorFlow is imported."""
+    chosen = parse_formats(formats)
+    check_requirements(chosen)
+    needs_calibration = [f.name for f in chosen if f.needs_calibration]
+    if needs_calibration and calibration is None:
+        verb = "needs" if len(needs_calibration) == 1 else "need"
+        raise CapsedgeError(f"{', '.join(needs_calibration)} {verb} calibration images: pass --calib DIR")
+    if not Path(model).exists():
+        raise ModelError(f"no trained model at {model}")
+    if needs_calibration:
+        _calibration_files(calibration)
+    return chosen
 
 
 def export(
@@ -125,45 +183,50 @@ def export(
     calibration: str | Path | None = None,
     version: str | None = None,
 ) -> dict[str, Path]:
-    """Export a trained run to each of ``formats`` in ``out_dir``.
+    """Export a trained run (folder or ``classifier.keras``) to each of ``formats`` in ``out_dir``.
 
     Returns:
         Format name to the file written.
 
     Raises:
-        CapsedgeError: unknown format, missing calibration data, or a model that cannot load.
+        CapsedgeError: unknown format, missing tool, missing calibration data, or a model
+            that cannot load.
     """
-    from capsedge.export.tflite_format import Quantization, export_tflite
+    chosen = _prepare(formats, calibration, model)
+    return export_run(load_run(model), out_dir, chosen, calibration, version)
 
-    formats = list(formats)
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise CapsedgeError(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")
+
+def export_and_verify(
+    model: str | Path,
+    out_dir: str | Path,
+    formats: Iterable[str],
+    calibration: str | Path | None = None,
+    evaluation: str | Path | None = None,
+    *,
+    eval_limit: int | None = None,
+    calibration_limit: int = 200,
+    version: str | None = None,
+) -> tuple[dict[str, Path], Any]:
+    """Export, then verify every file on ``evaluation`` (default: the calibration folder).
+
+    Returns:
+        The files written, and the :class:`~capsedge.export.verify.VerificationReport`
+        (also written to ``report.json`` and ``report.md`` in ``out_dir``).
+    """
+    from capsedge.export import verify
+
+    chosen = _prepare(formats, calibration, model)
+    evaluation = evaluation if evaluation is not None else calibration
+    if evaluation is None:
+        raise CapsedgeError("verification needs images: pass --eval DIR (or --calib DIR), or --no-verify")
+    if not verify.image_files(evaluation):
+        raise CapsedgeError(f"no evaluation images found in {evaluation}")
     run = load_run(model)
-    metadata = ModelMetadata(
-        name=run.name,
-        version=version or f"{run.name}-{__version__}",
-        labels=run.labels,
-        preprocessing=run.preprocessing,
-        provenance=run.provenance,
-    )
-    out = Path(out_dir)
-    written = {}
-    for name in formats:
-        fmt = FORMATS[name]
-        if fmt.quantization == "int8":
-            if calibration is None:
-                raise CapsedgeError(f"{name} needs calibration images: pass --calib DIR")
-            quantization = Quantization.for_int8(calibration_images(calibration, run.preprocessing))
-        else:
-            quantization = Quantization(fmt.quantization)
-        stamped = replace(
-            metadata,
-            provenance={**metadata.provenance, "format": name, "exporter": f"capsedge {__version__}"},
-        )
-        path = out / f"{run.name}_{name.replace('-', '_')}{fmt.suffix}"
-        written[name] = export_tflite(run.classifier, path, stamped, quantization=quantization)
-    return written
+    eval_set = verify.load_evaluation_set(evaluation, run.preprocessing, run.labels, eval_limit)
+    written = export_run(run, out_dir, chosen, calibration, version, calibration_limit)
+    report = verify.verify_exports(run.classifier, written, eval_set, name=run.name, labels=run.labels)
+    verify.write_report(report, out_dir)
+    return written, report
 
 
 def _cli() -> Any:
@@ -173,23 +236,50 @@ def _cli() -> Any:
     @click.option("--model", "model", required=True, type=click.Path(path_type=Path),
                   help="A run folder from 'capsedge train', or its classifier.keras.")
     @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
-                  help="Folder for the exported files.")
+                  help="Folder for the exported files and report.json / report.md.")
     @click.option("--formats", default="tflite-f32", show_default=True,
                   help=f"Comma-separated: {', '.join(FORMATS)}.")
     @click.option("--calib", type=click.Path(path_type=Path), default=None,
-                  help="Folder of images for int8 calibration.")
+                  help="Folder of images for int8 calibration (any layout).")
+    @click.option("--calib-limit", type=click.IntRange(1), default=200, show_default=True,
+                  help="Calibration images used at most.")
+    @click.option("--eval", "eval_dir", type=click.Path(path_type=Path), default=None,
+                  help="Folder of images to verify on (Maker.N.jpg or Maker/...). Default: --calib.")
+    @click.option("--eval-limit", type=click.IntRange(1), default=None,
+                  help="Verify on the first N evaluation images only.")
     @click.option("--version", "version", default=None, help="Model version to record.")
-    def command(model: Path, out_dir: Path, formats: str, calib: Path | None,
-                version: str | None) -> None:
-        """Export a trained model to TFLite files that 'capsedge classify' runs."""
+    @click.option("--no-verify", is_flag=True, help="Write the files only; no report.")
+    @click.option("--allow-fail", is_flag=True,
+                  help="Exit 0 even when a verification check fails (the report still says which).")
+    def command(model: Path, out_dir: Path, formats: str, calib: Path | None, calib_limit: int,
+                eval_dir: Path | None, eval_limit: int | None, version: str | None, no_verify: bool,
+                allow_fail: bool) -> None:
+        """Export a trained model to TFLite / ONNX / Edge TPU files and verify them."""
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        names = [f.strip() for f in formats.split(",") if f.strip()]
         try:
-            written = export(model, out_dir, [f.strip() for f in formats.split(",") if f.strip()],
-                             calib, version)
+            if no_verify:
+                written, report = export(model, out_dir, names, calib, version), None
+            else:
+                written, report = export_and_verify(model, out_dir, names, calib, eval_dir,
+                                                    eval_limit=eval_limit, calibration_limit=calib_limit,
+                                                    version=version)
         except CapsedgeError as exc:
             click.echo(f"capsedge: error: {exc}", err=True)
             raise SystemExit(1) from None
         for name, path in written.items():
             click.echo(f"{name}: {path} ({path.stat().st_size / 1024:.1f} KiB)")
+        if report is None:
+            return
+        click.echo(f"report: {Path(out_dir) / 'report.md'}")
+        if report.passed:
+            click.echo(f"verification: all {len(report.checks)} checks passed")
+            return
+        failures = "; ".join(f"{c.artifact} {c.name} = {c.value} (goal {c.goal})" for c in report.failed)
+        click.echo(f"capsedge: {'warning' if allow_fail else 'error'}: verification failed: {failures}",
+                   err=True)
+        if not allow_fail:
+            raise SystemExit(1)
 
     return command
 

@@ -10,45 +10,16 @@ graph). Keras 3's ``from_keras_model`` path is unreliable, and a bare
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from capsedge.export.quantization import Quantization
 from capsedge.metadata import ModelMetadata, embed_in_tflite, sidecar_path
 
-
-@dataclass(frozen=True)
-class Quantization:
-    """How weights and activations are stored. Build with the named constructors."""
-
-    mode: str
-    calibration: Callable[[], Iterable[np.ndarray]] | None = None
-
-    @classmethod
-    def for_float32(cls) -> Quantization:
-        """No quantization."""
-        return cls("float32")
-
-    @classmethod
-    def for_float16(cls) -> Quantization:
-        """float16 weights, float32 arithmetic."""
-        return cls("float16")
-
-    @classmethod
-    def for_dynamic(cls) -> Quantization:
-        """int8 weights, float activations."""
-        return cls("dynamic")
-
-    @classmethod
-    def for_int8(cls, calibration: Callable[[], Iterable[np.ndarray]]) -> Quantization:
-        """int8 weights and activations, int8 input and output.
-
-        Args:
-            calibration: returns an iterable of preprocessed ``(H, W, C)`` images.
-        """
-        return cls("int8", calibration)
+__all__ = ["Quantization", "convert_to_tflite", "export_tflite", "write_saved_model"]
 
 
 def convert_to_tflite(model: Any, quantization: Quantization) -> bytes:

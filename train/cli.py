@@ -23,16 +23,28 @@ from capsedge.errors import CapsedgeError
               show_default=True, help="Class-balanced loss beta (0: no reweighting).")
 @click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.2,
               show_default=True, help="Fraction of each class held out for evaluation.")
+@click.option("--folds", type=click.IntRange(2), default=None,
+              help="Stratified K-fold cross-validation instead of one hold-out split.")
+@click.option("--augment/--no-augment", default=True, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int,
-            learning_rate: float, beta: float, holdout: float, seed: int) -> None:
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int, learning_rate: float,
+            beta: float, holdout: float, folds: int | None, augment: bool, seed: int, resume: bool) -> None:
     """Train a capsule network on labelled X-rays."""
-    from capsedge.train.trainer import TrainConfig, train
+    from capsedge.train.trainer import TrainConfig, cross_validate, train
 
     try:
-        config = TrainConfig(model=model, epochs=epochs, batch_size=batch_size,
-                             learning_rate=learning_rate, beta=beta, holdout=holdout, seed=seed)
-        result = train(data, run_dir, config)
+        config = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                             beta=beta, holdout=holdout, augment=augment, seed=seed)
+        if folds:
+            summary = cross_validate(data, run_dir, config, folds=folds, resume=resume)
+            click.echo(
+                f"{folds}-fold accuracy {summary['accuracy_mean']:.3f} ± {summary['accuracy_std']:.3f}, "
+                f"macro-F1 {summary['macro_f1_mean']:.3f} ± {summary['macro_f1_std']:.3f}"
+            )
+            click.echo(f"summary written to {Path(run_dir) / 'cv_summary.json'}")
+            return
+        result = train(data, run_dir, config, resume=resume)
     except (CapsedgeError, ValueError) as exc:
         click.echo(f"capsedge: error: {exc}", err=True)
         raise SystemExit(1) from None

@@ -1,7 +1,8 @@
 """Train a capsule network on labelled X-rays and write a run folder.
 
-A run folder holds ``config.json``, ``history.json``, ``metrics.json`` and the
-classifier as ``classifier.keras``; ``capsedge export`` reads it.
+A run folder holds ``config.json``, ``history.csv``, ``metrics.json`` and the
+classifier as ``classifier.keras`` (``capsedge export`` reads it); while a run
+is under way, ``backup/`` holds what ``--resume`` needs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from capsedge.preprocess import Preprocessing
 
 from .data import Dataset, DatasetError, load_images, read_dataset
-from .metrics import classification_report, stratified_split
+from .metrics import classification_report, stratified_folds, stratified_split
 
 
 @dataclass(frozen=True)
@@ -136,43 +137,68 @@ def predict_probabilities(classifier: Any, images: np.ndarray, batch_size: int =
     return np.asarray(classifier.predict(images, batch_size=batch_size, verbose=0))
 
 
-def train(data: str | Path | Dataset, run_dir: str | Path, config: TrainConfig | None = None,
-          *, progress: bool = True) -> TrainResult:
+def _prepare(data: str | Path | Dataset, config: TrainConfig) -> tuple[Dataset, Any, Preprocessing]:
+    from capsedge.models import get_model_config
+
+    dataset = data if isinstance(data, Dataset) else read_dataset(data)
+    model_config = get_model_config(config.model)
+    if tuple(model_config.class_names) != dataset.classes:
+        model_config = replace(model_config, class_names=dataset.classes, num_classes=len(dataset.classes))
+    return dataset, model_config, Preprocessing(input_size=model_config.input_shape[0])
+
+
+def train(
+    data: str | Path | Dataset,
+    run_dir: str | Path,
+    config: TrainConfig | None = None,
+    *,
+    split: tuple[np.ndarray, np.ndarray] | None = None,
+    images: np.ndarray | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
     """Train a model on ``data`` and write the run folder.
 
     Args:
         data: a data folder or CSV (see :func:`capsedge.train.data.read_dataset`), or a Dataset.
         run_dir: where the run's files go (created).
         config: hyper-parameters; defaults to :class:`TrainConfig`.
+        split: explicit (train, held-out) indices; default: a stratified ``config.holdout``.
+        images: the preprocessed images of ``data``, if already loaded.
+        resume: continue an interrupted run from its last finished epoch.
         progress: print one line per epoch.
 
     Raises:
         DatasetError: the data cannot be used.
+        ValueError: ``resume`` without a run to resume, or a fresh run over an old one.
     """
     import keras
 
-    from capsedge.models import build_model, get_model_config
+    from capsedge.models import build_model
 
     config = config or TrainConfig()
-    dataset = data if isinstance(data, Dataset) else read_dataset(data)
-    model_config = get_model_config(config.model)
-    if model_config.class_names and tuple(model_config.class_names) != dataset.classes:
-        model_config = replace(model_config, class_names=dataset.classes,
-                               num_classes=len(dataset.classes))
-    preprocessing = Preprocessing(input_size=model_config.input_shape[0])
+    dataset, model_config, preprocessing = _prepare(data, config)
     run_dir = Path(run_dir)
+    backup = run_dir / "backup"
+    if resume and not backup.is_dir():
+        raise ValueError(f"nothing to resume in {run_dir} (no backup/ folder)")
+    if not resume and backup.is_dir():
+        raise ValueError(f"{run_dir} holds an interrupted run: pass --resume, or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
 
     keras.utils.set_random_seed(config.seed)
     targets = dataset.targets
-    if config.holdout > 0:
+    if split is not None:
+        train_idx, held_idx = split
+    elif config.holdout > 0:
         train_idx, held_idx = stratified_split(targets, config.holdout, config.seed)
     else:
         train_idx, held_idx = np.arange(len(targets)), np.array([], dtype=np.int64)
     if len(np.unique(targets[train_idx])) < 2:
         raise DatasetError("the training part has fewer than two classes")
 
-    images = load_images(dataset, preprocessing)
+    if images is None:
+        images = load_images(dataset, preprocessing)
     onehot = np.eye(len(dataset.classes), dtype=np.float32)[targets]
     counts = np.bincount(targets[train_idx], minlength=len(dataset.classes))
 
@@ -183,8 +209,12 @@ def train(data: str | Path | Dataset, run_dir: str | Path, config: TrainConfig |
     augmenter = build_augmenter(config.seed) if config.augment else None
     batches = _batches(images[train_idx], onehot[train_idx], outputs, config, augmenter)
 
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(backup)),  # resumable, deleted when the run completes
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume),
+    ]
     start = time.perf_counter()
-    history = built.trainer.fit(batches, epochs=config.epochs, verbose=2 if progress else 0)
+    built.trainer.fit(batches, epochs=config.epochs, verbose=2 if progress else 0, callbacks=callbacks)
     seconds = time.perf_counter() - start
 
     metrics: dict[str, Any] = {
@@ -195,8 +225,10 @@ def train(data: str | Path | Dataset, run_dir: str | Path, config: TrainConfig |
     }
     if len(held_idx):
         probabilities = predict_probabilities(built.classifier, images[held_idx])
-        report = classification_report(targets[held_idx], probabilities.argmax(1), dataset.classes)
-        metrics["holdout"] = report
+        predicted = probabilities.argmax(1)
+        metrics["holdout"] = classification_report(targets[held_idx], predicted, dataset.classes)
+        np.save(run_dir / "holdout_probabilities.npy", probabilities)
+        np.save(run_dir / "holdout_indices.npy", np.asarray(held_idx))
     built.classifier.save(run_dir / "classifier.keras")
     _write_json(run_dir / "config.json", {
         "train": asdict(config),
@@ -210,10 +242,84 @@ def train(data: str | Path | Dataset, run_dir: str | Path, config: TrainConfig |
             "attribution": dataset.attribution(),
         },
     })
-    _write_json(run_dir / "history.json", {k: [float(v) for v in vals]
-                                            for k, vals in history.history.items()})
     _write_json(run_dir / "metrics.json", metrics)
     return TrainResult(run_dir, built.classifier, preprocessing, dataset.classes, metrics)
+
+
+def cross_validate(
+    data: str | Path | Dataset,
+    run_dir: str | Path,
+    config: TrainConfig | None = None,
+    *,
+    folds: int = 5,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Stratified K-fold cross-validation; each fold is a run in ``run_dir/fold-K``.
+
+    A fold whose run is complete is not trained again, so ``resume`` picks up
+    where an interrupted cross-validation stopped. Writes ``cv_summary.json``
+    (mean and standard deviation of accuracy and macro-F1, per-fold figures,
+    pooled per-class report and confusion matrix) and ``confusion.png``.
+    """
+    config = config or TrainConfig()
+    dataset, _, preprocessing = _prepare(data, config)
+    run_dir = Path(run_dir)
+    images = load_images(dataset, preprocessing)
+    targets = dataset.targets
+    pooled_true, pooled_pred, per_fold = [], [], []
+    for k, (train_idx, val_idx) in enumerate(stratified_folds(targets, folds, config.seed)):
+        fold_dir = run_dir / f"fold-{k}"
+        done = (fold_dir / "metrics.json").is_file() and not (fold_dir / "backup").is_dir()
+        if not done:
+            if progress:
+                print(f"fold {k + 1}/{folds}: {len(train_idx)} training, {len(val_idx)} validation images")
+            train(dataset, fold_dir, config, split=(train_idx, val_idx), images=images,
+                  resume=resume and (fold_dir / "backup").is_dir(), progress=progress)
+        probabilities = np.load(fold_dir / "holdout_probabilities.npy")
+        pooled_true.append(targets[val_idx])
+        pooled_pred.append(probabilities.argmax(1))
+        report = json.loads((fold_dir / "metrics.json").read_text())["holdout"]
+        per_fold.append({"fold": k, "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]})
+    accuracy = np.array([f["accuracy"] for f in per_fold])
+    macro_f1 = np.array([f["macro_f1"] for f in per_fold])
+    pooled = classification_report(np.concatenate(pooled_true), np.concatenate(pooled_pred), dataset.classes)
+    summary = {
+        "folds": folds,
+        "accuracy_mean": float(accuracy.mean()),
+        "accuracy_std": float(accuracy.std(ddof=1)) if folds > 1 else 0.0,
+        "macro_f1_mean": float(macro_f1.mean()),
+        "macro_f1_std": float(macro_f1.std(ddof=1)) if folds > 1 else 0.0,
+        "per_fold": per_fold,
+        "pooled": pooled,
+        "train": asdict(config),
+    }
+    _write_json(run_dir / "cv_summary.json", summary)
+    save_confusion_png(np.array(pooled["confusion_matrix"]), dataset.classes, run_dir / "confusion.png")
+    return summary
+
+
+def save_confusion_png(matrix: np.ndarray, classes: tuple[str, ...], path: Path) -> None:
+    """A confusion matrix as a small PNG: rows true class, columns predicted, counts in cells."""
+    from PIL import Image, ImageDraw
+
+    cell, margin = 64, 90
+    size = margin + cell * len(classes)
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    peak = max(1, int(matrix.max()))
+    for i, row in enumerate(matrix):
+        draw.text((4, margin + i * cell + cell // 2 - 5), classes[i], fill="black")
+        draw.text((margin + i * cell + 4, margin - 20), classes[i], fill="black")
+        for j, count in enumerate(row):
+            shade = 255 - int(200 * count / peak)
+            left, top = margin + j * cell, margin + i * cell
+            box = (left, top, left + cell - 1, top + cell - 1)
+            draw.rectangle(box, fill=(shade, shade, 255), outline="grey")
+            draw.text((box[0] + cell // 2 - 8, box[1] + cell // 2 - 5), str(int(count)),
+                      fill="black" if shade > 120 else "white")
+    draw.text((4, 4), "rows: true class, columns: predicted", fill="black")
+    image.save(path)
 
 
 def _jsonable(value: Any) -> Any:

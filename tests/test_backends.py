@@ -1,0 +1,124 @@
+"""The ONNX backend and ONNX metadata, on a tiny hand-built model (no TensorFlow needed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capsedge import Classifier, ModelError, ModelMetadata, Preprocessing, RuntimeMissingError
+from capsedge.backends import BACKENDS, OnnxBackend, open_backend
+from capsedge.metadata import (
+    ONNX_METADATA_KEY,
+    read_embedded,
+    read_metadata,
+    read_onnx_metadata_props,
+    sidecar_path,
+)
+
+from conftest import synthetic_xray
+
+LABELS = ("Cofield", "Depuy", "Tornier", "Zimmer")
+SIZE = 8
+
+
+def metadata(version: str = "tiny-1") -> ModelMetadata:
+    return ModelMetadata("tiny", version, LABELS, Preprocessing(input_size=SIZE), {"note": "test"})
+
+
+def tiny_onnx(path: Path, embedded: ModelMetadata | None = None, batch: int | str = 1) -> Path:
+    """image (batch, 8, 8, 1) -> Flatten -> Gemm -> Softmax -> (batch, 4)."""
+    onnx = pytest.importorskip("onnx")
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.normal(size=(SIZE * SIZE, 4)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(np.arange(4, dtype=np.float32) * 0.1, "b")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["image"], ["flat"], axis=1),
+            helper.make_node("Gemm", ["flat", "w", "b"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [batch, SIZE, SIZE, 1])],
+        [helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, [batch, 4])],
+        [weights, bias],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if embedded is not None:
+        helper.set_model_props(model, {"other": "x", ONNX_METADATA_KEY: embedded.to_json()})
+    onnx.save(model, path)
+    return path
+
+
+def test_onnx_suffix_is_registered() -> None:
+    assert BACKENDS["onnxruntime"] == (OnnxBackend, (".onnx",))
+
+
+def test_onnx_metadata_props_parsed_without_onnxruntime_match_onnxruntime(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    path = tiny_onnx(tmp_path / "m.onnx", metadata())
+    props = read_onnx_metadata_props(path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert props == dict(session.get_modelmeta().custom_metadata_map)
+    assert read_embedded(path) == metadata()
+
+
+def test_classifier_loads_onnx_with_embedded_metadata_and_classifies(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    path = tiny_onnx(tmp_path / "m.onnx", metadata())
+    classifier = Classifier.load(path, threads=1)
+    assert classifier.backend.name == "onnxruntime"
+    assert classifier.backend.providers[-1] == "CPUExecutionProvider"
+    assert classifier.labels == LABELS
+    prediction = classifier.classify(synthetic_xray())
+    assert prediction.label in LABELS and prediction.model_version == "tiny-1"
+    assert abs(sum(prediction.probabilities.values()) - 1.0) < 1e-5
+
+
+def test_onnx_metadata_falls_back_to_the_sidecar(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    path = tiny_onnx(tmp_path / "m.onnx")
+    with pytest.raises(ModelError, match="no capsedge metadata"):
+        read_metadata(path)
+    sidecar_path(path).write_text(metadata("from-sidecar").to_json(), encoding="utf-8")
+    assert Classifier.load(path).metadata.version == "from-sidecar"
+
+
+def test_dynamic_batch_is_reported_and_refused_by_the_classifier(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    path = tiny_onnx(tmp_path / "m.onnx", metadata(), batch="N")
+    assert open_backend(path).input_shape == (-1, SIZE, SIZE, 1)
+    with pytest.raises(ModelError, match="does not match its metadata"):
+        Classifier.load(path)
+
+
+def test_a_corrupt_onnx_file_is_a_model_error(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(b"\x0a\xff\xff\xff\xff\x0f not a model")
+    assert read_embedded(path) is None
+    with pytest.raises(ModelError, match="not a valid ONNX model"):
+        open_backend(path)
+
+
+def test_missing_onnxruntime_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
+    with pytest.raises(RuntimeMissingError, match=r"pip install 'capsedge\[onnx\]'"):
+        open_backend(path)
+
+
+def test_the_edge_package_imports_no_onnx_library_until_an_onnx_model_is_opened() -> None:
+    script = (
+        "import sys, capsedge, capsedge.backends, capsedge.metadata\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxruntime')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

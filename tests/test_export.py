@@ -1,0 +1,285 @@
+"""Export to every format, then run the files: op lists, metadata, parity with Keras, report, CLI.
+
+One small Efficient-CapsNet + NCP model (32x32 input, untrained) is exported once
+per session; the tests read its artifacts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from capsedge import Classifier, Preprocessing
+from capsedge.metadata import read_embedded, read_onnx_metadata_props, read_sidecar
+
+from conftest import synthetic_xray
+
+tf2onnx = pytest.importorskip("tf2onnx")
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("tensorflow")
+
+from capsedge.export import formats as formats_module  # noqa: E402
+from capsedge.export.quantize import command, export_and_verify  # noqa: E402
+from capsedge.export.verify import (  # noqa: E402
+    FORBIDDEN_ONNX,
+    FORBIDDEN_TFLITE,
+    forbidden_ops,
+    input_shape,
+    onnx_nodes,
+    op_counts,
+    tflite_graph,
+)
+
+LABELS = ("Cofield", "Depuy", "Tornier", "Zimmer")
+SIZE = 32
+ALL = ("tflite-f32", "tflite-f16", "tflite-int8", "onnx", "onnx-int8", "edgetpu")
+
+
+def write_images(folder: Path, per_class: int = 3) -> Path:
+    """Folder-per-class PNGs of different sizes, so labels are known."""
+    for c, label in enumerate(LABELS):
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            seed = 10 * c + i
+            image = synthetic_xray((60 + 7 * seed, 50 + 3 * c), seed=seed)
+            Image.fromarray(image).save(folder / label / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder as ``capsedge train`` writes it, with an untrained small model."""
+    from capsedge.models import ConvSpec, build_model, get_model_config
+
+    config = dataclasses.replace(
+        get_model_config("effcaps_ncp_implant_128"),
+        name="tiny_effcaps_ncp",
+        input_shape=(SIZE, SIZE, 1),
+        stem=(ConvSpec(8, 3, 2, "same"), ConvSpec(32, 3, 2, "same")),
+        primary_caps=8,
+        primary_dim=4,
+        primary_kernel=8,
+        class_dim=8,
+        ncp_units=8,
+    )
+    built = build_model(config)
+    run = tmp_path_factory.mktemp("run")
+    built.classifier.save(run / "classifier.keras")
+    (run / "config.json").write_text(json.dumps({
+        "model": {"name": config.name},
+        "preprocessing": Preprocessing(input_size=SIZE).to_dict(),
+        "classes": list(LABELS),
+        "data": {"layout": "folders", "images": 12, "attribution": "synthetic test images"},
+    }), encoding="utf-8")
+    return run
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_run: Path, images: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    out = tmp_path_factory.mktemp("exported")
+    written, report = export_and_verify(tiny_run, out, ALL, images)
+    return out, written, report
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_run: Path, images: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocessed images and the Keras model's probabilities for them."""
+    from capsedge.export.quantize import load_run
+    from capsedge.export.verify import load_evaluation_set
+
+    run = load_run(tiny_run)
+    evaluation = load_evaluation_set(images, run.preprocessing, run.labels)
+    return evaluation.images, np.asarray(run.classifier.predict(evaluation.images, verbose=0))
+
+
+def run_file(path: Path, batch: np.ndarray) -> np.ndarray:
+    classifier = Classifier.load(path, threads=1)
+    return np.stack([classifier.predict_tensor(image) for image in batch])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ALL)
+def test_artifact_has_no_loop_flex_or_custom_ops_and_a_static_batch1_input(exported: tuple, fmt: str) -> None:
+    _, written, _ = exported
+    path = written[fmt]
+    counts = op_counts(path)
+    assert counts, "no operations listed"
+    if path.suffix == ".onnx":
+        model = onnx.load(str(path))
+        types = {n.op_type for n in onnx_nodes(model.graph)}
+        assert not types & FORBIDDEN_ONNX, types
+    else:
+        ops, _, _ = tflite_graph(path)
+        names = {op["op_name"] for op in ops}
+        assert not names & FORBIDDEN_TFLITE, names
+        assert not any(name.upper().startswith("FLEX") for name in names), names
+    assert forbidden_ops(counts, path.suffix) == []
+    assert input_shape(path) == [1, SIZE, SIZE, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ALL)
+def test_metadata_is_embedded_and_in_the_sidecar_and_classify_loads_it(exported: tuple, fmt: str) -> None:
+    _, written, _ = exported
+    path = written[fmt]
+    embedded, sidecar = read_embedded(path), read_sidecar(path)
+    assert embedded is not None and sidecar is not None
+    assert embedded == sidecar
+    assert embedded.labels == LABELS and embedded.preprocessing.input_size == SIZE
+    assert embedded.provenance["format"] == fmt
+    assert embedded.version.startswith("tiny_effcaps_ncp-")
+    # No blank warm-up image: see test_int8_tflite_survives_a_black_image.
+    prediction = Classifier.load(path, warm_up=False).classify(synthetic_xray())
+    assert prediction.label in LABELS
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="int8 squash divides by a capsule norm that quantizes to 0 on a black image; "
+                          "LiteRT's int8 DIV refuses it (models/layers.py squash: s / norm)", strict=False)
+def test_int8_tflite_survives_a_black_image(exported: tuple) -> None:
+    _, written, _ = exported
+    Classifier.load(written["tflite-int8"])  # warms up on an all-zero image
+
+
+@pytest.mark.slow
+def test_onnx_metadata_is_in_metadata_props(exported: tuple) -> None:
+    _, written, _ = exported
+    for fmt in ("onnx", "onnx-int8"):
+        session = ort.InferenceSession(str(written[fmt]), providers=["CPUExecutionProvider"])
+        stored = dict(session.get_modelmeta().custom_metadata_map)
+        assert stored == read_onnx_metadata_props(written[fmt])
+        assert json.loads(stored["capsedge_metadata"])["labels"] == list(LABELS)
+
+
+@pytest.mark.slow
+def test_onnx_float_matches_keras_within_1e4(exported: tuple, reference: tuple) -> None:
+    _, written, _ = exported
+    batch, expected = reference
+    assert np.max(np.abs(run_file(written["onnx"], batch) - expected)) <= 1e-4
+
+
+@pytest.mark.slow
+def test_tflite_float_matches_keras(exported: tuple, reference: tuple) -> None:
+    _, written, _ = exported
+    batch, expected = reference
+    got = run_file(written["tflite-f32"], batch)
+    assert np.max(np.abs(got - expected)) <= 1e-5
+    np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
+
+
+@pytest.mark.slow
+def test_int8_artifacts_are_integer_where_promised(exported: tuple) -> None:
+    _, written, _ = exported
+    from ai_edge_litert.interpreter import Interpreter
+
+    for fmt in ("tflite-int8", "edgetpu"):
+        interpreter = Interpreter(model_path=str(written[fmt]))
+        assert interpreter.get_input_details()[0]["dtype"] == np.int8
+        assert interpreter.get_output_details()[0]["dtype"] == np.int8
+    model = onnx.load(str(written["onnx-int8"]))
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    dequantize = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert dequantize and any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    zero_points = [initializers[n.input[2]] for n in dequantize if len(n.input) > 2]
+    assert all(z.dtype == np.int8 and not z.any() for z in zero_points)  # symmetric int8
+    assert any(initializers[n.input[1]].size > 1 for n in dequantize)  # per-channel weights
+
+
+@pytest.mark.slow
+def test_report_json_and_markdown(exported: tuple) -> None:
+    out, written, report = exported
+    data = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert [a["format"] for a in data["artifacts"]] == list(ALL)
+    assert data["evaluation"]["images"] == 12 and data["evaluation"]["labelled"] == 12
+    for artifact in data["artifacts"]:
+        assert artifact["bytes"] == Path(artifact["path"]).stat().st_size
+        assert sum(artifact["ops"].values()) > 0 and artifact["forbidden_ops"] == []
+        assert artifact["metadata_ok"]
+        if artifact["error"] is None:
+            assert 0.0 <= artifact["agreement"] <= 1.0 and artifact["latency_ms_median"] > 0
+            assert artifact["accuracy"] is not None
+    checks = {(c["artifact"], c["name"]): c for c in data["checks"]}
+    assert checks[("onnx", "max abs diff vs Keras")]["passed"]
+    assert checks[("tflite-f32", "top-1 agreement")]["passed"]
+    assert ("tflite-int8", "size vs tflite-f32") in checks
+    assert ("onnx-int8", "accuracy vs Keras") in checks
+    assert data["passed"] == all(c["passed"] for c in data["checks"]) == report.passed
+    edgetpu = data["artifacts"][ALL.index("edgetpu")]["edgetpu"]
+    assert edgetpu["on_tpu"] + edgetpu["on_cpu"] == edgetpu["total_ops"]
+    assert edgetpu["first_unsupported"]["index"] == edgetpu["on_tpu"]
+    assert "BATCH_MATMUL" in edgetpu["unsupported"]  # the self-attention routing
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    assert "| format | file | size (KiB) |" in markdown and "## Edge TPU" in markdown
+
+
+def invoke(*args: str) -> object:
+    return CliRunner().invoke(command, list(args))
+
+
+def assert_one_line_error(result: object, fragment: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("capsedge: error: "), result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def test_cli_missing_model(tmp_path: Path) -> None:
+    result = invoke("--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, "no trained model at")
+
+
+def test_cli_unknown_format_names_the_closest(tmp_path: Path) -> None:
+    result = invoke("--model", str(tmp_path), "--out", str(tmp_path / "o"), "--formats", "onnx-int4")
+    assert_one_line_error(result, "unknown format 'onnx-int4'")
+    assert "did you mean 'onnx-int8'?" in result.stderr
+
+
+def test_cli_empty_calibration_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = invoke("--model", str(tmp_path), "--out", str(tmp_path / "o"),
+                    "--formats", "tflite-int8", "--calib", str(tmp_path / "empty"))
+    assert_one_line_error(result, "no calibration images found in")
+
+
+def test_cli_int8_without_calibration(tmp_path: Path) -> None:
+    result = invoke("--model", str(tmp_path), "--out", str(tmp_path / "o"), "--formats", "onnx-int8")
+    assert_one_line_error(result, "onnx-int8 needs calibration images: pass --calib DIR")
+
+
+def test_cli_missing_tool_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = dataclasses.replace(formats_module.FORMATS["onnx"], requires=("capsedge_no_such_tool",))
+    monkeypatch.setitem(formats_module.FORMATS, "onnx", missing)
+    result = invoke("--model", str(tmp_path), "--out", str(tmp_path / "o"), "--formats", "onnx")
+    assert_one_line_error(result, "format 'onnx' needs capsedge_no_such_tool, which is not installed")
+    assert "pip install 'capsedge[export]'" in result.stderr
+
+
+@pytest.mark.slow
+def test_cli_failed_verification_exits_1_and_names_the_check(
+    tiny_run: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from capsedge.export import verify
+
+    strict = dataclasses.replace(verify.Goals(), float_agreement=1.01)  # unreachable on purpose
+    monkeypatch.setattr(verify, "Goals", lambda: strict)
+    args = ("--model", str(tiny_run), "--out", str(tmp_path / "o"), "--formats", "tflite-f32",
+            "--eval", str(images), "--eval-limit", "4")
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    assert "capsedge: error: verification failed: tflite-f32 top-1 agreement" in result.stderr
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["passed"] is False
+    assert "tflite-f32:" in result.stdout and "report:" in result.stdout
+    allowed = invoke(*args, "--allow-fail")
+    assert allowed.exit_code == 0 and "capsedge: warning: verification failed" in allowed.stderr
