@@ -95,6 +95,11 @@ def native_stderr_silenced() -> Iterator[None]:
         os.close(saved)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class LiteRTBackend:
     """Runs ``.tflite`` models with LiteRT (``ai_edge_litert``)."""
 
@@ -144,7 +149,10 @@ class LiteRTBackend:
             scale, zero_point = self._input["quantization"]
             batch = quantize(batch, scale, zero_point, dtype)
         self._interpreter.set_tensor(self._input["index"], batch.astype(dtype, copy=False))
-        self._interpreter.invoke()
+        try:
+            self._interpreter.invoke()
+        except (RuntimeError, ValueError) as exc:
+            raise ModelError(f"inference failed ({_first_line(exc)})") from None
         result = self._interpreter.get_tensor(self._output["index"])
         if np.issubdtype(result.dtype, np.integer):
             scale, zero_point = self._output["quantization"]
@@ -222,7 +230,10 @@ class OnnxBackend:
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Run a float32 ``(1, H, W, C)`` batch; return float32 ``(K,)`` outputs."""
         feed = {self._input.name: np.ascontiguousarray(batch, dtype=np.float32)}
-        (result,) = self._session.run([self._output.name], feed)
+        try:
+            (result,) = self._session.run([self._output.name], feed)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise ModelError(f"inference failed ({_first_line(exc)})") from None
         return np.asarray(result).reshape(-1).astype(np.float32, copy=False)
 
 

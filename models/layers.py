@@ -40,11 +40,14 @@ def squash(s: Any, kind: str = "efficient", epsilon: float = 1e-7) -> Any:
     ``efficient`` ([2], eq. 5): ``v = (1 - exp(-|s|)) * s / |s|``.
     ``hinton`` ([1], eq. 1): ``v = |s|^2 / (1 + |s|^2) * s / |s|``.
     ``|s|`` is computed as ``sqrt(sum(s^2) + epsilon)`` so that the value and its
-    gradient stay finite at ``s = 0``.
+    gradient stay finite at ``s = 0``. ``s / |s|`` is written ``s * rsqrt(...)``:
+    the same numbers in float, but no DIV or SQRT op, which int8 kernels and
+    the Edge TPU lack (and an int8 DIV fails outright on a norm that rounds to 0).
     """
-    norm = ops.sqrt(ops.sum(ops.square(s), axis=-1, keepdims=True) + epsilon)
-    scale = ops.square(norm) / (1.0 + ops.square(norm)) if kind == "hinton" else 1.0 - ops.exp(-norm)
-    return scale * s / norm
+    squared = ops.sum(ops.square(s), axis=-1, keepdims=True) + epsilon
+    inverse_norm = ops.rsqrt(squared)
+    scale = squared / (1.0 + squared) if kind == "hinton" else 1.0 - ops.exp(-squared * inverse_norm)
+    return scale * s * inverse_norm
 
 
 @keras.saving.register_keras_serializable(package="capsedge")
@@ -286,7 +289,7 @@ class FCCaps(keras.layers.Layer):
     def call(self, inputs: Any) -> Any:
         u_hat = _predictions(inputs, self.kernel)
         agreement = ops.sum(u_hat * ops.sum(u_hat, axis=-2, keepdims=True), axis=-1, keepdims=True)
-        coupling = ops.softmax(agreement / self._sqrt_d, axis=-3)
+        coupling = ops.softmax(agreement * (1.0 / self._sqrt_d), axis=-3)
         return squash(ops.sum((coupling + self.bias) * u_hat, axis=-2), self.squash)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
@@ -432,13 +435,20 @@ class Mask(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="capsedge")
 class NormalizeLengths(keras.layers.Layer):
-    """Turn capsule lengths into a probability distribution: ``p_k = |v_k| / sum_j |v_j|``.
+    """Turn capsule lengths into a probability distribution, with additive smoothing.
 
-    Lengths are positive (``Length`` adds an epsilon), so the sum is never zero.
+    ``p_k = (|v_k| + c) / (sum_j |v_j| + K c)``, ``c = SMOOTHING`` (0.0125): rows sum to 1,
+    the order of the classes (and so the argmax) is that of the lengths, and the
+    divisor is never below ``K c``. A bare ``|v_k| / sum_j |v_j|`` divides by a
+    sum that, for an image with no evidence, int8 quantization rounds to zero,
+    which LiteRT's int8 DIV refuses (the Edge TPU has no DIV at all).
     """
 
+    SMOOTHING = 0.0125
+
     def call(self, inputs: Any) -> Any:
-        return inputs / ops.sum(inputs, axis=-1, keepdims=True)
+        total = ops.sum(inputs, axis=-1, keepdims=True) + self.SMOOTHING * inputs.shape[-1]
+        return (inputs + self.SMOOTHING) / total
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return input_shape

@@ -146,8 +146,6 @@ def test_metadata_is_embedded_and_in_the_sidecar_and_classify_loads_it(exported:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="int8 squash divides by a capsule norm that quantizes to 0 on a black image; "
-                          "LiteRT's int8 DIV refuses it (models/layers.py squash: s / norm)", strict=False)
 def test_int8_tflite_survives_a_black_image(exported: tuple) -> None:
     _, written, _ = exported
     Classifier.load(written["tflite-int8"])  # warms up on an all-zero image

@@ -178,6 +178,22 @@ def test_shapes_and_probabilities(name):
     assert model.encoder(x).shape == (2, cfg.num_classes, cfg.class_dim)
 
 
+def smoothed(lengths: np.ndarray, c: float = 0.0125) -> np.ndarray:
+    """NormalizeLengths' formula: (|v_k| + c) / (sum_j |v_j| + K c)."""
+    return (lengths + c) / (lengths.sum(1, keepdims=True) + c * lengths.shape[1])
+
+
+def test_normalize_lengths_keeps_order_and_sums_to_one():
+    from capsedge.models.layers import NormalizeLengths
+
+    lengths = np.array([[0.0, 0.0, 0.0, 0.0], [0.9, 0.1, 0.05, 0.2]], np.float32)
+    out = NormalizeLengths()(lengths).numpy()
+    np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(out[0], 0.25, atol=1e-6)  # no evidence: uniform, no division by zero
+    assert list(np.argsort(out[1])) == list(np.argsort(lengths[1]))
+    np.testing.assert_allclose(out, smoothed(lengths), atol=1e-6)
+
+
 def test_classifier_is_fusion_of_the_two_heads():
     model = built("effcaps_ncp_implant_128")
     cfg = model.config
@@ -185,7 +201,7 @@ def test_classifier_is_fusion_of_the_two_heads():
     out = model.trainer([x, onehot(cfg)])
     lengths = out["caps_length"].numpy()
     expected = (
-        cfg.fusion_weight * lengths / lengths.sum(1, keepdims=True)
+        cfg.fusion_weight * smoothed(lengths)
         + (1 - cfg.fusion_weight) * out["ncp_probs"].numpy()
     )
     np.testing.assert_allclose(model.classifier(x).numpy(), expected, atol=1e-6)
@@ -201,7 +217,7 @@ def test_heads_switch_off():
     assert model.decoder is None
     lengths = out["caps_length"].numpy()
     np.testing.assert_allclose(
-        model.classifier(x).numpy(), lengths / lengths.sum(1, keepdims=True), atol=1e-6
+        model.classifier(x).numpy(), smoothed(lengths), atol=1e-6
     )
 
 
