@@ -140,8 +140,8 @@ def predict_probabilities(classifier: Any, images: np.ndarray, batch_size: int =
 def _prepare(data: str | Path | Dataset, config: TrainConfig) -> tuple[Dataset, Any, Preprocessing]:
     from capsedge.models import get_model_config
 
+    model_config = get_model_config(config.model)  # a wrong name fails before any data is read
     dataset = data if isinstance(data, Dataset) else read_dataset(data)
-    model_config = get_model_config(config.model)
     if tuple(model_config.class_names) != dataset.classes:
         model_config = replace(model_config, class_names=dataset.classes, num_classes=len(dataset.classes))
     return dataset, model_config, Preprocessing(input_size=model_config.input_shape[0])

@@ -1,0 +1,77 @@
+"""Training: a run folder, cross-validation, resume rules and the command's errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from capsedge.cli import main
+
+from conftest import synthetic_xray
+
+pytest.importorskip("tensorflow")
+
+from capsedge.train.trainer import TrainConfig, cross_validate, train  # noqa: E402
+
+FAST = TrainConfig(model="effcaps_mnist", epochs=1, batch_size=4, holdout=0.25)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two makers, eight generated pictures each, in the public flat layout."""
+    folder = tmp_path_factory.mktemp("data")
+    for i in range(8):
+        Image.fromarray(synthetic_xray(seed=i)).save(folder / f"Depuy.{i}.jpg")
+        Image.fromarray(np.rot90(synthetic_xray(seed=100 + i))).save(folder / f"Zimmer.{i}.png")
+    return folder
+
+
+@pytest.mark.slow
+def test_train_writes_a_complete_run(tiny_data: Path, tmp_path: Path) -> None:
+    result = train(tiny_data, tmp_path / "run", FAST, progress=False)
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.json", "history.csv", "classifier.keras"):
+        assert (run / name).is_file(), name
+    assert not (run / "backup").exists()  # removed once the run completed
+    config = json.loads((run / "config.json").read_text())
+    assert config["classes"] == ["Depuy", "Zimmer"] and config["preprocessing"]["input_size"] == 28
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train_images"] == 12 and metrics["holdout"]["per_class"]["Zimmer"]["support"] == 2
+    assert result.classifier.output_shape == (None, 2)
+    with pytest.raises(ValueError, match="nothing to resume"):
+        train(tiny_data, tmp_path / "fresh", FAST, resume=True, progress=False)
+    (run / "backup").mkdir()
+    with pytest.raises(ValueError, match="interrupted run"):
+        train(tiny_data, run, FAST, progress=False)
+
+
+@pytest.mark.slow
+def test_cross_validation_summary_and_skips_finished_folds(tiny_data: Path, tmp_path: Path) -> None:
+    summary = cross_validate(tiny_data, tmp_path / "cv", FAST, folds=2, progress=False)
+    assert summary["folds"] == 2 and len(summary["per_fold"]) == 2
+    assert 0.0 <= summary["accuracy_mean"] <= 1.0
+    assert sum(map(sum, summary["pooled"]["confusion_matrix"])) == 16  # every image validated once
+    assert (tmp_path / "cv" / "confusion.png").is_file()
+    written = (tmp_path / "cv" / "fold-0" / "classifier.keras").stat().st_mtime_ns
+    again = cross_validate(tiny_data, tmp_path / "cv", FAST, folds=2, resume=True, progress=False)
+    assert again["per_fold"] == summary["per_fold"]
+    assert (tmp_path / "cv" / "fold-0" / "classifier.keras").stat().st_mtime_ns == written
+
+
+def test_train_command_refuses_unusable_data(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "capsedge: error: no images found" in result.stderr
+    Image.fromarray(synthetic_xray()).save(tmp_path / "Depuy.1.jpg")
+    result = runner.invoke(main, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "at least two classes" in result.stderr
+    result = runner.invoke(main, ["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "data not found" in result.stderr
+    args = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--model", "efcaps"]
+    bad = runner.invoke(main, args)
+    assert bad.exit_code == 1 and "did you mean" in bad.stderr
