@@ -1,0 +1,167 @@
+"""Quick ablations on one stratified 80/20 split of the development data.
+
+Each variant trains from scratch and prints train and held-out accuracy every
+10 epochs (and with --tta, the held-out accuracy averaged over the 8 flips and
+quarter turns). One split is a noisy yardstick (95 held-out images: one image
+is 1.05 points); cross-validation (`capsedge train --folds 5`) is the real one.
+
+Usage:
+    python bench/holdout_ablation.py --model effcaps_implant_128 --augment d4 --epochs 80 [--tta]
+    python bench/holdout_ablation.py --model cnn --augment none --epochs 40
+    python bench/holdout_ablation.py --model effcaps_implant_128 --input bright --augment d4
+
+Variants:
+    --model   a registered model name, or "cnn": the same convolution stem with
+              global average pooling and a softmax layer (a plain-CNN control).
+    --augment none | d4 (flips and quarter turns, +-15 degree rotation, +-10 % zoom)
+              | full (the trainer's: any rotation, flips, zoom, shifts, contrast).
+    --input   plain | bright (keep only the brightest 15 % of grey levels: a
+              crude "metal only" view).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "shoulder-implants"
+
+
+def bright_only(images: np.ndarray) -> np.ndarray:
+    """Stretch the brightest 15 % of each image's non-black grey levels to [0, 1]."""
+    out = np.empty_like(images)
+    for i, image in enumerate(images):
+        threshold = np.quantile(image[image > 0.02], 0.85)
+        out[i] = np.clip((image - threshold) / max(1e-3, 1.0 - threshold), 0.0, 1.0)
+    return out
+
+
+def augmenter(kind: str, seed: int):  # noqa: ANN201 - a keras.Sequential or None
+    import keras
+
+    layers = keras.layers
+    if kind == "none":
+        return None
+    if kind == "full":
+        from capsedge.train.trainer import build_augmenter
+
+        return build_augmenter(seed)
+    return keras.Sequential([
+        layers.RandomFlip("horizontal_and_vertical", seed=seed),
+        layers.RandomRotation(0.04, fill_mode="constant", seed=seed + 1),
+        layers.RandomZoom((-0.1, 0.1), fill_mode="constant", seed=seed + 2),
+    ])
+
+
+def plain_cnn(config, class_weights: np.ndarray):  # noqa: ANN001, ANN201
+    import keras
+
+    from capsedge.models import losses
+
+    layers = keras.layers
+    image = keras.Input(config.input_shape)
+    x = image
+    for spec in config.stem:
+        x = layers.Conv2D(spec.filters, spec.kernel_size, spec.strides, spec.padding, use_bias=False)(x)
+        x = layers.ReLU()(layers.BatchNormalization()(x))
+    pooled = layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(image, layers.Dense(config.num_classes, activation="softmax")(pooled))
+
+    def loss(y, p):  # noqa: ANN001, ANN202
+        return losses.weighted_categorical_crossentropy(y, p, class_weights=class_weights)
+
+    return model, model, loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="effcaps_implant_128")
+    parser.add_argument("--augment", choices=["none", "d4", "full"], default="d4")
+    parser.add_argument("--input", choices=["plain", "bright"], default="plain")
+    parser.add_argument("--epochs", type=int, default=80)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--beta", type=float, default=0.99)
+    parser.add_argument("--tta", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", type=Path, default=DATA)
+    args = parser.parse_args()
+
+    import keras
+    import tensorflow as tf
+
+    from capsedge.models import build_model, get_model_config, losses
+    from capsedge.preprocess import Preprocessing
+    from capsedge.train.data import load_images, read_dataset
+    from capsedge.train.metrics import classification_report, stratified_split
+
+    keras.utils.set_random_seed(args.seed)
+    dataset = read_dataset(args.data)
+    config = get_model_config("effcaps_implant_128" if args.model == "cnn" else args.model)
+    images = load_images(dataset, Preprocessing(input_size=config.input_shape[0]))
+    if args.input == "bright":
+        images = bright_only(images)
+    y = dataset.targets
+    onehot = np.eye(len(dataset.classes), dtype=np.float32)[y]
+    train_idx, held_idx = stratified_split(y, 0.2, args.seed)
+    weights = losses.class_balanced_weights(np.bincount(y[train_idx]), args.beta).astype("float32")
+
+    if args.model == "cnn":
+        classifier, trainer, loss = plain_cnn(config, weights)
+        trainer.compile(keras.optimizers.Adam(args.lr), loss=loss)
+        outputs: set[str] = set()
+    else:
+        built = build_model(config)
+        classifier, trainer = built.classifier, built.trainer
+        outputs = set(trainer.output_names)
+        loss = {"caps_length": lambda t, p: losses.margin_loss(t, p, class_weights=weights)}
+        if "ncp_probs" in outputs:
+            loss["ncp_probs"] = lambda t, p: losses.weighted_categorical_crossentropy(
+                t, p, class_weights=weights
+            )
+        if "reconstruction" in outputs:
+            loss["reconstruction"] = losses.reconstruction_loss
+        trainer.compile(keras.optimizers.Adam(args.lr), loss=loss,
+                        loss_weights={k: 0.5 if k == "reconstruction" else 1.0 for k in loss})
+
+    data = tf.data.Dataset.from_tensor_slices((images[train_idx], onehot[train_idx]))
+    data = data.shuffle(len(train_idx), seed=args.seed).batch(16)
+    augment = augmenter(args.augment, args.seed)
+    if augment is not None:
+        data = data.map(lambda a, b: (augment(a, training=True), b))
+    if args.augment == "d4":
+        data = data.map(lambda a, b: (tf.image.rot90(a, tf.random.uniform([], 0, 4, tf.int32)), b))
+    if outputs:
+        def targets(a, b):  # noqa: ANN001, ANN202
+            wanted = {"caps_length": b, "ncp_probs": b, "reconstruction": a}
+            return (a, b), {k: v for k, v in wanted.items() if k in outputs}
+
+        data = data.map(targets)
+
+    start = time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        trainer.fit(data.prefetch(2), epochs=1, verbose=0)
+        if epoch % 10 and epoch != args.epochs:
+            continue
+        p = classifier.predict(images, verbose=0)
+        train_report = classification_report(y[train_idx], p[train_idx].argmax(1), dataset.classes)
+        held_report = classification_report(y[held_idx], p[held_idx].argmax(1), dataset.classes)
+        line = (f"{args.model} {args.input} {args.augment} epoch {epoch} {time.perf_counter() - start:.0f}s "
+                f"train {train_report['accuracy']:.3f} held-out {held_report['accuracy']:.3f} "
+                f"macro-F1 {held_report['macro_f1']:.3f}")
+        if args.tta:
+            views = [np.ascontiguousarray(np.rot90(images[held_idx], k, axes=(1, 2))[:, :, ::-1] if flip
+                                          else np.rot90(images[held_idx], k, axes=(1, 2)))
+                     for k, flip in itertools.product(range(4), (False, True))]
+            mean = np.mean([classifier.predict(v, verbose=0) for v in views], axis=0)
+            tta = classification_report(y[held_idx], mean.argmax(1), dataset.classes)
+            line += f" | TTA held-out {tta['accuracy']:.3f} macro-F1 {tta['macro_f1']:.3f}"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
