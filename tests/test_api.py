@@ -1,0 +1,70 @@
+"""The Python API: one loaded model, any input kind, several threads."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from capsedge import Classifier, ImageError, ModelError, Prediction, read_metadata
+from capsedge.classifier import default_model_path
+
+from conftest import synthetic_xray
+
+
+@pytest.fixture(scope="module")
+def classifier() -> Classifier:
+    return Classifier.load()
+
+
+def test_bundled_model_metadata(classifier: Classifier) -> None:
+    metadata = read_metadata(default_model_path())
+    assert classifier.labels == ("Cofield", "Depuy", "Tornier", "Zimmer")
+    assert metadata.preprocessing.input_shape == (128, 128, 1)
+    assert "CC BY 4.0" in metadata.provenance["attribution"]
+    assert default_model_path().stat().st_size < 1024 * 1024
+
+
+def test_every_input_kind_gives_the_same_prediction(classifier: Classifier, tmp_path: Path) -> None:
+    pixels = synthetic_xray()
+    path = tmp_path / "x.png"
+    Image.fromarray(pixels).save(path)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    sources = (path, str(path), buffer.getvalue(), Image.fromarray(pixels), pixels)
+    results = [classifier.classify(source) for source in sources]
+    for result in results:
+        assert isinstance(result, Prediction)
+        assert result.probabilities == pytest.approx(results[0].probabilities, abs=1e-6)
+        assert result.label == results[0].label and result.confidence == max(result.probabilities.values())
+        assert result.model_version == classifier.metadata.version and result.latency_ms > 0
+    assert sum(results[0].probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_shared_between_threads(classifier: Classifier) -> None:
+    images = [synthetic_xray(seed=i) for i in range(16)]
+    serial = [classifier.classify(image).probabilities for image in images]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        parallel = list(pool.map(lambda image: classifier.classify(image).probabilities, images * 3))
+    for i, probabilities in enumerate(parallel):
+        assert probabilities == pytest.approx(serial[i % 16], abs=1e-6)
+
+
+def test_errors_are_capsedge_errors(classifier: Classifier, tmp_path: Path) -> None:
+    with pytest.raises(ImageError):
+        classifier.classify(b"not an image")
+    with pytest.raises(ModelError, match="not found"):
+        Classifier.load(tmp_path / "missing.tflite")
+
+
+def test_dequantization_casts_before_subtracting() -> None:
+    from capsedge.backends import dequantize, quantize
+
+    values = np.array([-128, 0, 127], dtype=np.int8)
+    np.testing.assert_allclose(dequantize(values, 0.5, -10), [-59.0, 5.0, 68.5])
+    np.testing.assert_array_equal(quantize(np.array([-100.0, 0.0, 0.26, 100.0]), 0.5, -10, np.int8),
+                                  [-128, -10, -9, 127])
