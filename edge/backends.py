@@ -117,9 +117,12 @@ class LiteRTBackend:
             RuntimeMissingError: no TFLite runtime is installed.
         """
         interpreter_class = load_litert_interpreter_class()
+        delegates = self._delegates()
         try:
             with native_stderr_silenced():
-                self._interpreter = interpreter_class(model_path=str(model_path), num_threads=threads)
+                self._interpreter = interpreter_class(
+                    model_path=str(model_path), num_threads=threads, experimental_delegates=delegates
+                )
                 self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -131,6 +134,10 @@ class LiteRTBackend:
                 f"expected a model with one input and one output, got {len(inputs)} and {len(outputs)}"
             )
         self._input, self._output = inputs[0], outputs[0]
+
+    def _delegates(self) -> list[Any] | None:
+        """Hardware delegates to attach; none for the CPU."""
+        return None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -237,10 +244,45 @@ class OnnxBackend:
         return np.asarray(result).reshape(-1).astype(np.float32, copy=False)
 
 
+EDGETPU_LIBRARY = {"linux": "libedgetpu.so.1", "darwin": "libedgetpu.1.dylib", "win32": "edgetpu.dll"}
+EDGETPU_CUSTOM_OP = b"edgetpu-custom-op"
+
+
+class EdgeTpuBackend(LiteRTBackend):
+    """Runs ``edgetpu_compiler`` output on a Coral Edge TPU through LiteRT's delegate."""
+
+    name = "edgetpu"
+
+    def _delegates(self) -> list[Any] | None:
+        library = EDGETPU_LIBRARY.get(sys.platform, "libedgetpu.so.1")
+        try:
+            module = importlib.import_module("ai_edge_litert.interpreter")
+        except ImportError:
+            module = importlib.import_module("tflite_runtime.interpreter")
+        try:
+            with native_stderr_silenced():
+                return [module.load_delegate(library)]
+        except (ValueError, OSError, RuntimeError):
+            raise RuntimeMissingError(
+                f"the Edge TPU delegate could not be loaded ({library}): install the Edge TPU runtime "
+                "(libedgetpu) and connect the Coral device"
+            ) from None
+
+
+def is_edgetpu_compiled(path: Path) -> bool:
+    """An ``edgetpu_compiler`` output carries its custom op's name in the flatbuffer."""
+    try:
+        return EDGETPU_CUSTOM_OP in path.read_bytes()
+    except OSError:
+        return False
+
+
 BACKENDS = {
     "litert": (LiteRTBackend, (".tflite",)),
+    "edgetpu": (EdgeTpuBackend, ()),
     "onnxruntime": (OnnxBackend, (".onnx",)),
 }
+ALIASES = {"onnx": "onnxruntime", "tflite": "litert"}
 
 
 def open_backend(model_path: str | Path, backend: str = "auto", threads: int | None = None) -> Backend:
@@ -252,6 +294,9 @@ def open_backend(model_path: str | Path, backend: str = "auto", threads: int | N
     path = Path(model_path)
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
+    backend = ALIASES.get(backend, backend)
+    if backend == "auto" and path.suffix.lower() == ".tflite" and is_edgetpu_compiled(path):
+        backend = "edgetpu"
     if backend == "auto":
         for name, (_, suffixes) in BACKENDS.items():
             if path.suffix.lower() in suffixes:
@@ -261,6 +306,6 @@ def open_backend(model_path: str | Path, backend: str = "auto", threads: int | N
             known = sorted({s for _, suffixes in BACKENDS.values() for s in suffixes})
             raise ModelError(f"unknown model file type {path.suffix!r}; expected one of {known}")
     if backend not in BACKENDS:
-        raise ModelError(f"unknown backend {backend!r}; choose from {['auto', *BACKENDS]}")
+        raise ModelError(f"unknown backend {backend!r}; choose from {['auto', *BACKENDS, *ALIASES]}")
     backend_class, _ = BACKENDS[backend]
     return backend_class(path, threads=threads)

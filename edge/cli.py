@@ -142,19 +142,21 @@ def expand_inputs(paths: tuple[str, ...]) -> list[str]:
     "model_path",
     type=click.Path(path_type=Path),
     default=None,
-    help="An exported model (.tflite). Default: the bundled model.",
+    help="An exported model (.tflite or .onnx). Default: the bundled model.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line per image.")
+@click.option("--backend", default="auto", show_default=True,
+              help="auto (from the model file), litert, onnxruntime or edgetpu.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also write one row per image to this CSV file.")
 @click.option("--threads", type=click.IntRange(1, 64), default=None, help="CPU threads for inference.")
-def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, csv_path: Path | None,
-             threads: int | None) -> None:
+def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, backend: str,
+             csv_path: Path | None, threads: int | None) -> None:
     """Classify X-ray images (PNG, JPEG, TIFF, BMP, DICOM, ...) or folders of them."""
     from .classifier import Classifier
 
     try:
-        classifier = Classifier.load(model_path, threads=threads)
+        classifier = Classifier.load(model_path, backend=backend, threads=threads)
     except CapsedgeError as exc:
         fail(str(exc))
         sys.exit(EXIT_FAILED)

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from capsedge import Classifier, ModelError, ModelMetadata, Preprocessing, RuntimeMissingError
 from capsedge.backends import BACKENDS, OnnxBackend, open_backend
+from capsedge.classifier import default_model_path
 from capsedge.metadata import (
     ONNX_METADATA_KEY,
     read_embedded,
@@ -122,3 +124,31 @@ def test_the_edge_package_imports_no_onnx_library_until_an_onnx_model_is_opened(
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_edgetpu_model_without_a_delegate_is_a_clear_error(tmp_path: Path) -> None:
+    import shutil
+
+    from click.testing import CliRunner
+
+    from capsedge.backends import is_edgetpu_compiled
+    from capsedge.cli import main
+    from capsedge.metadata import read_metadata, sidecar_path
+
+    bundled = default_model_path()
+    compiled = tmp_path / "model_edgetpu.tflite"
+    shutil.copyfile(bundled, compiled)
+    with compiled.open("ab") as handle:  # what edgetpu_compiler output carries: its custom op's name
+        handle.write(b"edgetpu-custom-op")
+    sidecar_path(compiled).write_text(read_metadata(bundled).to_json())
+    assert is_edgetpu_compiled(compiled) and not is_edgetpu_compiled(bundled)
+    image = tmp_path / "x.png"
+    Image.fromarray(synthetic_xray()).save(image)
+    runner = CliRunner()
+    for args in (["--model", str(compiled)], ["--backend", "edgetpu"]):
+        result = runner.invoke(main, ["classify", *args, str(image)])
+        assert result.exit_code == 1
+        assert result.stderr.startswith("capsedge: error: the Edge TPU delegate could not be loaded")
+        assert len(result.stderr.strip().splitlines()) == 1
+    result = runner.invoke(main, ["classify", "--backend", "tflite", str(image)])
+    assert result.exit_code == 0, result.stderr
