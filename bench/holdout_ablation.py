@@ -17,6 +17,10 @@ Variants:
               | full (the trainer's: any rotation, flips, zoom, shifts, contrast).
     --input   plain | bright (keep only the brightest 15 % of grey levels: a
               crude "metal only" view).
+    --pretrain-rotation N
+              first train the convolution stem for N epochs to tell which quarter
+              turn was applied to a training image (self-supervised, no labels),
+              then train the whole network on the makers.
 """
 
 from __future__ import annotations
@@ -78,6 +82,28 @@ def plain_cnn(config, class_weights: np.ndarray):  # noqa: ANN001, ANN201
     return model, model, loss
 
 
+def pretrain_rotation(classifier, stem_depth: int, images: np.ndarray, epochs: int, seed: int) -> None:  # noqa: ANN001
+    """Self-supervised: teach the stem (shared with ``classifier``) which quarter turn was applied."""
+    import keras
+    import tensorflow as tf
+
+    layers = keras.layers
+    stem = classifier.get_layer(f"bn{stem_depth}").output
+    head = layers.Dense(4, activation="softmax")(layers.GlobalAveragePooling2D()(stem))
+    model = keras.Model(classifier.input, head)
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    flip = layers.RandomFlip("horizontal", seed=seed)
+
+    def turned(image):  # noqa: ANN001, ANN202
+        k = tf.random.uniform([], 0, 4, tf.int32)
+        return tf.image.rot90(image, k), k
+
+    data = tf.data.Dataset.from_tensor_slices(images).shuffle(len(images), seed=seed)
+    data = data.map(lambda x: flip(x, training=True)).map(turned).batch(16).prefetch(2)
+    history = model.fit(data, epochs=epochs, verbose=0)
+    print(f"rotation pretext: final training accuracy {history.history['accuracy'][-1]:.3f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="effcaps_implant_128")
@@ -87,6 +113,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--beta", type=float, default=0.99)
     parser.add_argument("--tta", action="store_true")
+    parser.add_argument("--pretrain-rotation", type=int, default=0, metavar="EPOCHS")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=DATA)
     args = parser.parse_args()
@@ -127,6 +154,9 @@ def main() -> None:
             loss["reconstruction"] = losses.reconstruction_loss
         trainer.compile(keras.optimizers.Adam(args.lr), loss=loss,
                         loss_weights={k: 0.5 if k == "reconstruction" else 1.0 for k in loss})
+
+    if args.pretrain_rotation:
+        pretrain_rotation(classifier, len(config.stem), images[train_idx], args.pretrain_rotation, args.seed)
 
     data = tf.data.Dataset.from_tensor_slices((images[train_idx], onehot[train_idx]))
     data = data.shuffle(len(train_idx), seed=args.seed).batch(16)

@@ -227,8 +227,57 @@ def _predictions(inputs: Any, kernel: Any) -> Any:
     return ops.einsum("...ji,kjiz->...kjz", inputs, kernel)
 
 
+class _FullyConnectedCapsules(keras.layers.Layer):
+    """What FCCaps and DigitCaps share: N_out capsules of D_out, a transform W, a squash.
+
+    Input shape: ``(batch, N_in, D_in)``. Output shape: ``(batch, N_out, D_out)``.
+    """
+
+    def __init__(
+        self,
+        n_caps: int,
+        dim_caps: int,
+        squash: str,
+        kernel_initializer: str | keras.initializers.Initializer,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        layer = type(self).__name__
+        _check_positive_int(layer, "n_caps", n_caps)
+        _check_positive_int(layer, "dim_caps", dim_caps)
+        _check_choice(layer, "squash", squash, SQUASH_KINDS)
+        self.n_caps = n_caps
+        self.dim_caps = dim_caps
+        self.squash = squash
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape: tuple) -> None:
+        if len(input_shape) != 3:
+            raise ValueError(
+                f"{type(self).__name__} expects (batch, N_in, D_in) inputs, received {input_shape}"
+            )
+        _, n_in, d_in = input_shape
+        self.kernel = self.add_weight(
+            shape=(self.n_caps, n_in, d_in, self.dim_caps),
+            initializer=self.kernel_initializer,
+            name="W",
+        )
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (input_shape[0], self.n_caps, self.dim_caps)
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "n_caps": self.n_caps,
+            "dim_caps": self.dim_caps,
+            "squash": self.squash,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+        }
+
+
 @keras.saving.register_keras_serializable(package="capsedge")
-class FCCaps(keras.layers.Layer):
+class FCCaps(_FullyConnectedCapsules):
     """Fully-connected capsules with one-pass self-attention routing (Efficient-CapsNet [2]).
 
     With ``u`` the ``N_in`` input capsules of dimension ``D_in`` ([2], eqs. 2-4)::
@@ -263,26 +312,13 @@ class FCCaps(keras.layers.Layer):
         kernel_initializer: str | keras.initializers.Initializer = "he_normal",
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        _check_positive_int("FCCaps", "n_caps", n_caps)
-        _check_positive_int("FCCaps", "dim_caps", dim_caps)
+        super().__init__(n_caps, dim_caps, squash, kernel_initializer, **kwargs)
         _check_choice("FCCaps", "scale", scale, ATTENTION_SCALES)
-        _check_choice("FCCaps", "squash", squash, SQUASH_KINDS)
-        self.n_caps = n_caps
-        self.dim_caps = dim_caps
         self.scale = scale
-        self.squash = squash
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
     def build(self, input_shape: tuple) -> None:
-        if len(input_shape) != 3:
-            raise ValueError(f"FCCaps expects (batch, N_in, D_in) inputs, received {input_shape}")
+        super().build(input_shape)
         _, n_in, d_in = input_shape
-        self.kernel = self.add_weight(
-            shape=(self.n_caps, n_in, d_in, self.dim_caps),
-            initializer=self.kernel_initializer,
-            name="W",
-        )
         self.bias = self.add_weight(shape=(self.n_caps, n_in, 1), initializer="zeros", name="b")
         self._sqrt_d = math.sqrt(self.dim_caps if self.scale == "d_out" else d_in)
 
@@ -292,22 +328,12 @@ class FCCaps(keras.layers.Layer):
         coupling = ops.softmax(agreement * (1.0 / self._sqrt_d), axis=-3)
         return squash(ops.sum((coupling + self.bias) * u_hat, axis=-2), self.squash)
 
-    def compute_output_shape(self, input_shape: tuple) -> tuple:
-        return (input_shape[0], self.n_caps, self.dim_caps)
-
     def get_config(self) -> dict:
-        return {
-            **super().get_config(),
-            "n_caps": self.n_caps,
-            "dim_caps": self.dim_caps,
-            "scale": self.scale,
-            "squash": self.squash,
-            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-        }
+        return {**super().get_config(), "scale": self.scale}
 
 
 @keras.saving.register_keras_serializable(package="capsedge")
-class DigitCaps(keras.layers.Layer):
+class DigitCaps(_FullyConnectedCapsules):
     """Fully-connected capsules with routing-by-agreement (CapsNet [1], Procedure 1).
 
     ::
@@ -341,26 +367,9 @@ class DigitCaps(keras.layers.Layer):
         kernel_initializer: str | keras.initializers.Initializer = "glorot_uniform",
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        _check_positive_int("DigitCaps", "n_caps", n_caps)
-        _check_positive_int("DigitCaps", "dim_caps", dim_caps)
+        super().__init__(n_caps, dim_caps, squash, kernel_initializer, **kwargs)
         _check_positive_int("DigitCaps", "iterations", iterations)
-        _check_choice("DigitCaps", "squash", squash, SQUASH_KINDS)
-        self.n_caps = n_caps
-        self.dim_caps = dim_caps
         self.iterations = iterations
-        self.squash = squash
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-
-    def build(self, input_shape: tuple) -> None:
-        if len(input_shape) != 3:
-            raise ValueError(f"DigitCaps expects (batch, N_in, D_in) inputs, received {input_shape}")
-        _, n_in, d_in = input_shape
-        self.kernel = self.add_weight(
-            shape=(self.n_caps, n_in, d_in, self.dim_caps),
-            initializer=self.kernel_initializer,
-            name="W",
-        )
 
     def call(self, inputs: Any) -> Any:
         u_hat = _predictions(inputs, self.kernel)
@@ -372,18 +381,8 @@ class DigitCaps(keras.layers.Layer):
                 logits = logits + ops.sum(u_hat * v[..., None, :], axis=-1, keepdims=True)
         return v
 
-    def compute_output_shape(self, input_shape: tuple) -> tuple:
-        return (input_shape[0], self.n_caps, self.dim_caps)
-
     def get_config(self) -> dict:
-        return {
-            **super().get_config(),
-            "n_caps": self.n_caps,
-            "dim_caps": self.dim_caps,
-            "iterations": self.iterations,
-            "squash": self.squash,
-            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-        }
+        return {**super().get_config(), "iterations": self.iterations}
 
 
 @keras.saving.register_keras_serializable(package="capsedge")
