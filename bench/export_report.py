@@ -1,0 +1,59 @@
+"""Export a run to every format and verify it on the development hold-out split.
+
+Calibration uses the run's training part and verification its held-out part,
+both rebuilt from the stratified 80/20 split with the run's seed (the split
+`capsedge train` uses), as folders of links in a temporary directory.
+
+Usage:
+    python bench/export_report.py --run RUN_DIR --out DIR [--data ../shared/data/shoulder-implants]
+
+Writes the artifacts, report.json and report.md into DIR; exits 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "shoulder-implants"
+ALL_FORMATS = ("tflite-f32", "tflite-f16", "tflite-int8", "onnx", "onnx-int8", "edgetpu")
+
+
+def link_folder(paths: list[Path], folder: Path) -> Path:
+    """A folder of symbolic links to ``paths`` (names kept: labels come from them)."""
+    folder.mkdir(parents=True)
+    for path in paths:
+        (folder / path.name).symlink_to(path.resolve())
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--formats", default=",".join(ALL_FORMATS))
+    args = parser.parse_args()
+
+    from capsedge.export.quantize import export_and_verify
+    from capsedge.train.data import read_dataset
+    from capsedge.train.metrics import stratified_split
+
+    config = json.loads((args.run / "config.json").read_text())
+    train = config["train"]
+    dataset = read_dataset(args.data)
+    train_idx, held_idx = stratified_split(dataset.targets, train["holdout"], train["seed"])
+    with tempfile.TemporaryDirectory(prefix="capsedge-report-") as folder:
+        calibration = link_folder([dataset.paths[i] for i in train_idx], Path(folder) / "train")
+        evaluation = link_folder([dataset.paths[i] for i in held_idx], Path(folder) / "holdout")
+        _, report = export_and_verify(args.run, args.out, args.formats.split(","), calibration, evaluation)
+    print((args.out / "report.md").read_text())
+    sys.exit(0 if report.passed else 1)
+
+
+if __name__ == "__main__":
+    main()
