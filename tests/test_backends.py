@@ -152,3 +152,23 @@ def test_edgetpu_model_without_a_delegate_is_a_clear_error(tmp_path: Path) -> No
         assert len(result.stderr.strip().splitlines()) == 1
     result = runner.invoke(main, ["classify", "--backend", "tflite", str(image)])
     assert result.exit_code == 0, result.stderr
+
+
+def test_jetson_providers_come_first_when_the_build_has_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a Jetson's onnxruntime-gpu build, TensorRT then CUDA are asked for before the CPU."""
+    ort = pytest.importorskip("onnxruntime")
+    path = tiny_onnx(tmp_path / "m.onnx", metadata())
+    real_session = ort.InferenceSession
+    asked: list[list[str]] = []
+
+    def session(model: str, sess_options: object = None, providers: list[str] | None = None) -> object:
+        asked.append(list(providers or []))
+        return real_session(model, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    everything = ["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: everything)
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    Classifier.load(path)
+    assert asked == [["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]]
