@@ -9,6 +9,7 @@ extra); each runtime is imported only when a model of its kind is opened.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import os
 import sys
@@ -256,6 +257,15 @@ class EdgeTpuBackend(LiteRTBackend):
     def _delegates(self) -> list[Any] | None:
         library = EDGETPU_LIBRARY.get(sys.platform, "libedgetpu.so.1")
         try:
+            # Checked first: LiteRT's Delegate, failing to open the library, leaves a
+            # half-built object whose __del__ prints a traceback at exit.
+            ctypes.CDLL(library)
+        except OSError:
+            raise RuntimeMissingError(
+                f"the Edge TPU runtime ({library}) is not installed: install libedgetpu "
+                "(Coral's edgetpu runtime package) and connect the device"
+            ) from None
+        try:
             module = importlib.import_module("ai_edge_litert.interpreter")
         except ImportError:
             module = importlib.import_module("tflite_runtime.interpreter")
@@ -264,8 +274,7 @@ class EdgeTpuBackend(LiteRTBackend):
                 return [module.load_delegate(library)]
         except (ValueError, OSError, RuntimeError):
             raise RuntimeMissingError(
-                f"the Edge TPU delegate could not be loaded ({library}): install the Edge TPU runtime "
-                "(libedgetpu) and connect the Coral device"
+                f"the Edge TPU delegate could not be loaded from {library}: is the Coral device connected?"
             ) from None
 
 

@@ -148,7 +148,7 @@ def test_edgetpu_model_without_a_delegate_is_a_clear_error(tmp_path: Path) -> No
     for args in (["--model", str(compiled)], ["--backend", "edgetpu"]):
         result = runner.invoke(main, ["classify", *args, str(image)])
         assert result.exit_code == 1
-        assert result.stderr.startswith("capsedge: error: the Edge TPU delegate could not be loaded")
+        assert result.stderr.startswith("capsedge: error: the Edge TPU runtime (libedgetpu.so.1) is not")
         assert len(result.stderr.strip().splitlines()) == 1
     result = runner.invoke(main, ["classify", "--backend", "tflite", str(image)])
     assert result.exit_code == 0, result.stderr
