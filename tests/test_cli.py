@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -83,9 +82,11 @@ def test_single_missing_file_exits_non_zero(tmp_path: Path) -> None:
     assert_one_line_error(result, "no such file")
 
 
-def _copy_model(tmp_path: Path) -> Path:
-    model = tmp_path / "model.tflite"
-    shutil.copyfile(default_model_path(), model)
+def _bare_model(tmp_path: Path) -> Path:
+    """The bundled model without its embedded metadata."""
+    model = tmp_path / "bare.tflite"
+    data = default_model_path().read_bytes()
+    model.write_bytes(data[: data.rfind(b"PK\x03\x04")])  # the archive's one member starts it
     return model
 
 
@@ -99,18 +100,14 @@ def test_corrupt_model(tmp_path: Path, xray_png: Path) -> None:
 
 
 def test_model_without_metadata(tmp_path: Path, xray_png: Path) -> None:
-    model = tmp_path / "bare.tflite"
-    data = default_model_path().read_bytes()
-    model.write_bytes(data[: data.rfind(b"PK\x03\x04")])  # strip the embedded archive
+    model = _bare_model(tmp_path)
     result = run("classify", "--model", str(model), str(xray_png))
     assert result.exit_code == 1
     assert_one_line_error(result, "no capsedge metadata")
 
 
 def test_metadata_that_does_not_match_the_model(tmp_path: Path, xray_png: Path) -> None:
-    model = tmp_path / "bare.tflite"
-    data = default_model_path().read_bytes()
-    model.write_bytes(data[: data.rfind(b"PK\x03\x04")])
+    model = _bare_model(tmp_path)
     wrong = json.loads(read_metadata(default_model_path()).to_json())
     wrong["preprocessing"]["input_size"] = 64
     sidecar_path(model).write_text(json.dumps(wrong))
