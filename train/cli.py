@@ -25,11 +25,13 @@ from capsedge.errors import CapsedgeError
               show_default=True, help="Fraction of each class held out for evaluation.")
 @click.option("--folds", type=click.IntRange(2), default=None,
               help="Stratified K-fold cross-validation instead of one hold-out split.")
-@click.option("--augment/--no-augment", default=True, show_default=True)
+@click.option("--augment", type=click.Choice(["d4", "full", "none"]), default="d4", show_default=True,
+              help="d4: flips and quarter turns (+ small rotation, zoom); full: any rotation, shifts, "
+              "contrast; none.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int, learning_rate: float,
-            beta: float, holdout: float, folds: int | None, augment: bool, seed: int, resume: bool) -> None:
+            beta: float, holdout: float, folds: int | None, augment: str, seed: int, resume: bool) -> None:
     """Train a capsule network on labelled X-rays."""
     from capsedge.train.trainer import TrainConfig, cross_validate, train
 
