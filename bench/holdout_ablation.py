@@ -13,8 +13,8 @@ Usage:
 Variants:
     --model   a registered model name, or "cnn": the same convolution stem with
               global average pooling and a softmax layer (a plain-CNN control).
-    --augment none | d4 (flips and quarter turns, +-15 degree rotation, +-10 % zoom)
-              | full (the trainer's: any rotation, flips, zoom, shifts, contrast).
+    --augment none | d4 | full, as `capsedge train --augment` (see
+              capsedge.train.trainer.build_augmenter).
     --input   plain | bright (keep only the brightest 15 % of grey levels: a
               crude "metal only" view).
     --pretrain-rotation N
@@ -43,23 +43,6 @@ def bright_only(images: np.ndarray) -> np.ndarray:
         threshold = np.quantile(image[image > 0.02], 0.85)
         out[i] = np.clip((image - threshold) / max(1e-3, 1.0 - threshold), 0.0, 1.0)
     return out
-
-
-def augmenter(kind: str, seed: int):  # noqa: ANN201 - a keras.Sequential or None
-    import keras
-
-    layers = keras.layers
-    if kind == "none":
-        return None
-    if kind == "full":
-        from capsedge.train.trainer import build_augmenter
-
-        return build_augmenter(seed)
-    return keras.Sequential([
-        layers.RandomFlip("horizontal_and_vertical", seed=seed),
-        layers.RandomRotation(0.04, fill_mode="constant", seed=seed + 1),
-        layers.RandomZoom((-0.1, 0.1), fill_mode="constant", seed=seed + 2),
-    ])
 
 
 def plain_cnn(config, class_weights: np.ndarray):  # noqa: ANN001, ANN201
@@ -125,6 +108,7 @@ def main() -> None:
     from capsedge.preprocess import Preprocessing
     from capsedge.train.data import load_images, read_dataset
     from capsedge.train.metrics import classification_report, stratified_split
+    from capsedge.train.trainer import build_augmenter
 
     keras.utils.set_random_seed(args.seed)
     dataset = read_dataset(args.data)
@@ -160,11 +144,9 @@ def main() -> None:
 
     data = tf.data.Dataset.from_tensor_slices((images[train_idx], onehot[train_idx]))
     data = data.shuffle(len(train_idx), seed=args.seed).batch(16)
-    augment = augmenter(args.augment, args.seed)
+    augment = build_augmenter(args.augment, args.seed)
     if augment is not None:
-        data = data.map(lambda a, b: (augment(a, training=True), b))
-    if args.augment == "d4":
-        data = data.map(lambda a, b: (tf.image.rot90(a, tf.random.uniform([], 0, 4, tf.int32)), b))
+        data = data.map(lambda a, b: (augment(a), b))
     if outputs:
         def targets(a, b):  # noqa: ANN001, ANN202
             wanted = {"caps_length": b, "ncp_probs": b, "reconstruction": a}
