@@ -42,6 +42,14 @@ class Backend(Protocol):
         ...
 
 
+def is_readable_file(path: Path) -> bool:
+    """A regular file this process may open; ``False`` also when the path cannot be examined."""
+    try:
+        return path.is_file() and os.access(path, os.R_OK)
+    except OSError:  # a name too long, a folder we may not search
+        return False
+
+
 def quantize(values: np.ndarray, scale: float, zero_point: int, dtype: np.dtype) -> np.ndarray:
     """Float to integer with the tensor's affine parameters (round half to even, then clip)."""
     info = np.iinfo(dtype)
@@ -301,8 +309,8 @@ def open_backend(model_path: str | Path, backend: str = "auto", threads: int | N
         ModelError: the file is missing or no backend reads its kind.
     """
     path = Path(model_path)
-    if not path.is_file():
-        raise ModelError(f"model file not found: {path}")
+    if not is_readable_file(path):
+        raise ModelError(f"model file not found or not readable: {path}")
     backend = ALIASES.get(backend, backend)
     if backend == "auto" and path.suffix.lower() == ".tflite" and is_edgetpu_compiled(path):
         backend = "edgetpu"

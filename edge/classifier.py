@@ -16,6 +16,7 @@ from .metadata import ModelMetadata, read_metadata
 from .preprocess import ImageSource, preprocess
 
 DEFAULT_MODEL_NAME = "default.tflite"
+MAX_THREADS = 64
 
 
 def default_model_path() -> Path:
@@ -97,8 +98,8 @@ class Classifier:
             RuntimeMissingError: the runtime for this model is not installed.
         """
         model_path = Path(path) if path is not None else default_model_path()
-        if not model_path.is_file():
-            raise ModelError(f"model file not found: {model_path}")
+        if threads is not None and (not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS):
+            raise ValueError(f"threads must be an integer from 1 to {MAX_THREADS}, got {threads!r}")
         runtime = open_backend(model_path, backend, threads)
         classifier = cls(runtime, read_metadata(model_path), model_path)
         if warm_up:

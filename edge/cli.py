@@ -71,7 +71,7 @@ def main() -> None:
 @click.option("--image", type=click.Path(path_type=Path), default=None,
               help="Input image. Default: a generated picture.")
 @click.option("--backend", "backends", default="auto", show_default=True,
-              help="Comma-separated backends to compare (auto: from the model file).")
+              help="Comma-separated: auto (from the model file), litert, onnxruntime, edgetpu.")
 @click.option("--threads", "thread_counts", default="1", show_default=True,
               help="Comma-separated thread counts, e.g. 1,2,4.")
 @click.option("--runs", type=click.IntRange(1), default=200, show_default=True, help="Timed inferences.")
@@ -85,15 +85,21 @@ def bench(model_path: Path | None, image: Path | None, backends: str, thread_cou
     try:
         threads = [int(t) for t in thread_counts.split(",") if t.strip()]
     except ValueError:
-        fail(f"--threads must be comma-separated integers, got {thread_counts!r}")
+        threads = []
+    if not threads or not all(1 <= t <= 64 for t in threads):
+        fail(f"--threads must be comma-separated integers from 1 to 64, got {thread_counts!r}")
+        sys.exit(EXIT_FAILED)
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    if not names:
+        fail(f"--backend must name at least one backend, got {backends!r}")
         sys.exit(EXIT_FAILED)
     header = f"{'backend':8s} {'threads':>7s} {'load ms':>8s} {'prep ms':>8s} {'median ms':>9s} " \
-             f"{'p90 ms':>7s} {'p99 ms':>7s} {'per s':>8s} {'peak MB':>8s}"
+             f"{'p90 ms':>7s} {'p99 ms':>7s} {'per s':>8s} {'peak MiB':>8s}"
     if not as_json:
         click.echo(f"# {machine_summary()}; {runs} runs after {warmup} warm-up")
         click.echo(header)
     failed = False
-    for backend in [b.strip() for b in backends.split(",") if b.strip()]:
+    for backend in names:
         for count in threads:
             try:
                 result = benchmark(model_path, image, backend=backend, threads=count, runs=runs,
@@ -125,7 +131,11 @@ def expand_inputs(paths: tuple[str, ...]) -> list[str]:
     files: list[str] = []
     for given in paths:
         folder = Path(given)
-        if not folder.is_dir():
+        try:
+            is_folder = bool(given) and folder.is_dir()
+        except OSError:  # a name too long, a folder we may not search: classify reports it
+            is_folder = False
+        if not is_folder:
             files.append(given)
             continue
         for path in sorted(folder.rglob("*")):
@@ -136,7 +146,7 @@ def expand_inputs(paths: tuple[str, ...]) -> list[str]:
 
 
 @main.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=str, readable=False))
 @click.option(
     "--model",
     "model_path",
@@ -192,7 +202,7 @@ def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, ba
         try:
             write_csv(csv_path, rows, classifier.labels)
         except OSError as exc:
-            fail(f"cannot write {csv_path} ({exc.strerror or exc})")
+            fail(f"cannot write {csv_path} ({exc.strerror or type(exc).__name__})")
             sys.exit(EXIT_FAILED)
     if failed:
         if len(files) > 1:
@@ -202,7 +212,8 @@ def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, ba
 
 def write_csv(path: Path, rows: list[dict[str, object]], labels: tuple[str, ...]) -> None:
     """One row per image: path, label, one probability column per class, latency, error."""
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    # surrogateescape: file names that are not valid UTF-8 are written back byte for byte.
+    with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", *(f"p_{label}" for label in labels), "latency_ms", "error"])
         for row in rows:

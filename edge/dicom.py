@@ -19,6 +19,9 @@ from PIL import Image
 
 from .errors import ImageError, missing_extra
 
+#: Same limit as for other images (decompression bombs); checked before decoding.
+MAX_PIXELS = 64_000_000
+
 #: The 128-byte preamble is followed by this marker in a DICOM Part 10 file.
 DICOM_MAGIC = b"DICM"
 
@@ -66,7 +69,13 @@ def _read_dicom(data: bytes | Path) -> Image.Image:
         raise ImageError(f"not a readable DICOM file ({type(exc).__name__})") from None
     if "PixelData" not in dataset:
         raise ImageError("DICOM file has no image (no pixel data)")
-    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+    try:
+        frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ImageError(f"invalid DICOM image header ({type(exc).__name__})") from None
+    if rows * columns > MAX_PIXELS:
+        raise ImageError(f"image too large ({columns}x{rows} pixels, limit {MAX_PIXELS:,})")
     if frames > 1:
         raise ImageError(f"multi-frame DICOM ({frames} frames) is not supported; export one frame")
     syntax = dataset.file_meta.get("TransferSyntaxUID") if hasattr(dataset, "file_meta") else None
@@ -88,9 +97,12 @@ def _read_dicom(data: bytes | Path) -> Image.Image:
         return Image.fromarray(grey, mode="F")
     if pixels.ndim != 2:
         raise ImageError(f"unsupported DICOM pixel layout {pixels.shape}")
-    values = apply_modality_lut(pixels, dataset)
-    values = apply_voi_lut(values, dataset, index=0)
-    values = np.asarray(values, dtype=np.float32)
+    try:
+        values = apply_modality_lut(pixels, dataset)
+        values = apply_voi_lut(values, dataset, index=0)
+        values = np.asarray(values, dtype=np.float32)
+    except Exception as exc:  # noqa: BLE001 - bad LUT/window values; never quote them (patient data)
+        raise ImageError(f"invalid DICOM rescale, LUT or window values ({type(exc).__name__})") from None
     if photometric == "MONOCHROME1":
         values = values.max() - values
     return Image.fromarray(np.nan_to_num(values), mode="F")

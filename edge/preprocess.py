@@ -108,18 +108,20 @@ def open_image(source: ImageSource) -> Image.Image:
         data = bytes(source)
     else:
         path = Path(source)
-        if not path.exists():
-            raise ImageError("no such file")
-        if path.is_dir():
-            raise ImageError("is a directory, not an image")
+        if not str(source):
+            raise ImageError("empty path")
         try:
+            if not path.exists():
+                raise ImageError("no such file")
+            if path.is_dir():
+                raise ImageError("is a directory, not an image")
             if path.stat().st_size == 0:
                 raise ImageError("empty file")
             data = path.read_bytes()
-        except PermissionError as exc:
-            raise ImageError("permission denied") from exc
+        except PermissionError:
+            raise ImageError("permission denied") from None
         except OSError as exc:
-            raise ImageError(f"cannot read file ({exc.strerror or exc})") from exc
+            raise ImageError(f"cannot read file ({exc.strerror or type(exc).__name__})") from None
         name = path.name
     if looks_like_dicom(data[:132], name):
         return read_dicom(data)

@@ -37,3 +37,6 @@ def test_bench_command_table_and_errors() -> None:
     assert bad.exit_code == 1 and "unknown backend 'nope'" in bad.stderr
     bad = CliRunner().invoke(main, ["bench", "--threads", "one"])
     assert bad.exit_code == 1 and "comma-separated integers" in bad.stderr
+    for threads in ("0", "100000", ","):
+        bad = CliRunner().invoke(main, ["bench", "--threads", threads])
+        assert bad.exit_code == 1 and "from 1 to 64" in bad.stderr

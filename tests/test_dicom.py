@@ -113,3 +113,20 @@ def test_patient_data_never_printed(tmp_path: Path) -> None:
         assert result.exit_code == 1
         assert "Secret" not in result.stdout + result.stderr
         assert "ID-12345" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "header",
+    [{"WindowCenter": 100, "WindowWidth": 0}, {"RescaleSlope": "abc"}, {"NumberOfFrames": "x"}],
+)
+def test_bad_header_values_are_image_errors_and_the_batch_goes_on(tmp_path: Path, header: dict) -> None:
+    bad = tmp_path / "bad.dcm"
+    try:
+        write_dicom(bad, twelve_bit(), **header)
+    except Exception:  # noqa: BLE001 - pydicom may refuse to write some of them
+        pytest.skip(f"pydicom cannot write {header}")
+    good = write_dicom(tmp_path / "good.dcm", twelve_bit())
+    result = CliRunner().invoke(main, ["classify", str(bad), str(good)])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output and "good.dcm: " in result.stdout
+    assert result.stderr.startswith(f"capsedge: error: {bad}: ")
