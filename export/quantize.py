@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from capsedge import __version__
+from capsedge.backends import is_readable_file
 from capsedge.errors import CapsedgeError, ImageError, ModelError, missing_extra
 from capsedge.export.formats import FORMATS, ExportFormat, check_requirements, parse_formats
 from capsedge.export.quantization import Quantization
@@ -46,12 +47,16 @@ def load_run(path: str | Path) -> TrainedRun:
         ModelError: the folder or model is missing or incomplete.
     """
     path = Path(path)
-    run_dir = path if path.is_dir() else path.parent
-    model_file = run_dir / "classifier.keras" if path.is_dir() else path
+    try:
+        is_folder = path.is_dir()
+    except OSError:
+        is_folder = False
+    run_dir = path if is_folder else path.parent
+    model_file = run_dir / "classifier.keras" if is_folder else path
     config_file = run_dir / "config.json"
-    if not model_file.is_file():
+    if not is_readable_file(model_file):
         raise ModelError(f"no trained model at {model_file}")
-    if not config_file.is_file():
+    if not is_readable_file(config_file):
         raise ModelError(f"no config.json beside {model_file.name} in {run_dir}")
     try:
         import keras
@@ -59,9 +64,14 @@ def load_run(path: str | Path) -> TrainedRun:
         import capsedge.models  # noqa: F401 - registers the custom layers for loading
     except ImportError as exc:
         raise missing_extra(exc.name or "tensorflow", "export") from None
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    metrics_file = run_dir / "metrics.json"
-    metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        metrics_file = run_dir / "metrics.json"
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
+        labels = tuple(str(label) for label in config["classes"])
+        preprocessing = Preprocessing.from_dict(config["preprocessing"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{run_dir} is not a complete run ({type(exc).__name__}: {exc})") from None
     try:
         classifier = keras.models.load_model(model_file, compile=False)
     except Exception as exc:  # noqa: BLE001 - Keras raises many kinds for a bad file
@@ -76,8 +86,8 @@ def load_run(path: str | Path) -> TrainedRun:
     return TrainedRun(
         classifier=classifier,
         name=config.get("model", {}).get("name", "unknown"),
-        labels=tuple(config["classes"]),
-        preprocessing=Preprocessing.from_dict(config["preprocessing"]),
+        labels=labels,
+        preprocessing=preprocessing,
         provenance=provenance,
     )
 
@@ -266,6 +276,10 @@ def _cli() -> Any:
                                                     version=version)
         except CapsedgeError as exc:
             click.echo(f"capsedge: error: {exc}", err=True)
+            raise SystemExit(1) from None
+        except OSError as exc:
+            click.echo(f"capsedge: error: {exc.filename or out_dir}: {exc.strerror or type(exc).__name__}",
+                       err=True)
             raise SystemExit(1) from None
         for name, path in written.items():
             click.echo(f"{name}: {path} ({path.stat().st_size / 1024:.1f} KiB)")

@@ -361,7 +361,7 @@ def measure(fmt: ExportFormat, path: Path, reference: np.ndarray, evaluation: Ev
     }
     try:
         probabilities, latencies = run_timed(open_backend(path, threads=1), evaluation.images)
-    except (RuntimeError, ValueError) as exc:  # a kernel that fails on some input (e.g. int8 DIV by 0)
+    except (RuntimeError, ValueError, CapsedgeError) as exc:  # a kernel failing on some input
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return ArtifactReport(**common, accuracy=None, agreement=None, max_abs_diff=None,
                               latency_ms_median=None, error=reason)

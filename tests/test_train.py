@@ -61,6 +61,10 @@ def test_cross_validation_summary_and_skips_finished_folds(tiny_data: Path, tmp_
     again = cross_validate(tiny_data, tmp_path / "cv", FAST, folds=2, resume=True, progress=False)
     assert again["per_fold"] == summary["per_fold"]
     assert (tmp_path / "cv" / "fold-0" / "classifier.keras").stat().st_mtime_ns == written
+    with pytest.raises(ValueError, match="already holds a cross-validation"):
+        cross_validate(tiny_data, tmp_path / "cv", FAST, folds=2, progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        cross_validate(tiny_data, tmp_path / "cv", FAST, folds=3, resume=True, progress=False)
 
 
 def test_train_command_refuses_unusable_data(tmp_path: Path) -> None:

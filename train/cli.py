@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from capsedge.errors import CapsedgeError
+from capsedge.errors import CapsedgeError, missing_extra
 
 
 @click.command(name="train", context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,9 +16,10 @@ from capsedge.errors import CapsedgeError
               help="Run folder: config, history, metrics, classifier.keras.")
 @click.option("--model", default="effcaps_ncp_implant_128", show_default=True,
               help="Model configuration name.")
-@click.option("--epochs", type=click.IntRange(1), default=60, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--lr", "learning_rate", type=float, default=2e-3, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=60, show_default=True, help="Passes over the data.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Images per step.")
+@click.option("--lr", "learning_rate", type=float, default=2e-3, show_default=True,
+              help="Initial Adam learning rate (cosine decay to 1 %).")
 @click.option("--beta", type=click.FloatRange(0, 1, max_open=True), default=0.999,
               show_default=True, help="Class-balanced loss beta (0: no reweighting).")
 @click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.2,
@@ -28,7 +29,7 @@ from capsedge.errors import CapsedgeError
 @click.option("--augment", type=click.Choice(["d4", "full", "none"]), default="d4", show_default=True,
               help="d4: flips and quarter turns (+ small rotation, zoom); full: any rotation, shifts, "
               "contrast; none.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Makes a run repeatable.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int, learning_rate: float,
             beta: float, holdout: float, folds: int | None, augment: str, seed: int, resume: bool) -> None:
@@ -47,8 +48,15 @@ def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int,
             click.echo(f"summary written to {Path(run_dir) / 'cv_summary.json'}")
             return
         result = train(data, run_dir, config, resume=resume)
+    except ImportError as exc:
+        click.echo(f"capsedge: error: {missing_extra(exc.name or 'tensorflow', 'train')}", err=True)
+        raise SystemExit(1) from None
     except (CapsedgeError, ValueError) as exc:
         click.echo(f"capsedge: error: {exc}", err=True)
+        raise SystemExit(1) from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        click.echo(f"capsedge: error: {exc.filename or run_dir}: {reason}", err=True)
         raise SystemExit(1) from None
     held = result.metrics.get("holdout")
     if held:

@@ -280,20 +280,32 @@ def cross_validate(
 ) -> dict[str, Any]:
     """Stratified K-fold cross-validation; each fold is a run in ``run_dir/fold-K``.
 
-    A fold whose run is complete is not trained again, so ``resume`` picks up
-    where an interrupted cross-validation stopped. Writes ``cv_summary.json``
+    With ``resume``, a fold whose run is complete is not trained again, so an
+    interrupted cross-validation picks up where it stopped (with the same
+    settings: they are checked). Without it, ``run_dir`` must not hold folds. Writes ``cv_summary.json``
     (mean and standard deviation of accuracy and macro-F1, per-fold figures,
     pooled per-class report and confusion matrix) and ``confusion.png``.
     """
     config = config or TrainConfig()
     dataset, _, preprocessing = _prepare(data, config)
     run_dir = Path(run_dir)
+    settings = {"train": asdict(config), "folds": folds, "images": len(dataset.paths)}
+    settings_file = run_dir / "cv_settings.json"
+    if resume:
+        if not settings_file.is_file():
+            raise ValueError(f"nothing to resume in {run_dir} (no cv_settings.json)")
+        if json.loads(settings_file.read_text()) != settings:
+            raise ValueError(f"{run_dir} holds a cross-validation with other settings; choose another --out")
+    elif run_dir.is_dir() and any(run_dir.glob("fold-*")):
+        raise ValueError(f"{run_dir} already holds a cross-validation: pass --resume or another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(settings_file, settings)
     images = load_images(dataset, preprocessing)
     targets = dataset.targets
     pooled_true, pooled_pred, per_fold = [], [], []
     for k, (train_idx, val_idx) in enumerate(stratified_folds(targets, folds, config.seed)):
         fold_dir = run_dir / f"fold-{k}"
-        done = (fold_dir / "metrics.json").is_file() and not (fold_dir / "backup").is_dir()
+        done = resume and (fold_dir / "metrics.json").is_file() and not (fold_dir / "backup").is_dir()
         if not done:
             if progress:
                 print(f"fold {k + 1}/{folds}: {len(train_idx)} training, {len(val_idx)} validation images")
