@@ -38,7 +38,7 @@ EDGETPU_OPS: dict[str, str] = {
     "FULLY_CONNECTED": "default weight format only",
     "L2_NORMALIZATION": "",
     "LOGISTIC": "",
-    "LSTM": "unidirectional",
+    "UNIDIRECTIONAL_SEQUENCE_LSTM": "unidirectional only",
     "MAXIMUM": "",
     "MAX_POOL_2D": "no fused activation",
     "MEAN": "reduction along x and/or y only",
@@ -76,7 +76,7 @@ WHY_NOT: dict[str, str] = {
     "BATCH_MATMUL": "no Edge TPU kernel for a product of two activation tensors",
     "DEQUANTIZE": "converts back to float: the op after it runs in float on the CPU",
     "DIV": "no division on the Edge TPU",
-    "EXP": "no exponential on the Edge TPU (SOFTMAX is the only one)",
+    "EXP": "no EXP kernel (only SOFTMAX, LOGISTIC and TANH exponentiate internally)",
     "NEG": "not in the Edge TPU op set",
     "SQRT": "not in the Edge TPU op set (RSQRT is)",
     "SQUARE": "not in the Edge TPU op set (SQUARED_DIFFERENCE and MUL are)",
@@ -190,7 +190,7 @@ def _from_compiler_log(log: Path) -> EdgeTpuMapping:
     on_cpu = number(r"Number of operations that will run on CPU:\s*(\d+)")
     summary = "\n".join(line for line in text.splitlines() if line.startswith(("Number of", "Model")))
     return EdgeTpuMapping(COMPILER, on_tpu + on_cpu, on_tpu, on_cpu,
-                          compiled=str(compiled_path(log.with_suffix(".tflite"))), log=summary)
+                          compiled=str(log.with_suffix(".tflite")), log=summary)
 
 
 def predict_mapping(path: str | Path) -> EdgeTpuMapping:
@@ -229,8 +229,11 @@ def _unsupported_reason(op: dict[str, Any], tensors: dict[int, dict[str, Any]]) 
     if name not in EDGETPU_OPS:
         return WHY_NOT.get(name, "not in the Edge TPU op set")
     activations = [tensors[i] for i in (*op["inputs"], *op["outputs"]) if i in tensors]
-    if name != "QUANTIZE" and any(t["dtype"] == np.float32 for t in activations):
+    if any(t["dtype"] == np.float32 for t in activations):
+        # A float-to-int8 QUANTIZE included: only int8 <-> uint8 requantization maps.
         return "runs in float32 (the converter left it unquantized)"
-    if any(sum(d > 1 for d in t["shape"]) > 3 for t in activations):
-        return "a tensor has more than three dimensions larger than 1"
+    if any(t["dtype"] not in (np.int8, np.uint8) for t in activations):
+        return "activations are neither int8 nor uint8"
+    if any(any(d > 1 for d in t["shape"][:-3]) for t in activations):
+        return "only the three innermost dimensions may be larger than 1"
     return None
