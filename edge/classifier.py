@@ -122,6 +122,8 @@ class Classifier:
 
         Raises:
             ImageError: the image cannot be read or decoded.
+            ModelError: the runtime failed on this input.
+            RuntimeMissingError: a DICOM file and no ``pydicom``.
         """
         start = time.perf_counter()
         tensor = preprocess(image, self.metadata.preprocessing)

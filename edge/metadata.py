@@ -75,6 +75,8 @@ class ModelMetadata:
                 f"metadata format version {data.get('format_version')!r} is not supported "
                 f"(this capsedge reads version {FORMAT_VERSION})"
             )
+        if not isinstance(data.get("labels"), list):
+            raise ModelError(f"invalid model metadata: labels must be a list, got {data.get('labels')!r}")
         try:
             return cls(
                 name=str(data["name"]),

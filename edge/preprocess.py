@@ -31,7 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .dicom import looks_like_dicom, read_dicom
 from .errors import ImageError
 
-ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
 #: Images with more pixels than this are refused (decompression bombs).
 MAX_PIXELS = 64_000_000
@@ -142,9 +142,12 @@ def open_image(source: ImageSource) -> Image.Image:
 def _array_to_image(array: np.ndarray) -> Image.Image:
     if array.size == 0:
         raise ImageError("empty array")
-    if array.ndim == 3 and array.shape[-1] in (1, 3, 4):
-        array = array[..., 0] if array.shape[-1] == 1 else array
-    if array.ndim == 3:
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+            or array.dtype == np.bool_):
+        raise ImageError(f"an image array must hold integers or floats, got dtype {array.dtype}")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
         grey = array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
         if array.shape[-1] == 4:
             alpha = array[..., 3].astype(np.float32)
@@ -228,5 +231,6 @@ def preprocess(source: ImageSource, config: Preprocessing) -> np.ndarray:
 
     Raises:
         ImageError: the image cannot be read or decoded.
+        RuntimeMissingError: a DICOM file and no ``pydicom``.
     """
     return to_model_input(load_grey(source, config.input_size), config)

@@ -76,3 +76,10 @@ def test_invalid_sidecar_is_a_model_error(tmp_path: Path, text: str, message: st
 def test_labels_must_be_distinct() -> None:
     with pytest.raises(ValueError, match="distinct"):
         ModelMetadata("x", "1", ("a", "a"), Preprocessing())
+
+
+def test_labels_must_be_a_list() -> None:
+    data = json.loads(METADATA.to_json())
+    data["labels"] = "CDTZ"
+    with pytest.raises(ModelError, match="labels must be a list"):
+        ModelMetadata.from_dict(data)

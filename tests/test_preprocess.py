@@ -202,3 +202,10 @@ def test_animated_gif_uses_the_first_frame() -> None:
     animated = preprocess(buffer.getvalue(), CONFIG)
     assert np.abs(animated - preprocess(first, CONFIG)).mean() < 0.01
     assert np.abs(animated - preprocess(second, CONFIG)).mean() > 0.1
+
+
+@pytest.mark.parametrize("array", [np.zeros((4, 4, 2)), np.array([["a", "b"]]), np.zeros((2, 2), complex),
+                                   np.zeros((2, 2, 2, 2))])
+def test_unusable_arrays_are_image_errors(array: np.ndarray) -> None:
+    with pytest.raises(ImageError, match="image array"):
+        preprocess(array, CONFIG)
