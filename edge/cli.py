@@ -119,15 +119,14 @@ def bench(model_path: Path | None, image: Path | None, backends: str, thread_cou
         sys.exit(EXIT_FAILED)
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm", ".dicom"}
-
-
 def expand_inputs(paths: tuple[str, ...]) -> list[str]:
     """Files as given; a directory becomes its images (recursively, sorted).
 
     Inside a directory, files with an image suffix and files with no suffix
     (DICOM exports often have none) are taken; hidden files are skipped.
     """
+    from .preprocess import image_files
+
     files: list[str] = []
     for given in paths:
         folder = Path(given)
@@ -138,10 +137,7 @@ def expand_inputs(paths: tuple[str, ...]) -> list[str]:
         if not is_folder:
             files.append(given)
             continue
-        for path in sorted(folder.rglob("*")):
-            hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-            if path.is_file() and not hidden and (path.suffix.lower() in IMAGE_SUFFIXES or not path.suffix):
-                files.append(str(path))
+        files.extend(str(path) for path in image_files(folder, allow_no_suffix=True))
     return files
 
 

@@ -33,6 +33,11 @@ from .errors import ImageError
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
+#: File name suffixes taken as images when a folder is read (by classify, training, export).
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm", ".dicom"}
+)
+
 #: Images with more pixels than this are refused (decompression bombs).
 MAX_PIXELS = 64_000_000
 
@@ -89,6 +94,27 @@ class Preprocessing:
     def input_shape(self) -> tuple[int, int, int]:
         """Shape of one preprocessed image, ``(H, W, C)``."""
         return (self.input_size, self.input_size, self.channels)
+
+
+def is_image_file(path: Path, *, allow_no_suffix: bool = False) -> bool:
+    """Whether a folder entry is taken as an image: a known suffix (or, if allowed, none, as
+    DICOM exports often have), not hidden, a regular file."""
+    if path.name.startswith("."):
+        return False
+    named = path.suffix.lower() in IMAGE_SUFFIXES or (allow_no_suffix and not path.suffix)
+    return named and path.is_file()
+
+
+def image_files(folder: str | Path, *, allow_no_suffix: bool = False) -> list[Path]:
+    """The images under ``folder``, at any depth, sorted; hidden files and folders are skipped."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    return sorted(
+        path for path in root.rglob("*")
+        if not any(part.startswith(".") for part in path.relative_to(root).parts[:-1])
+        and is_image_file(path, allow_no_suffix=allow_no_suffix)
+    )
 
 
 def open_image(source: ImageSource) -> Image.Image:

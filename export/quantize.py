@@ -23,7 +23,7 @@ from capsedge.errors import CapsedgeError, ImageError, ModelError, missing_extra
 from capsedge.export.formats import FORMATS, ExportFormat, check_requirements, parse_formats
 from capsedge.export.quantization import Quantization
 from capsedge.metadata import ModelMetadata
-from capsedge.preprocess import Preprocessing, preprocess
+from capsedge.preprocess import Preprocessing, image_files, preprocess
 
 __all__ = ["FORMATS", "TrainedRun", "calibration_images", "command", "export", "export_and_verify",
            "export_run", "load_run"]
@@ -118,8 +118,6 @@ def calibration_images(
 
 
 def _calibration_files(source: str | Path) -> list[Path]:
-    from capsedge.export.verify import image_files
-
     folder = Path(source)
     if not folder.is_dir():
         raise CapsedgeError(f"calibration folder not found: {folder}")
@@ -229,7 +227,7 @@ def export_and_verify(
     evaluation = evaluation if evaluation is not None else calibration
     if evaluation is None:
         raise CapsedgeError("verification needs images: pass --eval DIR (or --calib DIR), or --no-verify")
-    if not verify.image_files(evaluation):
+    if not image_files(evaluation):
         raise CapsedgeError(f"no evaluation images found in {evaluation}")
     run = load_run(model)
     eval_set = verify.load_evaluation_set(evaluation, run.preprocessing, run.labels, eval_limit)

@@ -23,9 +23,7 @@ from capsedge.backends import Backend, native_stderr_silenced, open_backend
 from capsedge.errors import CapsedgeError, ImageError
 from capsedge.export.formats import FORMATS, ExportFormat
 from capsedge.metadata import read_metadata
-from capsedge.preprocess import Preprocessing, preprocess
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+from capsedge.preprocess import Preprocessing, image_files, preprocess
 
 #: Operations no artifact may contain: loops and control flow, and TensorFlow ops
 #: that need the Flex (select-TF) delegate or a custom kernel.
@@ -67,17 +65,6 @@ class EvaluationSet:
     def labelled(self) -> int:
         """How many images have a known label."""
         return int(np.sum(self.targets >= 0))
-
-
-def image_files(folder: str | Path) -> list[Path]:
-    """The image files under ``folder`` (any depth), sorted."""
-    root = Path(folder)
-    if not root.is_dir():
-        return []
-    return sorted(
-        p for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
 
 
 def label_of(path: Path, labels: tuple[str, ...]) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from capsedge.errors import CapsedgeError
-from capsedge.preprocess import Preprocessing, preprocess
+from capsedge.preprocess import IMAGE_SUFFIXES, Preprocessing, is_image_file, preprocess
 
 UCI_SHOULDER_IMPLANTS = (
     "Shoulder Implant X-Ray Manufacturer Classification, UCI Machine Learning Repository, "
@@ -22,7 +22,6 @@ UCI_SHOULDER_IMPLANTS = (
 )
 IMPLANT_MAKERS = ("Cofield", "Depuy", "Tornier", "Zimmer")
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 
 
 class DatasetError(CapsedgeError):
@@ -72,10 +71,6 @@ class Dataset:
         )
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
-
-
 def read_dataset(source: str | Path) -> Dataset:
     """Find the images and labels under ``source``.
 
@@ -100,12 +95,12 @@ def read_dataset(source: str | Path) -> Dataset:
     else:
         subfolders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         foldered = [
-            (f, folder.name) for folder in subfolders for f in sorted(folder.iterdir()) if _is_image(f)
+            (f, folder.name) for folder in subfolders for f in sorted(folder.iterdir()) if is_image_file(f)
         ]
         if foldered:
             pairs, layout = foldered, "folders"
         else:
-            pairs = [(f, f.name.split(".")[0]) for f in sorted(root.iterdir()) if _is_image(f)]
+            pairs = [(f, f.name.split(".")[0]) for f in sorted(root.iterdir()) if is_image_file(f)]
             layout = "flat"
     if not pairs:
         raise DatasetError(f"no images found in {root} ({', '.join(sorted(IMAGE_SUFFIXES))})")
