@@ -104,7 +104,8 @@ def native_stderr_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -134,7 +135,7 @@ class LiteRTBackend:
                 )
                 self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             raise ModelError(f"not a valid TFLite model ({reason})") from None
         inputs = self._interpreter.get_input_details()
         outputs = self._interpreter.get_output_details()
@@ -168,7 +169,7 @@ class LiteRTBackend:
         try:
             self._interpreter.invoke()
         except (RuntimeError, ValueError) as exc:
-            raise ModelError(f"inference failed ({_first_line(exc)})") from None
+            raise ModelError(f"inference failed ({first_line(exc)})") from None
         result = self._interpreter.get_tensor(self._output["index"])
         if np.issubdtype(result.dtype, np.integer):
             scale, zero_point = self._output["quantization"]
@@ -216,7 +217,7 @@ class OnnxBackend:
                 self._session = ort.InferenceSession(str(model_path), sess_options=options,
                                                      providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's pybind errors share no base class
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             raise ModelError(f"not a valid ONNX model ({reason})") from None
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
@@ -249,7 +250,7 @@ class OnnxBackend:
         try:
             (result,) = self._session.run([self._output.name], feed)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise ModelError(f"inference failed ({_first_line(exc)})") from None
+            raise ModelError(f"inference failed ({first_line(exc)})") from None
         return np.asarray(result).reshape(-1).astype(np.float32, copy=False)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from capsedge.backends import Backend, native_stderr_silenced, open_backend
+from capsedge.backends import Backend, first_line, native_stderr_silenced, open_backend
 from capsedge.errors import CapsedgeError, ImageError
 from capsedge.export.formats import FORMATS, ExportFormat
 from capsedge.metadata import read_metadata
@@ -349,7 +349,7 @@ def measure(fmt: ExportFormat, path: Path, reference: np.ndarray, evaluation: Ev
     try:
         probabilities, latencies = run_timed(open_backend(path, threads=1), evaluation.images)
     except (RuntimeError, ValueError, CapsedgeError) as exc:  # a kernel failing on some input
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         return ArtifactReport(**common, accuracy=None, agreement=None, max_abs_diff=None,
                               latency_ms_median=None, error=reason)
     return ArtifactReport(
