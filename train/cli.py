@@ -18,9 +18,9 @@ from capsedge.errors import CapsedgeError, missing_extra
               help="Model configuration name.")
 @click.option("--epochs", type=click.IntRange(1), default=60, show_default=True, help="Passes over the data.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Images per step.")
-@click.option("--lr", "learning_rate", type=float, default=2e-3, show_default=True,
+@click.option("--lr", "learning_rate", type=float, default=1e-3, show_default=True,
               help="Initial Adam learning rate (cosine decay to 1 %).")
-@click.option("--beta", type=click.FloatRange(0, 1, max_open=True), default=0.999,
+@click.option("--beta", type=click.FloatRange(0, 1, max_open=True), default=0.99,
               show_default=True, help="Class-balanced loss beta (0: no reweighting).")
 @click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.2,
               show_default=True, help="Fraction of each class held out for evaluation.")

@@ -45,8 +45,8 @@ class TrainConfig:
     model: str = "effcaps_ncp_implant_128"
     epochs: int = 60
     batch_size: int = 16
-    learning_rate: float = 2e-3
-    beta: float = 0.999
+    learning_rate: float = 1e-3
+    beta: float = 0.99
     reconstruction_weight: float = 0.5
     ncp_weight: float = 1.0
     holdout: float = 0.2
