@@ -26,9 +26,15 @@ MAX_PIXELS = 64_000_000
 DICOM_MAGIC = b"DICM"
 
 
+#: Leading bytes of formats Pillow reads, so that a PNG or JPEG named ``.dcm`` is not forced through pydicom.
+_OTHER_FORMATS = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+
+
 def looks_like_dicom(header: bytes, name: str = "") -> bool:
-    """A DICOM file by its marker at byte 128, or a ``.dcm`` name."""
-    return header[128:132] == DICOM_MAGIC or name.lower().endswith((".dcm", ".dicom"))
+    """A DICOM file by its marker at byte 128, or a ``.dcm`` name on data no other format claims."""
+    if header[128:132] == DICOM_MAGIC:
+        return True
+    return name.lower().endswith((".dcm", ".dicom")) and not header.startswith(_OTHER_FORMATS)
 
 
 def read_dicom(data: bytes | Path) -> Image.Image:

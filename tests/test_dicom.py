@@ -130,3 +130,11 @@ def test_bad_header_values_are_image_errors_and_the_batch_goes_on(tmp_path: Path
     assert result.exit_code == 1
     assert "Traceback" not in result.output and "good.dcm: " in result.stdout
     assert result.stderr.startswith(f"capsedge: error: {bad}: ")
+
+
+def test_a_png_named_dcm_is_read_as_a_png(tmp_path: Path) -> None:
+    from PIL import Image
+
+    path = tmp_path / "mislabelled.dcm"
+    Image.fromarray(synthetic_xray()).save(path, format="PNG")
+    np.testing.assert_allclose(preprocess(path, CONFIG), preprocess(synthetic_xray(), CONFIG), atol=1e-6)
