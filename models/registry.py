@@ -33,6 +33,15 @@ _EFFCAPS_IMPLANT = ModelConfig(
     description="Efficient-CapsNet for 128x128 greyscale implant X-rays, 4 manufacturers",
 )
 
+# 192 -> 96 -> 48 -> 24 -> 12: the same stem at 1.5x the resolution (fins, holes: few pixels at 128).
+_EFFCAPS_IMPLANT_192 = dataclasses.replace(
+    _EFFCAPS_IMPLANT,
+    name="effcaps_implant_192",
+    input_shape=(192, 192, 1),
+    primary_kernel=12,
+    description="Efficient-CapsNet for 192x192 greyscale implant X-rays, 4 manufacturers",
+)
+
 _CONFIGS = (
     ModelConfig(
         name="effcaps_mnist",
@@ -48,6 +57,7 @@ _CONFIGS = (
         description="Efficient-CapsNet, MNIST (Mazzia et al. 2021), 161,824 parameters",
     ),
     _EFFCAPS_IMPLANT,
+    _EFFCAPS_IMPLANT_192,
     dataclasses.replace(
         _EFFCAPS_IMPLANT,
         name="effcaps_ncp_implant_128",
