@@ -46,18 +46,21 @@ class BuiltModel:
 
 
 def _stem(x: Any, cfg: ModelConfig) -> Any:
+    bn_first = cfg.batch_norm and cfg.norm_order == "bn_relu"
     for i, spec in enumerate(cfg.stem, start=1):
         x = keras.layers.Conv2D(
             spec.filters,
             spec.kernel_size,
             strides=spec.strides,
             padding=spec.padding,
-            activation="relu",
+            activation=None if bn_first else "relu",
             kernel_initializer="he_normal",
             name=f"conv{i}",
         )(x)
         if cfg.batch_norm:
             x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+        if bn_first:
+            x = keras.layers.ReLU(name=f"relu{i}")(x)
     return x
 
 

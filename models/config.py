@@ -11,6 +11,7 @@ ROUTINGS = ("self_attention", "dynamic")
 DECODERS = ("dense", "lean")
 SQUASHES = ("efficient", "hinton")
 PADDINGS = ("valid", "same")
+NORM_ORDERS = ("relu_bn", "bn_relu")
 
 
 class ModelConfigError(CapsedgeError, ValueError):
@@ -53,6 +54,10 @@ class ModelConfig:
         class_names: K names in label order.
         stem: convolutions before the primary capsules (ReLU, he_normal).
         batch_norm: BatchNormalization after each stem convolution.
+        norm_order: ``"relu_bn"`` (Efficient-CapsNet's reference code: ReLU, then batch norm) or
+            ``"bn_relu"`` (batch norm folded into the convolution at export, then ReLU; int8
+            quantization keeps per-channel scales, where a batch norm after the ReLU becomes a
+            per-tensor int8 multiply-add that loses the channels with small ranges).
         routing: ``"self_attention"`` (Efficient-CapsNet: depthwise ``PrimaryCaps`` +
             ``FCCaps``) or ``"dynamic"`` (CapsNet: ``PrimaryConvCaps`` + ``DigitCaps``).
         primary_caps: number of primary capsules (self-attention) or of primary capsule
@@ -79,6 +84,7 @@ class ModelConfig:
     stem: tuple[ConvSpec, ...]
     class_names: tuple[str, ...] = ()
     batch_norm: bool = True
+    norm_order: str = "relu_bn"
     routing: str = "self_attention"
     primary_caps: int = 16
     primary_dim: int = 8
@@ -107,6 +113,7 @@ class ModelConfig:
             ("routing", self.routing, ROUTINGS),
             ("squash", self.squash, SQUASHES),
             ("decoder", self.decoder, (*DECODERS, None)),
+            ("norm_order", self.norm_order, NORM_ORDERS),
         ):
             if value not in choices:
                 raise ModelConfigError(f"{name} must be one of {choices}, received {value!r}")

@@ -110,6 +110,17 @@ def test_config_is_frozen_and_replaceable():
     assert cfg.class_names == ("Cofield", "Depuy", "Tornier", "Zimmer")
 
 
+def test_norm_order_places_batch_norm_before_or_after_relu():
+    cfg = get_model_config("effcaps_implant_128")
+    paper = build_model(cfg).classifier
+    assert paper.get_layer("conv1").activation.__name__ == "relu"
+    folded = build_model(dataclasses.replace(cfg, norm_order="bn_relu")).classifier
+    assert folded.get_layer("conv1").activation.__name__ == "linear"
+    names = [layer.name for layer in folded.layers]
+    assert names.index("conv1") < names.index("bn1") < names.index("relu1") < names.index("conv2")
+    assert n_trainable(folded) == n_trainable(paper)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_config_dict_round_trip(name):
     cfg = get_model_config(name)
@@ -126,6 +137,7 @@ def test_config_dict_round_trip(name):
         ({"fusion_weight": 1.5}, "1.5"),
         ({"decoder": "big"}, "'big'"),
         ({"num_classes": 1}, "1"),
+        ({"norm_order": "bn_relu_bn"}, "'bn_relu_bn'"),
     ],
 )
 def test_bad_config_values_are_reported(change, text):
