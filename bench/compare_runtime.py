@@ -34,20 +34,30 @@ DEFAULT_IMAGE = REPO.parent / "shared" / "data" / "shoulder-implants" / "Depuy.5
 DEFAULT_CALIB = REPO.parent / "shared" / "data" / "shoulder-implants"
 
 
-def steady_latency_ms(model: Path, tensor: np.ndarray, threads: int, runs: int) -> float:
-    """Median LiteRT invoke time of a full-int8 model, after 50 warm-up runs."""
+def steady_latency_ms(
+    models: list[Path], tensor: np.ndarray, threads: int, runs: int, rounds: int = 10
+) -> list[float]:
+    """Median LiteRT invoke time of each full-int8 model, interleaved.
+
+    After 50 warm-up runs each, the models take turns in ``rounds`` blocks of
+    ``runs // rounds`` invocations, so that a slow spell of a shared machine falls on
+    all of them alike instead of on whichever model happened to run then.
+    """
     from capsedge.backends import LiteRTBackend
 
-    backend = LiteRTBackend(model, threads=threads)
+    backends = [LiteRTBackend(model, threads=threads) for model in models]
     batch = tensor[np.newaxis]
-    for _ in range(50):
-        backend.run(batch)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        backend.run(batch)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    for backend in backends:
+        for _ in range(50):
+            backend.run(batch)
+    times: list[list[float]] = [[] for _ in backends]
+    for _ in range(rounds):
+        for backend, samples in zip(backends, times, strict=True):
+            for _ in range(max(1, runs // rounds)):
+                start = time.perf_counter()
+                backend.run(batch)
+                samples.append((time.perf_counter() - start) * 1000)
+    return [statistics.median(samples) for samples in times]
 
 
 def process_seconds(command: list[str], runs: int) -> tuple[float, float]:
@@ -88,7 +98,7 @@ def main() -> None:
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
     parser.add_argument("--calib", type=Path, default=DEFAULT_CALIB)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--runs", type=int, default=500)
+    parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--process-runs", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -112,8 +122,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="capsedge-bench-") as folder:
         ours, theirs, size = build_int8_models(args.run, args.calib, Path(folder))
         tensor = preprocess(args.image, Preprocessing(input_size=size))
-        ours_ms = steady_latency_ms(ours, tensor, args.threads, args.runs)
-        theirs_ms = steady_latency_ms(theirs, tensor, args.threads, args.runs)
+        ours_ms, theirs_ms = steady_latency_ms([ours, theirs], tensor, args.threads, args.runs)
         ours_kib, theirs_kib = ours.stat().st_size / 1024, theirs.stat().st_size / 1024
 
     result = {

@@ -26,7 +26,7 @@ from capsedge.metadata import ModelMetadata
 from capsedge.preprocess import Preprocessing, image_files, preprocess
 
 __all__ = ["FORMATS", "TrainedRun", "calibration_images", "command", "export", "export_and_verify",
-           "export_run", "load_run"]
+           "export_run", "load_run", "cross_validation_summary"]
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,16 @@ class TrainedRun:
     provenance: dict[str, Any]
 
 
-def load_run(path: str | Path) -> TrainedRun:
+def load_run(path: str | Path, cross_validation: str | Path | None = None) -> TrainedRun:
     """Load a run folder written by ``capsedge train`` (or its ``classifier.keras``).
+
+    ``cross_validation`` names a ``capsedge train --folds K`` folder whose summary is
+    recorded in the provenance (``cross_validation``); it must have used the same
+    recipe as the run (every training setting but ``holdout``).
 
     Raises:
         ModelError: the folder or model is missing or incomplete.
+        CapsedgeError: the cross-validation folder is unreadable or used another recipe.
     """
     path = Path(path)
     try:
@@ -83,6 +88,8 @@ def load_run(path: str | Path) -> TrainedRun:
         "metrics": {k: v for k, v in metrics.items() if k != "holdout"}
         | ({"holdout": _summary(metrics["holdout"])} if "holdout" in metrics else {}),
     }
+    if cross_validation is not None:
+        provenance["cross_validation"] = cross_validation_summary(cross_validation, config.get("train", {}))
     return TrainedRun(
         classifier=classifier,
         name=config.get("model", {}).get("name", "unknown"),
@@ -90,6 +97,31 @@ def load_run(path: str | Path) -> TrainedRun:
         preprocessing=preprocessing,
         provenance=provenance,
     )
+
+
+def cross_validation_summary(folder: str | Path, recipe: dict[str, Any]) -> dict[str, Any]:
+    """The figures of a cross-validation folder's ``cv_summary.json``, for provenance.
+
+    Raises:
+        CapsedgeError: no readable summary, or its training settings differ from ``recipe``
+            in anything but ``holdout``.
+    """
+    summary_file = Path(folder) / "cv_summary.json"
+    try:
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        settings = dict(summary["train"])
+        figures = {key: summary[key] for key in
+                   ("folds", "accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_f1_std", "per_fold")}
+        pooled = _summary(summary["pooled"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CapsedgeError(f"no readable cross-validation summary at {summary_file} "
+                            f"({type(exc).__name__})") from None
+    differing = sorted(key for key in set(settings) | set(recipe)
+                       if key != "holdout" and settings.get(key) != recipe.get(key))
+    if differing:
+        shown = ", ".join(f"{key} {settings.get(key)!r} vs {recipe.get(key)!r}" for key in differing)
+        raise CapsedgeError(f"{folder} cross-validated another recipe than the model's ({shown})")
+    return {**figures, "pooled": pooled, "train": settings}
 
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -190,8 +222,11 @@ def export(
     formats: Iterable[str] = ("tflite-f32",),
     calibration: str | Path | None = None,
     version: str | None = None,
+    cross_validation: str | Path | None = None,
 ) -> dict[str, Path]:
     """Export a trained run (folder or ``classifier.keras``) to each of ``formats`` in ``out_dir``.
+
+    ``cross_validation``: see :func:`load_run`.
 
     Returns:
         Format name to the file written.
@@ -201,7 +236,7 @@ def export(
             that cannot load.
     """
     chosen = _prepare(formats, calibration, model)
-    return export_run(load_run(model), out_dir, chosen, calibration, version)
+    return export_run(load_run(model, cross_validation), out_dir, chosen, calibration, version)
 
 
 def export_and_verify(
@@ -214,8 +249,11 @@ def export_and_verify(
     eval_limit: int | None = None,
     calibration_limit: int = 200,
     version: str | None = None,
+    cross_validation: str | Path | None = None,
 ) -> tuple[dict[str, Path], Any]:
     """Export, then verify every file on ``evaluation`` (default: the calibration folder).
+
+    ``cross_validation``: see :func:`load_run`.
 
     Returns:
         The files written, and the :class:`~capsedge.export.verify.VerificationReport`
@@ -229,7 +267,7 @@ def export_and_verify(
         raise CapsedgeError("verification needs images: pass --eval DIR (or --calib DIR), or --no-verify")
     if not image_files(evaluation):
         raise CapsedgeError(f"no evaluation images found in {evaluation}")
-    run = load_run(model)
+    run = load_run(model, cross_validation)
     eval_set = verify.load_evaluation_set(evaluation, run.preprocessing, run.labels, eval_limit)
     written = export_run(run, out_dir, chosen, calibration, version, calibration_limit)
     report = verify.verify_exports(run.classifier, written, eval_set, name=run.name, labels=run.labels)
@@ -256,22 +294,25 @@ def _cli() -> Any:
     @click.option("--eval-limit", type=click.IntRange(1), default=None,
                   help="Verify on the first N evaluation images only.")
     @click.option("--version", "version", default=None, help="Model version to record.")
+    @click.option("--cross-validation", "cv_dir", type=click.Path(path_type=Path), default=None,
+                  help="A 'capsedge train --folds K' folder of the same recipe: its figures go "
+                       "into the model's provenance.")
     @click.option("--no-verify", is_flag=True, help="Write the files only; no report.")
     @click.option("--allow-fail", is_flag=True,
                   help="Exit 0 even when a verification check fails (the report still says which).")
     def command(model: Path, out_dir: Path, formats: str, calib: Path | None, calib_limit: int,
-                eval_dir: Path | None, eval_limit: int | None, version: str | None, no_verify: bool,
-                allow_fail: bool) -> None:
+                eval_dir: Path | None, eval_limit: int | None, version: str | None, cv_dir: Path | None,
+                no_verify: bool, allow_fail: bool) -> None:
         """Export a trained model to TFLite / ONNX / Edge TPU files and verify them."""
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         names = [f.strip() for f in formats.split(",") if f.strip()]
         try:
             if no_verify:
-                written, report = export(model, out_dir, names, calib, version), None
+                written, report = export(model, out_dir, names, calib, version, cv_dir), None
             else:
                 written, report = export_and_verify(model, out_dir, names, calib, eval_dir,
                                                     eval_limit=eval_limit, calibration_limit=calib_limit,
-                                                    version=version)
+                                                    version=version, cross_validation=cv_dir)
         except CapsedgeError as exc:
             click.echo(f"capsedge: error: {exc}", err=True)
             raise SystemExit(1) from None

@@ -198,6 +198,24 @@ def run_timed(backend: Backend, images: np.ndarray) -> tuple[np.ndarray, np.ndar
     return np.stack(probabilities), np.asarray(latencies)
 
 
+def constant_bytes(path: str | Path) -> int:
+    """Bytes of a model's stored constants (weights, biases, folded tensors), graph excluded.
+
+    Beside the file size this shows where an int8 file's bytes go: a small network with an
+    unrolled recurrent head is mostly graph (operators, tensors, quantization parameters).
+    """
+    if Path(path).suffix.lower() == ".onnx":
+        import onnx
+        from onnx import numpy_helper
+
+        graph = onnx.load(str(path)).graph
+        return int(sum(numpy_helper.to_array(t).nbytes for t in graph.initializer))
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    return int(sum(len(b.data) for b in model.buffers if b.data is not None))
+
+
 def accuracy(probabilities: np.ndarray, targets: np.ndarray) -> float | None:
     """Top-1 accuracy over the labelled images; ``None`` when none is labelled."""
     known = targets >= 0
@@ -213,6 +231,7 @@ class ArtifactReport:
     format: str
     path: str
     bytes: int
+    constant_bytes: int
     ops: dict[str, int]
     input_shape: list[int]
     forbidden_ops: list[str]
@@ -279,14 +298,16 @@ class VerificationReport:
             f"Latency: median of {evaluation['timed_runs']} single-threaded runs after "
             f"{WARM_UP_RUNS} warm-up runs, inference only.",
             "",
-            "| format | file | size (KiB) | ops | accuracy | agreement | max abs diff | latency (ms) |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| format | file | size (KiB) | constants (KiB) | ops | accuracy | agreement | max abs diff "
+            "| latency (ms) |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for a in self.artifacts:
             diff = "n/a" if a.max_abs_diff is None else f"{a.max_abs_diff:.2e}"
             latency = "n/a" if a.latency_ms_median is None else f"{a.latency_ms_median:.3f}"
             lines.append(
-                f"| {a.format} | `{Path(a.path).name}` | {a.bytes / 1024:.1f} | {sum(a.ops.values())} "
+                f"| {a.format} | `{Path(a.path).name}` | {a.bytes / 1024:.1f} "
+                f"| {a.constant_bytes / 1024:.1f} | {sum(a.ops.values())} "
                 f"| {_percent(a.accuracy)} | {_percent(a.agreement)} | {diff} | {latency} |"
             )
         lines += ["", f"## Checks: {'all passed' if self.passed else f'{len(self.failed)} FAILED'}", "",
@@ -340,6 +361,7 @@ def measure(fmt: ExportFormat, path: Path, reference: np.ndarray, evaluation: Ev
         "format": fmt.name,
         "path": str(path),
         "bytes": path.stat().st_size,
+        "constant_bytes": constant_bytes(path),
         "ops": dict(counts.most_common()),
         "input_shape": input_shape(path),
         "forbidden_ops": forbidden_ops(counts, path.suffix.lower()),

@@ -203,6 +203,7 @@ def test_report_json_and_markdown(exported: tuple) -> None:
     assert data["evaluation"]["images"] == 12 and data["evaluation"]["labelled"] == 12
     for artifact in data["artifacts"]:
         assert artifact["bytes"] == Path(artifact["path"]).stat().st_size
+        assert 0 < artifact["constant_bytes"] < artifact["bytes"]
         assert sum(artifact["ops"].values()) > 0 and artifact["forbidden_ops"] == []
         assert artifact["metadata_ok"]
         if artifact["error"] is None:
@@ -212,6 +213,9 @@ def test_report_json_and_markdown(exported: tuple) -> None:
     assert checks[("onnx", "max abs diff vs Keras")]["passed"]
     assert checks[("tflite-f32", "top-1 agreement")]["passed"]
     assert ("tflite-int8", "size vs tflite-f32") in checks
+    constants = {a["format"]: a["constant_bytes"] for a in data["artifacts"]}
+    assert constants["tflite-int8"] < 0.4 * constants["tflite-f32"]  # int8 weights: a quarter, + biases
+    assert constants["tflite-f16"] < 0.6 * constants["tflite-f32"]
     assert ("onnx-int8", "accuracy vs Keras") in checks
     assert data["passed"] == all(c["passed"] for c in data["checks"]) == report.passed
     edgetpu = data["artifacts"][ALL.index("edgetpu")]["edgetpu"]
@@ -281,3 +285,51 @@ def test_cli_failed_verification_exits_1_and_names_the_check(
     assert "tflite-f32:" in result.stdout and "report:" in result.stdout
     allowed = invoke(*args, "--allow-fail")
     assert allowed.exit_code == 0 and "capsedge: warning: verification failed" in allowed.stderr
+
+
+def write_cv_summary(folder: Path, recipe: dict) -> Path:
+    """A ``cv_summary.json`` as ``capsedge train --folds 2`` writes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pooled = {"accuracy": 0.5, "macro_f1": 0.4, "balanced_accuracy": 0.45,
+              "confusion_matrix": [[1, 1], [0, 2]], "classes": ["A", "B"], "per_class": {}}
+    (folder / "cv_summary.json").write_text(json.dumps({
+        "folds": 2, "accuracy_mean": 0.5, "accuracy_std": 0.1, "macro_f1_mean": 0.4, "macro_f1_std": 0.05,
+        "per_fold": [{"fold": 0, "accuracy": 0.6, "macro_f1": 0.45},
+                     {"fold": 1, "accuracy": 0.4, "macro_f1": 0.35}],
+        "pooled": pooled, "train": recipe,
+    }), encoding="utf-8")
+    return folder
+
+
+def test_cross_validation_summary_records_the_figures_of_the_same_recipe(tmp_path: Path) -> None:
+    from capsedge.errors import CapsedgeError
+    from capsedge.export.quantize import cross_validation_summary
+
+    recipe = {"model": "m", "epochs": 60, "beta": 0.99, "holdout": 0.2}
+    folder = write_cv_summary(tmp_path / "cv", recipe)
+    summary = cross_validation_summary(folder, {**recipe, "holdout": 0.0})  # holdout may differ
+    assert (summary["folds"], summary["accuracy_mean"], summary["macro_f1_std"]) == (2, 0.5, 0.05)
+    assert summary["pooled"]["confusion_matrix"] == [[1, 1], [0, 2]] and "per_class" not in summary["pooled"]
+    with pytest.raises(CapsedgeError, match=r"another recipe than the model's \(epochs 60 vs 80\)"):
+        cross_validation_summary(folder, {**recipe, "epochs": 80})
+    with pytest.raises(CapsedgeError, match="no readable cross-validation summary"):
+        cross_validation_summary(tmp_path / "nowhere", recipe)
+    (folder / "cv_summary.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(CapsedgeError, match="no readable cross-validation summary"):
+        cross_validation_summary(folder, recipe)
+
+
+@pytest.mark.slow
+def test_cli_cross_validation_goes_into_the_exported_provenance(tiny_run: Path, tmp_path: Path) -> None:
+    folder = write_cv_summary(tmp_path / "cv", {})  # tiny_run's config records no recipe
+    result = invoke("--model", str(tiny_run), "--out", str(tmp_path / "o"), "--formats", "tflite-f32",
+                    "--no-verify", "--cross-validation", str(folder))
+    assert result.exit_code == 0, result.output
+    model = tmp_path / "o" / "tiny_effcaps_ncp_tflite_f32.tflite"
+    for metadata in (read_embedded(model), read_sidecar(model)):
+        assert metadata is not None
+        assert metadata.provenance["cross_validation"]["accuracy_mean"] == 0.5
+    other = write_cv_summary(tmp_path / "cv2", {"epochs": 3})
+    result = invoke("--model", str(tiny_run), "--out", str(tmp_path / "o2"), "--formats", "tflite-f32",
+                    "--no-verify", "--cross-validation", str(other))
+    assert_one_line_error(result, "cross-validated another recipe than the model's (epochs 3 vs None)")

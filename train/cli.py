@@ -14,7 +14,7 @@ from capsedge.errors import CapsedgeError, missing_extra
               help="Flat folder (Maker.N.jpg), a folder per class, or a CSV of path,label.")
 @click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path),
               help="Run folder: config, history, metrics, classifier.keras.")
-@click.option("--model", default="effcaps_ncp_implant_128", show_default=True,
+@click.option("--model", default="effcaps_ncp_implant_lite", show_default=True,
               help="Model configuration name.")
 @click.option("--epochs", type=click.IntRange(1), default=60, show_default=True, help="Passes over the data.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Images per step.")

@@ -42,7 +42,7 @@ class TrainConfig:
         seed: makes splits, initialisation and augmentation repeatable on one machine.
     """
 
-    model: str = "effcaps_ncp_implant_128"
+    model: str = "effcaps_ncp_implant_lite"
     epochs: int = 60
     batch_size: int = 16
     learning_rate: float = 1e-3
