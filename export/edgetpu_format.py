@@ -73,7 +73,7 @@ EDGETPU_OPS: dict[str, str] = {
 
 #: Why common ops of this project's graphs are not in the table.
 WHY_NOT: dict[str, str] = {
-    "BATCH_MATMUL": "no Edge TPU kernel for a product of two activation tensors",
+    "BATCH_MATMUL": "no batched matrix product (the Edge TPU multiplies in FULLY_CONNECTED, CONV_2D)",
     "DEQUANTIZE": "converts back to float: the op after it runs in float on the CPU",
     "DIV": "no division on the Edge TPU",
     "EXP": "no EXP kernel (only SOFTMAX, LOGISTIC and TANH exponentiate internally)",

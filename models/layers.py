@@ -43,10 +43,12 @@ def squash(s: Any, kind: str = "efficient", epsilon: float = 1e-7) -> Any:
     gradient stay finite at ``s = 0``. ``s / |s|`` is written ``s * rsqrt(...)``:
     the same numbers in float, but no DIV or SQRT op, which int8 kernels and
     the Edge TPU lack (and an int8 DIV fails outright on a norm that rounds to 0).
+    Likewise ``s * s`` and ``* -1.0`` stand for SQUARE and NEG, which have no int8
+    kernel: the converter would leave them in float between DEQUANTIZE and QUANTIZE.
     """
-    squared = ops.sum(ops.square(s), axis=-1, keepdims=True) + epsilon
+    squared = ops.sum(s * s, axis=-1, keepdims=True) + epsilon
     inverse_norm = ops.rsqrt(squared)
-    scale = squared / (1.0 + squared) if kind == "hinton" else 1.0 - ops.exp(-squared * inverse_norm)
+    scale = squared / (1.0 + squared) if kind == "hinton" else 1.0 - ops.exp(squared * inverse_norm * -1.0)
     return scale * s * inverse_norm
 
 
@@ -398,7 +400,7 @@ class Length(keras.layers.Layer):
         self.epsilon = float(epsilon)
 
     def call(self, inputs: Any) -> Any:
-        return ops.sqrt(ops.sum(ops.square(inputs), axis=-1) + self.epsilon)
+        return ops.sqrt(ops.sum(inputs * inputs, axis=-1) + self.epsilon)  # no SQUARE: see squash
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return tuple(input_shape[:-1])
@@ -422,7 +424,7 @@ class Mask(keras.layers.Layer):
             capsules, labels = inputs
         else:
             capsules = inputs
-            lengths = ops.sum(ops.square(capsules), axis=-1)
+            lengths = ops.sum(capsules * capsules, axis=-1)
             labels = ops.one_hot(ops.argmax(lengths, axis=-1), capsules.shape[-2])
         masked = capsules * ops.expand_dims(ops.cast(labels, capsules.dtype), -1)
         return ops.reshape(masked, (-1, capsules.shape[-2] * capsules.shape[-1]))
