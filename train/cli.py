@@ -22,6 +22,10 @@ from capsedge.errors import CapsedgeError, missing_extra
               help="Initial Adam learning rate (cosine decay to 1 %).")
 @click.option("--beta", type=click.FloatRange(0, 1, max_open=True), default=0.99,
               show_default=True, help="Class-balanced loss beta (0: no reweighting).")
+@click.option("--reconstruction-weight", type=click.FloatRange(0), default=0.5, show_default=True,
+              help="Weight of the decoder's reconstruction loss (0: the decoder does not train the net).")
+@click.option("--ncp-weight", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Weight of the NCP head's cross-entropy, for models with one.")
 @click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.2,
               show_default=True, help="Fraction of each class held out for evaluation.")
 @click.option("--folds", type=click.IntRange(2), default=None,
@@ -32,13 +36,15 @@ from capsedge.errors import CapsedgeError, missing_extra
 @click.option("--seed", type=int, default=0, show_default=True, help="Makes a run repeatable.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int, learning_rate: float,
-            beta: float, holdout: float, folds: int | None, augment: str, seed: int, resume: bool) -> None:
+            beta: float, reconstruction_weight: float, ncp_weight: float, holdout: float, folds: int | None,
+            augment: str, seed: int, resume: bool) -> None:
     """Train a capsule network on labelled X-rays."""
     from capsedge.train.trainer import TrainConfig, cross_validate, train
 
     try:
         config = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                             beta=beta, holdout=holdout, augment=augment, seed=seed)
+                             beta=beta, reconstruction_weight=reconstruction_weight,
+                             ncp_weight=ncp_weight, holdout=holdout, augment=augment, seed=seed)
         if folds:
             summary = cross_validate(data, run_dir, config, folds=folds, resume=resume)
             click.echo(
