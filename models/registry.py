@@ -62,6 +62,14 @@ _EFFCAPS_NCP_IMPLANT_LITE = dataclasses.replace(
     description="Light Efficient-CapsNet + CfC/AutoNCP head for 128x128 implant X-rays (edge default)",
 )
 
+# The same without the NCP head: the ablation that says what the head adds.
+_EFFCAPS_IMPLANT_LITE = dataclasses.replace(
+    _EFFCAPS_NCP_IMPLANT_LITE,
+    name="effcaps_implant_lite",
+    use_ncp=False,
+    description="effcaps_ncp_implant_lite without its NCP head (ablation)",
+)
+
 _CONFIGS = (
     ModelConfig(
         name="effcaps_mnist",
@@ -87,6 +95,7 @@ _CONFIGS = (
         description="effcaps_implant_128 + CfC/AutoNCP head on the primary capsules, fused",
     ),
     _EFFCAPS_NCP_IMPLANT_LITE,
+    _EFFCAPS_IMPLANT_LITE,
     ModelConfig(
         name="capsnet_mnist",
         input_shape=(28, 28, 1),
