@@ -13,8 +13,8 @@ Usage:
 Variants:
     --model   a registered model name, or "cnn": the same convolution stem with
               global average pooling and a softmax layer (a plain-CNN control).
-    --augment none | d4 | full, as `capsedge train --augment` (see
-              capsedge.train.trainer.build_augmenter).
+    --augment none | d4 | d4-strong | full, as `capsedge train --augment` (see
+              capsedge.train.augment).
     --input   plain | bright (keep only the brightest 15 % of grey levels: a
               crude "metal only" view).
     --pretrain-rotation N
@@ -65,6 +65,21 @@ def plain_cnn(config, class_weights: np.ndarray):  # noqa: ANN001, ANN201
     return model, model, loss
 
 
+def image_only(batches):  # noqa: ANN001, ANN201
+    """``TrainingBatches`` as (image, label) pairs, for a model with one input and one output."""
+    import keras
+
+    class ImageOnly(keras.utils.PyDataset):
+        def __len__(self) -> int:
+            return len(batches)
+
+        def __getitem__(self, index: int):  # noqa: ANN204
+            (images, labels), _ = batches[index]
+            return images, labels
+
+    return ImageOnly()
+
+
 def pretrain_rotation(classifier, stem_depth: int, images: np.ndarray, epochs: int, seed: int) -> None:  # noqa: ANN001
     """Self-supervised: teach the stem (shared with ``classifier``) which quarter turn was applied."""
     import keras
@@ -90,7 +105,7 @@ def pretrain_rotation(classifier, stem_depth: int, images: np.ndarray, epochs: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="effcaps_implant_128")
-    parser.add_argument("--augment", choices=["none", "d4", "full"], default="d4")
+    parser.add_argument("--augment", choices=["none", "d4", "d4-strong", "full"], default="d4")
     parser.add_argument("--input", choices=["plain", "bright"], default="plain")
     parser.add_argument("--epochs", type=int, default=80)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -102,13 +117,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import keras
-    import tensorflow as tf
 
     from capsedge.models import build_model, get_model_config, losses
     from capsedge.preprocess import Preprocessing
+    from capsedge.train.augment import get_augmentation
+    from capsedge.train.batches import EpochSetter, TrainingBatches
     from capsedge.train.data import load_images, read_dataset
     from capsedge.train.metrics import classification_report, stratified_split
-    from capsedge.train.trainer import build_augmenter
 
     keras.utils.set_random_seed(args.seed)
     dataset = read_dataset(args.data)
@@ -142,21 +157,13 @@ def main() -> None:
     if args.pretrain_rotation:
         pretrain_rotation(classifier, len(config.stem), images[train_idx], args.pretrain_rotation, args.seed)
 
-    data = tf.data.Dataset.from_tensor_slices((images[train_idx], onehot[train_idx]))
-    data = data.shuffle(len(train_idx), seed=args.seed).batch(16)
-    augment = build_augmenter(args.augment, args.seed)
-    if augment is not None:
-        data = data.map(lambda a, b: (augment(a), b))
-    if outputs:
-        def targets(a, b):  # noqa: ANN001, ANN202
-            wanted = {"caps_length": b, "ncp_probs": b, "reconstruction": a}
-            return (a, b), {k: v for k, v in wanted.items() if k in outputs}
-
-        data = data.map(targets)
+    batches = TrainingBatches(images[train_idx], onehot[train_idx], outputs, 16,
+                              get_augmentation(args.augment), args.seed)
+    data = batches if outputs else image_only(batches)  # the plain CNN: image in, label as target
 
     start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
-        trainer.fit(data.prefetch(2), epochs=1, verbose=0)
+        trainer.fit(data, initial_epoch=epoch - 1, epochs=epoch, verbose=0, callbacks=[EpochSetter(batches)])
         if epoch % 10 and epoch != args.epochs:
             continue
         p = classifier.predict(images, verbose=0)

@@ -333,3 +333,23 @@ def test_cli_cross_validation_goes_into_the_exported_provenance(tiny_run: Path, 
     result = invoke("--model", str(tiny_run), "--out", str(tmp_path / "o2"), "--formats", "tflite-f32",
                     "--no-verify", "--cross-validation", str(other))
     assert_one_line_error(result, "cross-validated another recipe than the model's (epochs 3 vs None)")
+
+
+@pytest.mark.slow
+def test_every_backend_gives_the_same_answers_per_artifact_family(exported: tuple, reference: tuple) -> None:
+    """Float family: the .tflite through LiteRT and the .onnx through ONNX Runtime (explicit
+    backends, as ``--backend`` picks them); int8 family: the Edge TPU variant run on the CPU
+    through LiteRT and the int8 .tflite."""
+    _, written, _ = exported
+    batch, _ = reference
+
+    def answers(path: Path, backend: str) -> np.ndarray:
+        classifier = Classifier.load(path, backend=backend, threads=1)
+        return np.stack([classifier.predict_tensor(image) for image in batch])
+
+    litert = answers(written["tflite-f32"], "litert")
+    onnxruntime = answers(written["onnx"], "onnxruntime")
+    assert np.max(np.abs(litert - onnxruntime)) <= 1e-4
+    np.testing.assert_array_equal(litert.argmax(1), onnxruntime.argmax(1))
+    edgetpu_on_cpu = answers(written["edgetpu"], "litert")
+    np.testing.assert_array_equal(edgetpu_on_cpu, answers(written["tflite-int8"], "litert"))

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from capsedge.errors import CapsedgeError, missing_extra
+from capsedge.train.augment import AUGMENTATIONS
 
 
 @click.command(name="train", context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,9 +31,9 @@ from capsedge.errors import CapsedgeError, missing_extra
               show_default=True, help="Fraction of each class held out for evaluation.")
 @click.option("--folds", type=click.IntRange(2), default=None,
               help="Stratified K-fold cross-validation instead of one hold-out split.")
-@click.option("--augment", type=click.Choice(["d4", "full", "none"]), default="d4", show_default=True,
-              help="d4: flips and quarter turns (+ small rotation, zoom); full: any rotation, shifts, "
-              "contrast; none.")
+@click.option("--augment", type=click.Choice(list(AUGMENTATIONS)), default="d4", show_default=True,
+              help="d4: flips and quarter turns (+ small rotation, zoom); d4-strong: d4 with more zoom, "
+              "shifts, contrast and brightness; full: any rotation, shifts, contrast; none.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Makes a run repeatable.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int, learning_rate: float,

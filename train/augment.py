@@ -1,0 +1,104 @@
+"""On-the-fly augmentation of preprocessed X-rays, in numpy and Pillow.
+
+It runs outside the network, so training works the same on every Keras backend
+(TensorFlow here, JAX or PyTorch on a GPU machine), and a batch's augmentation
+depends only on ``(seed, epoch, batch index)``: a run is repeatable, and a
+resumed run sees the same images it would have seen without the interruption.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """What one kind of augmentation does to an image in [0, 1], shape ``(H, W, 1)``.
+
+    Attributes:
+        dihedral: a random flip and quarter turn (the 8 orientations X-rays are stored in).
+        rotation: largest extra rotation, degrees (180: any angle).
+        zoom: largest relative scale change (0.1: 0.9x to 1.1x).
+        shift: largest translation, as a fraction of the side.
+        contrast: largest gamma exponent change, as a fraction (0.3: gamma in [0.7, 1.3]),
+            and the same largest contrast stretch about mid-grey.
+        brightness: largest added offset.
+    """
+
+    dihedral: bool = True
+    rotation: float = 0.0
+    zoom: float = 0.0
+    shift: float = 0.0
+    contrast: float = 0.0
+    brightness: float = 0.0
+
+
+AUGMENTATIONS: dict[str, Augmentation | None] = {
+    "none": None,
+    # flips, quarter turns, +-15 degrees, +-10 % zoom.
+    "d4": Augmentation(rotation=15.0, zoom=0.10),
+    # any angle, +-15 % zoom, +-8 % shift, contrast and brightness.
+    "full": Augmentation(rotation=180.0, zoom=0.15, shift=0.08, contrast=0.3, brightness=0.1),
+    # d4 plus what a different exposure, framing and magnification do.
+    "d4-strong": Augmentation(rotation=20.0, zoom=0.20, shift=0.10, contrast=0.3, brightness=0.08),
+}
+
+
+def augment_image(image: np.ndarray, spec: Augmentation, rng: np.random.Generator) -> np.ndarray:
+    """One random view of ``image`` (``(H, W, 1)`` float32 in [0, 1]); a new array."""
+    grey = image[..., 0]
+    if spec.dihedral:
+        if rng.random() < 0.5:
+            grey = grey[:, ::-1]
+        grey = np.rot90(grey, int(rng.integers(4)))
+    if spec.rotation or spec.zoom or spec.shift:
+        grey = _affine(grey, spec, rng)
+    out = np.ascontiguousarray(grey, dtype=np.float32)
+    if spec.contrast:
+        gamma = 1.0 + rng.uniform(-spec.contrast, spec.contrast)
+        stretch = 1.0 + rng.uniform(-spec.contrast, spec.contrast)
+        out = np.power(np.clip(out, 0.0, 1.0), gamma)
+        out = (out - 0.5) * stretch + 0.5
+    if spec.brightness:
+        out = out + rng.uniform(-spec.brightness, spec.brightness)
+    return np.clip(out, 0.0, 1.0)[..., None].astype(np.float32, copy=False)
+
+
+def _affine(grey: np.ndarray, spec: Augmentation, rng: np.random.Generator) -> np.ndarray:
+    """Rotate, scale and shift about the centre; outside the image is black (as the letterbox)."""
+    height, width = grey.shape
+    angle = math.radians(rng.uniform(-spec.rotation, spec.rotation))
+    scale = 1.0 + rng.uniform(-spec.zoom, spec.zoom)
+    dx, dy = rng.uniform(-spec.shift, spec.shift, size=2) * (width, height)
+    # Pillow maps each output pixel (x, y) to the input pixel (a x + b y + c, d x + e y + f).
+    cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    a, b, d, e = cos, sin, -sin, cos
+    c = cx - a * (cx + dx) - b * (cy + dy)
+    f = cy - d * (cx + dx) - e * (cy + dy)
+    picture = Image.fromarray(np.ascontiguousarray(grey, dtype=np.float32))
+    moved = picture.transform((width, height), Image.Transform.AFFINE, (a, b, c, d, e, f),
+                              resample=Image.Resampling.BILINEAR, fillcolor=0.0)
+    return np.asarray(moved, dtype=np.float32)
+
+
+def augment_batch(images: np.ndarray, spec: Augmentation | None, rng: np.random.Generator) -> np.ndarray:
+    """Augment every image of a ``(B, H, W, 1)`` batch; ``spec=None`` returns a copy."""
+    if spec is None:
+        return np.array(images, dtype=np.float32)
+    return np.stack([augment_image(image, spec, rng) for image in images])
+
+
+def get_augmentation(name: str) -> Augmentation | None:
+    """The augmentation called ``name`` (a key of :data:`AUGMENTATIONS`).
+
+    Raises:
+        ValueError: an unknown name; the message lists the valid ones.
+    """
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {name!r}")
+    return AUGMENTATIONS[name]

@@ -1,0 +1,58 @@
+"""Training batches as a ``keras.utils.PyDataset``: numpy in, numpy out, any Keras backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+
+from .augment import Augmentation, augment_batch
+
+
+class TrainingBatches(keras.utils.PyDataset):
+    """Shuffled, augmented ``((image, onehot), targets)`` batches of the training images.
+
+    The order and the augmentation of epoch ``e`` come from ``(seed, e)`` alone
+    (:class:`EpochSetter` tells the dataset which epoch is running), so runs repeat and a
+    resumed run continues with the batches it would have had.
+
+    Args:
+        images: ``(N, H, W, 1)`` preprocessed training images.
+        onehot: ``(N, K)`` labels.
+        outputs: the trainer's output names; ``"reconstruction"`` targets the augmented image.
+        batch_size: images per batch (the last batch of an epoch may be smaller).
+        augmentation: what to do to each image, or ``None``.
+        seed: the run's seed.
+    """
+
+    def __init__(self, images: np.ndarray, onehot: np.ndarray, outputs: set[str], batch_size: int,
+                 augmentation: Augmentation | None, seed: int) -> None:
+        super().__init__()
+        self.images, self.onehot = images, onehot
+        self.outputs, self.batch_size = outputs, batch_size
+        self.augmentation, self.seed = augmentation, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return int(np.ceil(len(self.images) / self.batch_size))
+
+    def __getitem__(self, index: int) -> tuple[tuple[np.ndarray, np.ndarray], dict[str, np.ndarray]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.images))
+        chosen = order[index * self.batch_size:(index + 1) * self.batch_size]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        images = augment_batch(self.images[chosen], self.augmentation, rng)
+        labels = self.onehot[chosen]
+        wanted = {"caps_length": labels, "ncp_probs": labels, "reconstruction": images}
+        return (images, labels), {k: v for k, v in wanted.items() if k in self.outputs}
+
+
+class EpochSetter(keras.callbacks.Callback):
+    """Tells a :class:`TrainingBatches` which epoch starts (also the first one after a resume)."""
+
+    def __init__(self, batches: TrainingBatches) -> None:
+        super().__init__()
+        self.batches = batches
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self.batches.epoch = epoch
