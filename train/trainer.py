@@ -39,6 +39,8 @@ class TrainConfig:
             :data:`capsedge.train.augment.AUGMENTATIONS` (``"d4"``, ``"d4-strong"``,
             ``"full"``, ``"none"``).
         seed: makes splits, initialisation and augmentation repeatable on one machine.
+        ema: momentum of an exponential moving average of the weights that replaces them
+            when training ends (Keras' ``use_ema``), e.g. 0.99; 0 keeps the last weights.
     """
 
     model: str = "effcaps_ncp_implant_lite"
@@ -51,6 +53,7 @@ class TrainConfig:
     holdout: float = 0.2
     augment: str = "d4"
     seed: int = 0
+    ema: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -60,6 +63,8 @@ class TrainConfig:
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout!r}")
         get_augmentation(self.augment)  # raises for an unknown name
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema!r}")
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {self.beta!r}")
 
@@ -100,7 +105,8 @@ def _compile_trainer(built: Any, config: TrainConfig, counts: np.ndarray, steps:
     # Accuracy of each head on its own, per epoch in history.csv (val_* with a hold-out).
     metrics = {name: ["categorical_accuracy"] for name in ("caps_length", "ncp_probs") if name in loss}
     built.trainer.compile(
-        optimizer=keras.optimizers.Adam(schedule), loss=loss, loss_weights=weights, metrics=metrics
+        optimizer=keras.optimizers.Adam(schedule, use_ema=config.ema > 0, ema_momentum=config.ema or 0.99),
+        loss=loss, loss_weights=weights, metrics=metrics
     )
 
 
