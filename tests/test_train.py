@@ -96,3 +96,30 @@ def test_train_command_records_every_option_in_the_run(tiny_data: Path, tmp_path
                         "augment": "none", "seed": 3, "ema": 0.9}
     bad = CliRunner().invoke(main, [*args[:5], "--reconstruction-weight", "-1"])
     assert bad.exit_code == 2 and "-1" in bad.stderr
+
+
+MIRRORED = """
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from capsedge.train.trainer import TrainConfig, train
+config = TrainConfig(model="effcaps_mnist", epochs=1, batch_size=4, holdout=0.25)
+result = train(sys.argv[1], sys.argv[2], config, devices=["/cpu:0", "/cpu:1"], progress=False)
+print(json.dumps(result.metrics["devices"]))
+"""
+
+
+@pytest.mark.slow
+def test_training_is_data_parallel_over_several_devices(tiny_data: Path, tmp_path: Path) -> None:
+    """MirroredStrategy, as on a multi-GPU machine, here over two logical CPU devices (a fresh
+    process: TensorFlow's devices are fixed once it starts)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", MIRRORED, str(tiny_data), str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "2"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["devices"] == 2
+    assert (tmp_path / "run" / "classifier.keras").is_file()

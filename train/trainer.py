@@ -7,6 +7,7 @@ is under way, ``backup/`` holds what ``--resume`` needs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -110,6 +111,25 @@ def _compile_trainer(built: Any, config: TrainConfig, counts: np.ndarray, steps:
     )
 
 
+def _distribution(devices: list[str] | None) -> Any | None:
+    """A ``MirroredStrategy`` over ``devices`` or over several GPUs; ``None`` for one device.
+
+    Only the TensorFlow backend distributes this way; with JAX or PyTorch one GPU is used.
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        if devices:
+            raise ValueError("devices need the TensorFlow backend (KERAS_BACKEND=tensorflow)")
+        return None
+    import tensorflow as tf
+
+    if devices is None:
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [gpu.name for gpu in gpus] if len(gpus) > 1 else None
+    return tf.distribute.MirroredStrategy(devices) if devices else None
+
+
 def predict_probabilities(classifier: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Class probabilities of the Keras classifier for preprocessed images."""
     return np.asarray(classifier.predict(images, batch_size=batch_size, verbose=0))
@@ -134,6 +154,7 @@ def train(
     images: np.ndarray | None = None,
     resume: bool = False,
     progress: bool = True,
+    devices: list[str] | None = None,
 ) -> TrainResult:
     """Train a model on ``data`` and write the run folder.
 
@@ -145,6 +166,8 @@ def train(
         images: the preprocessed images of ``data``, if already loaded.
         resume: continue an interrupted run from its last finished epoch.
         progress: print one line per epoch.
+        devices: train data-parallel on these TensorFlow devices (``MirroredStrategy``);
+            by default every GPU when TensorFlow sees more than one, else one device.
 
     Raises:
         DatasetError: the data cannot be used.
@@ -182,9 +205,11 @@ def train(
     onehot = np.eye(len(dataset.classes), dtype=np.float32)[targets]
     counts = np.bincount(targets[train_idx], minlength=len(dataset.classes))
 
-    built = build_model(model_config)
-    steps = int(np.ceil(len(train_idx) / config.batch_size))
-    _compile_trainer(built, config, counts, steps)
+    strategy = _distribution(devices)
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        built = build_model(model_config)
+        steps = int(np.ceil(len(train_idx) / config.batch_size))
+        _compile_trainer(built, config, counts, steps)
     outputs = set(built.trainer.output_names)
     batches = TrainingBatches(images[train_idx], onehot[train_idx], outputs, config.batch_size,
                               get_augmentation(config.augment), config.seed)
@@ -207,6 +232,7 @@ def train(
         "train_images": int(len(train_idx)),
         "train_counts": dict(zip(dataset.classes, counts.tolist(), strict=True)),
         "parameters": int(built.classifier.count_params()),
+        "devices": strategy.num_replicas_in_sync if strategy else 1,
     }
     if len(held_idx):
         probabilities = predict_probabilities(built.classifier, images[held_idx])
