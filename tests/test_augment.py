@@ -100,3 +100,18 @@ def test_training_batches_are_repeatable_per_epoch_and_cover_every_image() -> No
     assert sorted(first) == [i / 10 for i in range(10)]  # each image once
     assert epoch(0) == first  # the same epoch again: the same order
     assert epoch(1) != first  # the next epoch: reshuffled
+
+
+def test_mixup_mixes_images_and_labels_with_one_weight() -> None:
+    pytest.importorskip("keras")
+    from capsedge.train.batches import TrainingBatches
+
+    images = np.stack([np.full((8, 8, 1), float(i % 2), np.float32) for i in range(8)])
+    onehot = np.eye(2, dtype=np.float32)[np.arange(8) % 2]
+    (x, y), targets = TrainingBatches(images, onehot, {"caps_length"}, 8, None, seed=1, mixup=0.4)[0]
+    assert not np.all(np.isin(x, (0.0, 1.0)))  # some pairs of different classes were mixed
+    np.testing.assert_allclose(y.sum(1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(x[:, 0, 0, 0], y[:, 1], rtol=1e-6)  # image brightness = share of class 1
+    np.testing.assert_array_equal(targets["caps_length"], y)
+    with pytest.raises(ValueError, match="mixup"):
+        TrainingBatches(images, onehot, set(), 8, None, seed=1, mixup=-1)

@@ -24,11 +24,16 @@ class TrainingBatches(keras.utils.PyDataset):
         batch_size: images per batch (the last batch of an epoch may be smaller).
         augmentation: what to do to each image, or ``None``.
         seed: the run's seed.
+        mixup: Beta(``mixup``, ``mixup``) weight for mixing each batch with a shuffled copy of
+            itself, images and labels alike (Zhang et al. 2018, "mixup"); 0: no mixing.
     """
 
     def __init__(self, images: np.ndarray, onehot: np.ndarray, outputs: set[str], batch_size: int,
-                 augmentation: Augmentation | None, seed: int) -> None:
+                 augmentation: Augmentation | None, seed: int, mixup: float = 0.0) -> None:
         super().__init__()
+        if mixup < 0:
+            raise ValueError(f"mixup must be >= 0, got {mixup!r}")
+        self.mixup = mixup
         self.images, self.onehot = images, onehot
         self.outputs, self.batch_size = outputs, batch_size
         self.augmentation, self.seed = augmentation, seed
@@ -43,6 +48,11 @@ class TrainingBatches(keras.utils.PyDataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         images = augment_batch(self.images[chosen], self.augmentation, rng)
         labels = self.onehot[chosen]
+        if self.mixup > 0:
+            weight = np.float32(rng.beta(self.mixup, self.mixup))
+            partner = rng.permutation(len(chosen))
+            images = weight * images + (1 - weight) * images[partner]
+            labels = weight * labels + (1 - weight) * labels[partner]
         wanted = {"caps_length": labels, "ncp_probs": labels, "reconstruction": images}
         return (images, labels), {k: v for k, v in wanted.items() if k in self.outputs}
 

@@ -34,20 +34,23 @@ from capsedge.train.augment import AUGMENTATIONS
 @click.option("--augment", type=click.Choice(list(AUGMENTATIONS)), default="d4", show_default=True,
               help="d4: flips and quarter turns (+ small rotation, zoom); d4-strong: d4 with more zoom, "
               "shifts, contrast and brightness; full: any rotation, shifts, contrast; none.")
+@click.option("--mixup", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Mix training images and their labels, weight ~ Beta(a, a) (e.g. 0.2; 0: off).")
 @click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Keep a moving average of the weights with this momentum (e.g. 0.99) and end on it.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Makes a run repeatable.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int, learning_rate: float,
             beta: float, reconstruction_weight: float, ncp_weight: float, holdout: float, folds: int | None,
-            augment: str, ema: float, seed: int, resume: bool) -> None:
+            augment: str, mixup: float, ema: float, seed: int, resume: bool) -> None:
     """Train a capsule network on labelled X-rays."""
     from capsedge.train.trainer import TrainConfig, cross_validate, train
 
     try:
         config = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                              beta=beta, reconstruction_weight=reconstruction_weight,
-                             ncp_weight=ncp_weight, holdout=holdout, augment=augment, seed=seed, ema=ema)
+                             ncp_weight=ncp_weight, holdout=holdout, augment=augment, seed=seed,
+                             mixup=mixup, ema=ema)
         if folds:
             summary = cross_validate(data, run_dir, config, folds=folds, resume=resume)
             click.echo(

@@ -40,6 +40,7 @@ class TrainConfig:
             :data:`capsedge.train.augment.AUGMENTATIONS` (``"d4"``, ``"d4-strong"``,
             ``"full"``, ``"none"``).
         seed: makes splits, initialisation and augmentation repeatable on one machine.
+        mixup: Beta parameter of mixup between training images (0: none; 0.2 is usual).
         ema: momentum of an exponential moving average of the weights that replaces them
             when training ends (Keras' ``use_ema``), e.g. 0.99; 0 keeps the last weights.
     """
@@ -54,6 +55,7 @@ class TrainConfig:
     holdout: float = 0.2
     augment: str = "d4"
     seed: int = 0
+    mixup: float = 0.0
     ema: float = 0.0
 
     def __post_init__(self) -> None:
@@ -64,6 +66,8 @@ class TrainConfig:
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout!r}")
         get_augmentation(self.augment)  # raises for an unknown name
+        if self.mixup < 0:
+            raise ValueError(f"mixup must be >= 0, got {self.mixup!r}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema!r}")
         if not 0.0 <= self.beta < 1.0:
@@ -212,7 +216,7 @@ def train(
         _compile_trainer(built, config, counts, steps)
     outputs = set(built.trainer.output_names)
     batches = TrainingBatches(images[train_idx], onehot[train_idx], outputs, config.batch_size,
-                              get_augmentation(config.augment), config.seed)
+                              get_augmentation(config.augment), config.seed, config.mixup)
 
     callbacks = [
         EpochSetter(batches),
