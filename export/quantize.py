@@ -99,12 +99,17 @@ def load_run(path: str | Path, cross_validation: str | Path | None = None) -> Tr
     )
 
 
+_OFF = (None, 0, 0.0, False)
+
+
 def cross_validation_summary(folder: str | Path, recipe: dict[str, Any]) -> dict[str, Any]:
     """The figures of a cross-validation folder's ``cv_summary.json``, for provenance.
 
     Raises:
         CapsedgeError: no readable summary, or its training settings differ from ``recipe``
-            in anything but ``holdout``.
+            in anything but ``holdout``. A setting that one side lacks (a summary written
+            before the option existed) matches only when the other side has it off (0, None
+            or False): new training options are added switched off.
     """
     summary_file = Path(folder) / "cv_summary.json"
     try:
@@ -116,8 +121,12 @@ def cross_validation_summary(folder: str | Path, recipe: dict[str, Any]) -> dict
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise CapsedgeError(f"no readable cross-validation summary at {summary_file} "
                             f"({type(exc).__name__})") from None
-    differing = sorted(key for key in set(settings) | set(recipe)
-                       if key != "holdout" and settings.get(key) != recipe.get(key))
+    def same(key: str) -> bool:
+        if key not in settings or key not in recipe:
+            return settings.get(key, recipe.get(key)) in _OFF
+        return settings[key] == recipe[key]
+
+    differing = sorted(key for key in set(settings) | set(recipe) if key != "holdout" and not same(key))
     if differing:
         shown = ", ".join(f"{key} {settings.get(key)!r} vs {recipe.get(key)!r}" for key in differing)
         raise CapsedgeError(f"{folder} cross-validated another recipe than the model's ({shown})")

@@ -312,6 +312,11 @@ def test_cross_validation_summary_records_the_figures_of_the_same_recipe(tmp_pat
     assert summary["pooled"]["confusion_matrix"] == [[1, 1], [0, 2]] and "per_class" not in summary["pooled"]
     with pytest.raises(CapsedgeError, match=r"another recipe than the model's \(epochs 60 vs 80\)"):
         cross_validation_summary(folder, {**recipe, "epochs": 80})
+    # an option newer than the summary matches only while it is off
+    newer = cross_validation_summary(folder, {**recipe, "mixup": 0.0})
+    assert newer["accuracy_mean"] == summary["accuracy_mean"]
+    with pytest.raises(CapsedgeError, match=r"mixup None vs 0.2"):
+        cross_validation_summary(folder, {**recipe, "mixup": 0.2})
     with pytest.raises(CapsedgeError, match="no readable cross-validation summary"):
         cross_validation_summary(tmp_path / "nowhere", recipe)
     (folder / "cv_summary.json").write_text("{not json", encoding="utf-8")
