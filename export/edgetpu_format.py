@@ -236,4 +236,8 @@ def _unsupported_reason(op: dict[str, Any], tensors: dict[int, dict[str, Any]]) 
         return "activations are neither int8 nor uint8"
     if any(any(d > 1 for d in t["shape"][:-3]) for t in activations):
         return "only the three innermost dimensions may be larger than 1"
+    if name == "SOFTMAX" and activations:
+        shape = [d for d in activations[0]["shape"] if d > 1]
+        if len(shape) > 1 or (shape and shape[0] > 16_000):
+            return "SOFTMAX takes a 1-D input of at most 16,000 elements"
     return None

@@ -81,6 +81,8 @@ def load_run(path: str | Path, cross_validation: str | Path | None = None) -> Tr
         classifier = keras.models.load_model(model_file, compile=False)
     except Exception as exc:  # noqa: BLE001 - Keras raises many kinds for a bad file
         raise ModelError(f"cannot load {model_file} ({type(exc).__name__}: {exc})") from None
+    if any(type(layer).__name__ == "CfC" for layer in classifier.layers):
+        classifier = _rebuilt(classifier, config, model_file)
     provenance = {
         "data": config.get("data", {}),
         "attribution": config.get("data", {}).get("attribution", ""),
@@ -97,6 +99,16 @@ def load_run(path: str | Path, cross_validation: str | Path | None = None) -> Tr
         preprocessing=preprocessing,
         provenance=provenance,
     )
+
+
+def _rebuilt(classifier: Any, config: dict[str, Any], model_file: Path) -> Any:
+    """A model saved by an earlier capsedge (an ``ncps`` CfC layer), rebuilt: same weights, current graph."""
+    from capsedge.models import ModelConfig, rebuild_classifier
+
+    try:
+        return rebuild_classifier(classifier, ModelConfig.from_dict(config.get("model", {})))
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"cannot rebuild {model_file} with this version of capsedge: {exc}") from None
 
 
 _OFF = (None, 0, 0.0, False)

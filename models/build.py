@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
+import numpy as np
 
 from capsedge.models.config import ModelConfig
 from capsedge.models.decoder import DECODERS
@@ -113,3 +114,31 @@ def build_model(cfg: ModelConfig) -> BuiltModel:
     trainer = keras.Model([image, y_true], outputs, name=f"{cfg.name}_trainer")
     encoder = keras.Model(image, caps, name=f"{cfg.name}_encoder")
     return BuiltModel(cfg, classifier, trainer, decoder, encoder)
+
+
+def rebuild_classifier(classifier: keras.Model, cfg: ModelConfig, tolerance: float = 1e-4) -> keras.Model:
+    """``cfg``'s classifier as the current code builds it, with the weights of ``classifier``.
+
+    A model saved by an earlier version keeps the graph it was saved with (for
+    instance the ``ncps`` ``CfC`` layer, whose unrolled graph holds an UNPACK);
+    the rebuilt one computes the same function with the current, Edge TPU-friendly
+    operations. Weights are copied layer by layer, by name.
+
+    Raises:
+        ValueError: a layer is missing or its weights do not fit, or the two models'
+            outputs differ by more than ``tolerance`` on random images.
+    """
+    rebuilt = build_model(cfg).classifier
+    for layer in rebuilt.layers:
+        if not layer.weights:
+            continue
+        try:
+            source = classifier.get_layer(layer.name)
+        except ValueError:
+            raise ValueError(f"the saved model has no layer {layer.name!r}") from None
+        layer.set_weights(source.get_weights())
+    images = np.random.default_rng(0).random((4, *cfg.input_shape), dtype=np.float32)
+    difference = float(np.max(np.abs(np.asarray(classifier(images)) - np.asarray(rebuilt(images)))))
+    if difference > tolerance:
+        raise ValueError(f"the rebuilt model's outputs differ from the saved model's by {difference:.3g}")
+    return rebuilt

@@ -40,15 +40,24 @@ def squash(s: Any, kind: str = "efficient", epsilon: float = 1e-7) -> Any:
     ``efficient`` ([2], eq. 5): ``v = (1 - exp(-|s|)) * s / |s|``.
     ``hinton`` ([1], eq. 1): ``v = |s|^2 / (1 + |s|^2) * s / |s|``.
     ``|s|`` is computed as ``sqrt(sum(s^2) + epsilon)`` so that the value and its
-    gradient stay finite at ``s = 0``. ``s / |s|`` is written ``s * rsqrt(...)``:
-    the same numbers in float, but no DIV or SQRT op, which int8 kernels and
-    the Edge TPU lack (and an int8 DIV fails outright on a norm that rounds to 0).
-    Likewise ``s * s`` and ``* -1.0`` stand for SQUARE and NEG, which have no int8
-    kernel: the converter would leave them in float between DEQUANTIZE and QUANTIZE.
+    gradient stay finite at ``s = 0``. Every operation is one the Edge TPU and
+    int8 kernels have, with the same numbers in float:
+
+    - ``s / |s|`` is ``s * rsqrt(...)`` (no DIV or SQRT; an int8 DIV also fails
+      outright on a norm that rounds to 0), and ``|s|`` is ``|s|^2 * rsqrt(|s|^2)``;
+    - ``1 - e^{-x}`` is ``2 - 1/sigmoid(x)`` (as ``1/sigmoid(x) = 1 + e^{-x}``), with
+      ``1/sigmoid(x)`` written ``r * r``, ``r = rsqrt(sigmoid(x))``: LOGISTIC and RSQRT
+      instead of EXP, which the Edge TPU lacks;
+    - ``s * s`` stands for SQUARE, which has no int8 kernel (the converter would
+      leave it in float between DEQUANTIZE and QUANTIZE).
     """
     squared = ops.sum(s * s, axis=-1, keepdims=True) + epsilon
     inverse_norm = ops.rsqrt(squared)
-    scale = squared / (1.0 + squared) if kind == "hinton" else 1.0 - ops.exp(squared * inverse_norm * -1.0)
+    if kind == "hinton":
+        scale = squared / (1.0 + squared)
+    else:
+        r = ops.rsqrt(ops.sigmoid(squared * inverse_norm))
+        scale = 2.0 - r * r
     return scale * s * inverse_norm
 
 
@@ -292,8 +301,12 @@ class FCCaps(_FullyConnectedCapsules):
 
     ``sum_k A[j, i, k] = u_hat[j, i] . sum_k u_hat[j, k] / sqrt(d)``, which this layer uses:
     the same number as the reference's ``N_in x N_in`` matrix, in O(N_in) instead of
-    O(N_in^2). ``scale`` picks ``d``: the reference code divides by ``sqrt(D_out)``
-    (``"d_out"``, the default), the paper's eq. 3 writes ``sqrt(D_in)`` (``"d_in"``).
+    O(N_in^2), and with no product of two activation tensors (BATCH_MATMUL, which the
+    Edge TPU lacks). ``u_hat`` is likewise a broadcast product with the constant ``W``
+    and a sum, kept in ``(N_in, N_out, D_out)`` order so that the softmax over ``j`` is
+    over the last axis and no activation is transposed. ``scale`` picks ``d``: the
+    reference code divides by ``sqrt(D_out)`` (``"d_out"``, the default), the paper's
+    eq. 3 writes ``sqrt(D_in)`` (``"d_in"``).
 
     Args:
         n_caps: number of output capsules N_out.
@@ -325,10 +338,18 @@ class FCCaps(_FullyConnectedCapsules):
         self._sqrt_d = math.sqrt(self.dim_caps if self.scale == "d_out" else d_in)
 
     def call(self, inputs: Any) -> Any:
-        u_hat = _predictions(inputs, self.kernel)
-        agreement = ops.sum(u_hat * ops.sum(u_hat, axis=-2, keepdims=True), axis=-1, keepdims=True)
-        coupling = ops.softmax(agreement * (1.0 / self._sqrt_d), axis=-3)
-        return squash(ops.sum((coupling + self.bias) * u_hat, axis=-2), self.squash)
+        n_out, n_in, d_in, d_out = self.kernel.shape
+        # W as (N_in, D_in, N_out*D_out): u_hat[i] = sum_d u[i, d] * W[i, d] for all j at once.
+        kernel = ops.reshape(ops.transpose(self.kernel, (1, 2, 0, 3)), (n_in, d_in, n_out * d_out))
+        u_hat = ops.sum(ops.expand_dims(inputs, -1) * kernel, axis=-2)
+        u_hat = ops.reshape(u_hat, (-1, n_in, n_out, d_out))  # (batch, N_in, N_out, D_out)
+        agreement = ops.sum(u_hat * ops.sum(u_hat, axis=1, keepdims=True), axis=-1)
+        # Softmax over j, one input capsule at a time: the Edge TPU's SOFTMAX takes 1-D inputs.
+        rows = ops.split(agreement * (1.0 / self._sqrt_d), n_in, axis=1)
+        coupling = ops.concatenate([ops.softmax(row, axis=-1) for row in rows], axis=1)
+        bias = ops.transpose(ops.reshape(self.bias, (n_out, n_in)))  # (N_in, N_out)
+        s = ops.sum(ops.expand_dims(coupling + bias, -1) * u_hat, axis=1)
+        return squash(s, self.squash)
 
     def get_config(self) -> dict:
         return {**super().get_config(), "scale": self.scale}
@@ -391,6 +412,8 @@ class DigitCaps(_FullyConnectedCapsules):
 class Length(keras.layers.Layer):
     """Capsule lengths ``|v| = sqrt(sum(v^2) + epsilon)``: the class scores of a capsule net.
 
+    Computed as ``x * rsqrt(x)``, ``x = sum(v^2) + epsilon``: no SQRT, which the Edge TPU lacks.
+
     Input shape: ``(batch, N, D)``. Output shape: ``(batch, N)``.
     """
 
@@ -400,7 +423,8 @@ class Length(keras.layers.Layer):
         self.epsilon = float(epsilon)
 
     def call(self, inputs: Any) -> Any:
-        return ops.sqrt(ops.sum(inputs * inputs, axis=-1) + self.epsilon)  # no SQUARE: see squash
+        squared = ops.sum(inputs * inputs, axis=-1) + self.epsilon  # no SQUARE: see squash
+        return squared * ops.rsqrt(squared)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return tuple(input_shape[:-1])
@@ -442,14 +466,15 @@ class NormalizeLengths(keras.layers.Layer):
     the order of the classes (and so the argmax) is that of the lengths, and the
     divisor is never below ``K c``. A bare ``|v_k| / sum_j |v_j|`` divides by a
     sum that, for an image with no evidence, int8 quantization rounds to zero,
-    which LiteRT's int8 DIV refuses (the Edge TPU has no DIV at all).
+    which LiteRT's int8 DIV refuses. The division is a product with ``r * r``,
+    ``r = rsqrt(sum)``: the Edge TPU has no DIV at all.
     """
 
     SMOOTHING = 0.0125
 
     def call(self, inputs: Any) -> Any:
-        total = ops.sum(inputs, axis=-1, keepdims=True) + self.SMOOTHING * inputs.shape[-1]
-        return (inputs + self.SMOOTHING) / total
+        r = ops.rsqrt(ops.sum(inputs, axis=-1, keepdims=True) + self.SMOOTHING * inputs.shape[-1])
+        return (inputs + self.SMOOTHING) * (r * r)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return input_shape

@@ -17,12 +17,14 @@ from capsedge.models import (  # noqa: E402
     ModelConfig,
     build_model,
     get_model_config,
+    heads,  # noqa: E402
     list_model_configs,
     losses,
     perturb_capsule,
+    rebuild_classifier,
 )
 from capsedge.models import layers as L  # noqa: E402
-from capsedge.models.heads import ProbabilityFusion  # noqa: E402
+from capsedge.models.heads import ProbabilityFusion, UnrolledCfC  # noqa: E402
 
 NAMES = list_model_configs()
 RNG = np.random.default_rng(0)
@@ -299,6 +301,13 @@ def test_squash_matches_numpy(kind):
     assert np.all(np.linalg.norm(v, axis=-1) <= 1 + 1e-6)
 
 
+def test_squash_in_edge_tpu_ops_equals_the_papers_formula_near_zero_and_far():
+    norms = np.array([1e-3, 1e-2, 0.1, 1.0, 3.0, 10.0, 30.0], dtype="float32")
+    s = norms[:, None] * np.eye(1, 8, dtype="float32")  # vectors of exactly these lengths
+    lengths = np.linalg.norm(L.Squash()(s[None]).numpy()[0], axis=-1)
+    np.testing.assert_allclose(lengths, 1 - np.exp(-norms), rtol=2e-4, atol=1e-6)
+
+
 def test_squash_is_finite_at_zero():
     x = tf.zeros((1, 3, 8))
     with tf.GradientTape() as tape:
@@ -487,3 +496,47 @@ def test_perturb_capsule():
     assert not np.allclose(out[0], out[2])
     with pytest.raises(ValueError, match="received 16"):
         perturb_capsule(model.decoder, caps, label=0, dim=16)
+
+
+# --- the hand-unrolled NCP head and models saved with ncps' CfC layer --------------------------
+
+
+def ncps_cfc(units: int, output_size: int, name: str | None = None) -> keras.layers.Layer:
+    """The ``ncps`` layer that ``UnrolledCfC`` replaces (and that earlier versions saved)."""
+    from ncps.keras import CfC
+    from ncps.wirings import AutoNCP
+
+    return CfC(AutoNCP(units, output_size), unroll=True, return_sequences=False, name=name)
+
+
+def test_unrolled_cfc_equals_the_ncps_cfc_layer_with_the_same_weights():
+    x = np.random.default_rng(3).normal(size=(5, 8, 8)).astype("float32")
+    keras.utils.set_random_seed(4)
+    reference = ncps_cfc(16, 4)
+    expected = np.asarray(reference(x))
+    layer = UnrolledCfC(16, 4)
+    layer.build(x.shape)
+    assert [tuple(w.shape) for w in layer.weights] == [tuple(w.shape) for w in reference.weights]
+    rng = np.random.default_rng(6)  # random biases too (zeros before)
+    layer.set_weights([rng.normal(scale=0.3, size=w.shape).astype("float32") for w in reference.weights])
+    reference.set_weights(layer.get_weights())
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(reference(x)), atol=1e-5)
+    assert not np.allclose(np.asarray(layer(x)), expected)  # the weights did matter
+
+
+def test_a_model_saved_with_the_ncps_layer_is_rebuilt_with_the_same_outputs(monkeypatch, tmp_path):
+    cfg = get_model_config("effcaps_ncp_implant_lite")
+    keras.utils.set_random_seed(5)
+    with monkeypatch.context() as patch:
+        patch.setattr(heads, "UnrolledCfC", lambda units, k, name: ncps_cfc(units, k, name))
+        old = build_model(cfg).classifier
+    old.save(tmp_path / "old.keras")
+    old = keras.models.load_model(tmp_path / "old.keras", compile=False)
+    assert "CfC" in {type(layer).__name__ for layer in old.layers}
+    rebuilt = rebuild_classifier(old, cfg)
+    assert "UnrolledCfC" in {type(layer).__name__ for layer in rebuilt.layers}
+    x = images(cfg, 3)
+    np.testing.assert_allclose(np.asarray(rebuilt(x)), np.asarray(old(x)), atol=1e-5)
+    other = dataclasses.replace(cfg, ncp_units=20)
+    with pytest.raises(ValueError):
+        rebuild_classifier(old, other)
