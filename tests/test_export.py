@@ -384,3 +384,35 @@ def test_edgetpu_prediction_ends_the_mapped_part_at_the_first_unsupported_op(tmp
     assert mapping.on_tpu + mapping.on_cpu == mapping.total_ops
     assert "1-D" in mapping.unsupported["SOFTMAX"]["reason"]
     assert "EXP" in mapping.unsupported
+
+
+def test_a_run_saved_with_the_ncps_cfc_layer_is_exported_with_the_current_graph(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ncps.keras import CfC
+    from ncps.wirings import AutoNCP
+
+    from capsedge.errors import ModelError
+    from capsedge.export.quantize import load_run
+    from capsedge.models import build_model, get_model_config, heads
+
+    config = get_model_config("effcaps_ncp_implant_lite")
+    with monkeypatch.context() as patch:  # the head as versions before UnrolledCfC built it
+        patch.setattr(heads, "UnrolledCfC", lambda units, k, name: CfC(
+            AutoNCP(units, k), unroll=True, return_sequences=False, name=name))
+        old = build_model(config).classifier
+    old.save(tmp_path / "classifier.keras")
+
+    def write_config(model: dict) -> None:
+        (tmp_path / "config.json").write_text(json.dumps({
+            "model": model,
+            "preprocessing": Preprocessing(input_size=128).to_dict(),
+            "classes": list(LABELS),
+        }), encoding="utf-8")
+
+    write_config(config.to_dict())
+    layers = {type(layer).__name__ for layer in load_run(tmp_path).classifier.layers}
+    assert "UnrolledCfC" in layers and "CfC" not in layers
+    write_config({"name": config.name})  # not enough to rebuild from
+    with pytest.raises(ModelError, match="cannot rebuild"):
+        load_run(tmp_path)
