@@ -180,17 +180,29 @@ def edgetpu_mapping(path: str | Path) -> EdgeTpuMapping:
 
 
 def _from_compiler_log(log: Path) -> EdgeTpuMapping:
+    """Read the operation log ``edgetpu_compiler`` writes beside the compiled model.
+
+    Its table has one row per op type and status, e.g.
+    ``CONV_2D   4   Mapped to Edge TPU`` or ``EXP   2   Operation not supported``.
+    """
     text = log.read_text(encoding="utf-8", errors="replace")
-
-    def number(pattern: str) -> int:
-        match = re.search(pattern, text)
-        return int(match.group(1)) if match else 0
-
-    on_tpu = number(r"Number of operations that will run on Edge TPU:\s*(\d+)")
-    on_cpu = number(r"Number of operations that will run on CPU:\s*(\d+)")
-    summary = "\n".join(line for line in text.splitlines() if line.startswith(("Number of", "Model")))
-    return EdgeTpuMapping(COMPILER, on_tpu + on_cpu, on_tpu, on_cpu,
-                          compiled=str(log.with_suffix(".tflite")), log=summary)
+    on_tpu = on_cpu = 0
+    unsupported: dict[str, dict[str, Any]] = {}
+    rows = []
+    for line in text.splitlines():
+        match = re.match(r"^([A-Z][A-Z0-9_]*)\s+(\d+)\s+(\S.*?)\s*$", line)
+        if match is None or match.group(1) == "Operator":
+            continue
+        name, count, status = match.group(1), int(match.group(2)), match.group(3)
+        rows.append(line.strip())
+        if status.startswith("Mapped to Edge TPU"):
+            on_tpu += count
+            continue
+        on_cpu += count
+        entry = unsupported.setdefault(name, {"count": 0, "reason": status})
+        entry["count"] += count
+    return EdgeTpuMapping(COMPILER, on_tpu + on_cpu, on_tpu, on_cpu, unsupported=unsupported,
+                          compiled=str(log.with_suffix(".tflite")), log="\n".join(rows))
 
 
 def predict_mapping(path: str | Path) -> EdgeTpuMapping:

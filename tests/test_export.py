@@ -416,3 +416,75 @@ def test_a_run_saved_with_the_ncps_cfc_layer_is_exported_with_the_current_graph(
     write_config({"name": config.name})  # not enough to rebuild from
     with pytest.raises(ModelError, match="cannot rebuild"):
         load_run(tmp_path)
+
+
+FAKE_COMPILER = r'''#!{python}
+"""Stands in for edgetpu_compiler: copies the model and writes an operation log like Coral's."""
+import pathlib, sys
+args = sys.argv[1:]
+if "{fail}" == "yes":
+    print("Internal compiler error. Aborting!")
+    sys.exit(1)
+out_dir = pathlib.Path(args[args.index("--out_dir") + 1])
+model = pathlib.Path(args[-1])
+compiled = out_dir / (model.stem + "_edgetpu.tflite")
+compiled.write_bytes(model.read_bytes())
+compiled.with_suffix(".log").write_text(
+    "Edge TPU Compiler version 16.0.384591198\n"
+    f"Input: {{model.name}}\nOutput: {{compiled.name}}\n\n"
+    "Operator                       Count      Status\n\n"
+    "CONV_2D                        2          Mapped to Edge TPU\n"
+    "SOFTMAX                        9          Mapped to Edge TPU\n"
+    "MUL                            3          More than one subgraph is not supported\n"
+    "MUL                            1          Mapped to Edge TPU\n"
+    "QUANTIZE                       2          Operation is otherwise supported, "
+    "but not mapped due to some unspecified limitation\n"
+)
+print("Compilation succeeded!")
+'''
+
+
+def fake_compiler(folder: Path, fail: bool = False) -> Path:
+    import sys
+
+    folder.mkdir()
+    script = folder / "edgetpu_compiler"
+    script.write_text(FAKE_COMPILER.format(python=sys.executable, fail="yes" if fail else "no"))
+    script.chmod(0o755)
+    return folder
+
+
+@pytest.mark.slow
+def test_edgetpu_compiler_on_the_path_is_run_and_its_log_reported(
+    tiny_run: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    bin_dir = fake_compiler(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out"
+    written, report = export_and_verify(tiny_run, out, ("edgetpu",), images)
+    compiled = out / f"{written['edgetpu'].stem}_edgetpu.tflite"
+    assert compiled.is_file()
+    assert read_embedded(compiled).labels == LABELS  # metadata stored again after compiling
+    assert read_sidecar(compiled).labels == LABELS
+    mapping = json.loads((out / "report.json").read_text(encoding="utf-8"))["artifacts"][0]["edgetpu"]
+    assert mapping["source"] == "edgetpu_compiler" and mapping["compiled"] == str(compiled)
+    assert (mapping["on_tpu"], mapping["on_cpu"], mapping["total_ops"]) == (12, 5, 17)
+    assert mapping["unsupported"]["MUL"] == {"count": 3, "reason": "More than one subgraph is not supported"}
+    assert "QUANTIZE" in mapping["unsupported"] and "CONV_2D" not in mapping["unsupported"]
+    assert "12 of 17 operations on the Edge TPU" in (out / "report.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_a_failing_edgetpu_compiler_is_a_one_line_error(
+    tiny_run: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    bin_dir = fake_compiler(tmp_path / "bin", fail=True)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    result = invoke("--model", str(tiny_run), "--out", str(tmp_path / "out"), "--formats", "edgetpu",
+                    "--calib", str(images))
+    assert_one_line_error(result, "edgetpu_compiler failed on")
+    assert "Internal compiler error. Aborting!" in result.stderr
