@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,3 +39,20 @@ def xray_png(tmp_path: Path) -> Path:
     path = tmp_path / "xray.png"
     Image.fromarray(synthetic_xray()).save(path)
     return path
+
+
+def ncps_cfc(units: int, output_size: int, name: str | None = None) -> Any:
+    """The ``ncps`` layer that ``UnrolledCfC`` replaces (and that earlier versions saved)."""
+    from ncps.keras import CfC
+    from ncps.wirings import AutoNCP
+
+    return CfC(AutoNCP(units, output_size), unroll=True, return_sequences=False, name=name)
+
+
+def classifier_with_ncps_cfc(config: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``config``'s classifier as versions before ``UnrolledCfC`` built it (an ``ncps`` CfC head)."""
+    from capsedge.models import build_model, heads
+
+    with monkeypatch.context() as patch:
+        patch.setattr(heads, "UnrolledCfC", lambda units, k, name: ncps_cfc(units, k, name))
+        return build_model(config).classifier

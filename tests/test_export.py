@@ -18,7 +18,7 @@ from PIL import Image
 from capsedge import Classifier, Preprocessing
 from capsedge.metadata import read_embedded, read_onnx_metadata_props, read_sidecar
 
-from conftest import synthetic_xray
+from conftest import classifier_with_ncps_cfc, synthetic_xray
 
 tf2onnx = pytest.importorskip("tf2onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -389,19 +389,12 @@ def test_edgetpu_prediction_ends_the_mapped_part_at_the_first_unsupported_op(tmp
 def test_a_run_saved_with_the_ncps_cfc_layer_is_exported_with_the_current_graph(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ncps.keras import CfC
-    from ncps.wirings import AutoNCP
-
     from capsedge.errors import ModelError
     from capsedge.export.quantize import load_run
-    from capsedge.models import build_model, get_model_config, heads
+    from capsedge.models import get_model_config
 
     config = get_model_config("effcaps_ncp_implant_lite")
-    with monkeypatch.context() as patch:  # the head as versions before UnrolledCfC built it
-        patch.setattr(heads, "UnrolledCfC", lambda units, k, name: CfC(
-            AutoNCP(units, k), unroll=True, return_sequences=False, name=name))
-        old = build_model(config).classifier
-    old.save(tmp_path / "classifier.keras")
+    classifier_with_ncps_cfc(config, monkeypatch).save(tmp_path / "classifier.keras")
 
     def write_config(model: dict) -> None:
         (tmp_path / "config.json").write_text(json.dumps({
@@ -444,24 +437,22 @@ print("Compilation succeeded!")
 '''
 
 
-def fake_compiler(folder: Path, fail: bool = False) -> Path:
+def put_fake_compiler_on_path(folder: Path, monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> None:
+    import os
     import sys
 
     folder.mkdir()
     script = folder / "edgetpu_compiler"
     script.write_text(FAKE_COMPILER.format(python=sys.executable, fail="yes" if fail else "no"))
     script.chmod(0o755)
-    return folder
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
 
 
 @pytest.mark.slow
 def test_edgetpu_compiler_on_the_path_is_run_and_its_log_reported(
     tiny_run: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import os
-
-    bin_dir = fake_compiler(tmp_path / "bin")
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    put_fake_compiler_on_path(tmp_path / "bin", monkeypatch)
     out = tmp_path / "out"
     written, report = export_and_verify(tiny_run, out, ("edgetpu",), images)
     compiled = out / f"{written['edgetpu'].stem}_edgetpu.tflite"
@@ -480,10 +471,7 @@ def test_edgetpu_compiler_on_the_path_is_run_and_its_log_reported(
 def test_a_failing_edgetpu_compiler_is_a_one_line_error(
     tiny_run: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import os
-
-    bin_dir = fake_compiler(tmp_path / "bin", fail=True)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    put_fake_compiler_on_path(tmp_path / "bin", monkeypatch, fail=True)
     result = invoke("--model", str(tiny_run), "--out", str(tmp_path / "out"), "--formats", "edgetpu",
                     "--calib", str(images))
     assert_one_line_error(result, "edgetpu_compiler failed on")

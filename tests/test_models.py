@@ -17,7 +17,6 @@ from capsedge.models import (  # noqa: E402
     ModelConfig,
     build_model,
     get_model_config,
-    heads,  # noqa: E402
     list_model_configs,
     losses,
     perturb_capsule,
@@ -25,6 +24,8 @@ from capsedge.models import (  # noqa: E402
 )
 from capsedge.models import layers as L  # noqa: E402
 from capsedge.models.heads import ProbabilityFusion, UnrolledCfC  # noqa: E402
+
+from conftest import classifier_with_ncps_cfc, ncps_cfc  # noqa: E402
 
 NAMES = list_model_configs()
 RNG = np.random.default_rng(0)
@@ -501,14 +502,6 @@ def test_perturb_capsule():
 # --- the hand-unrolled NCP head and models saved with ncps' CfC layer --------------------------
 
 
-def ncps_cfc(units: int, output_size: int, name: str | None = None) -> keras.layers.Layer:
-    """The ``ncps`` layer that ``UnrolledCfC`` replaces (and that earlier versions saved)."""
-    from ncps.keras import CfC
-    from ncps.wirings import AutoNCP
-
-    return CfC(AutoNCP(units, output_size), unroll=True, return_sequences=False, name=name)
-
-
 def test_unrolled_cfc_equals_the_ncps_cfc_layer_with_the_same_weights():
     x = np.random.default_rng(3).normal(size=(5, 8, 8)).astype("float32")
     keras.utils.set_random_seed(4)
@@ -527,9 +520,7 @@ def test_unrolled_cfc_equals_the_ncps_cfc_layer_with_the_same_weights():
 def test_a_model_saved_with_the_ncps_layer_is_rebuilt_with_the_same_outputs(monkeypatch, tmp_path):
     cfg = get_model_config("effcaps_ncp_implant_lite")
     keras.utils.set_random_seed(5)
-    with monkeypatch.context() as patch:
-        patch.setattr(heads, "UnrolledCfC", lambda units, k, name: ncps_cfc(units, k, name))
-        old = build_model(cfg).classifier
+    old = classifier_with_ncps_cfc(cfg, monkeypatch)
     old.save(tmp_path / "old.keras")
     old = keras.models.load_model(tmp_path / "old.keras", compile=False)
     assert "CfC" in {type(layer).__name__ for layer in old.layers}
