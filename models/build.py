@@ -8,7 +8,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from capsedge.models.config import ModelConfig
+from capsedge.models.config import INPUT_NORMALIZATIONS, ModelConfig
 from capsedge.models.decoder import DECODERS
 from capsedge.models.heads import ProbabilityFusion, ncp_head
 from capsedge.models.layers import (
@@ -19,7 +19,11 @@ from capsedge.models.layers import (
     NormalizeLengths,
     PrimaryCaps,
     PrimaryConvCaps,
+    Squash,
 )
+
+#: Layer-name prefix of a pretrained trunk inside a capsedge network.
+TRUNK_PREFIX = "lite0"
 
 
 @dataclass(frozen=True)
@@ -36,14 +40,15 @@ class BuiltModel:
             ``(batch, H, W, C)`` (decoded from the capsule of the true label) when a decoder
             is configured.
         decoder: ``(batch, K*D)`` masked class capsules -> image, or ``None``.
-        encoder: image -> ``(batch, K, D)`` class capsules, for the perturbation view.
+        encoder: image -> ``(batch, K, D)`` class capsules, for the perturbation view; ``None``
+            for a linear head.
     """
 
     config: ModelConfig
     classifier: keras.Model
     trainer: keras.Model
     decoder: keras.Model | None
-    encoder: keras.Model
+    encoder: keras.Model | None
 
 
 def _stem(x: Any, cfg: ModelConfig) -> Any:
@@ -65,8 +70,42 @@ def _stem(x: Any, cfg: ModelConfig) -> Any:
     return x
 
 
+def _features(image: Any, cfg: ModelConfig) -> Any:
+    """The feature map under the head: the configured stem, or the pretrained trunk."""
+    mean, std = INPUT_NORMALIZATIONS[cfg.input_normalization]
+    x = image
+    if (mean, std) != INPUT_NORMALIZATIONS["unit"]:
+        x = keras.layers.Rescaling(255.0 / std, -mean / std, name="input_normalization")(x)
+    if cfg.trunk is None:
+        return _stem(x, cfg)
+    from capsedge.models.efficientnet_lite import efficientnet_lite0
+
+    return efficientnet_lite0(x, stages=cfg.trunk_stages, name=TRUNK_PREFIX)
+
+
+def _trunk_primary(x: Any, cfg: ModelConfig) -> Any:
+    """Primary capsules from a trunk's feature map (see ``ModelConfig.primary_source``)."""
+    channels = cfg.primary_caps * cfg.primary_dim
+    if cfg.primary_source == "pooled":
+        x = keras.layers.GlobalAveragePooling2D(name="primary_pool")(x)
+        x = keras.layers.Dense(channels, name="primary_dense")(x)
+        x = keras.layers.Reshape((cfg.primary_caps, cfg.primary_dim), name="primary_reshape")(x)
+        return Squash(cfg.squash, name="primary_caps")(x)
+    x = keras.layers.Conv2D(channels, 1, use_bias=False, name="primary_reduce")(x)
+    x = keras.layers.BatchNormalization(name="primary_reduce_bn")(x)
+    x = keras.layers.ReLU(6.0, name="primary_reduce_relu")(x)
+    caps = PrimaryCaps(cfg.primary_caps, cfg.primary_dim, cfg.primary_kernel, cfg.squash, name="primary_caps")
+    return caps(x)
+
+
 def _capsules(x: Any, cfg: ModelConfig) -> tuple[Any, Any]:
     """Primary and class capsules of the configured routing."""
+    if cfg.trunk is not None:
+        primary = _trunk_primary(x, cfg)
+        caps = FCCaps(cfg.num_classes, cfg.class_dim, cfg.attention_scale, cfg.squash, name="class_caps")(
+            primary
+        )
+        return primary, caps
     if cfg.routing == "self_attention":
         primary = PrimaryCaps(
             cfg.primary_caps, cfg.primary_dim, cfg.primary_kernel, cfg.squash, name="primary_caps"
@@ -96,7 +135,9 @@ def build_model(cfg: ModelConfig) -> BuiltModel:
     ``use_ncp``, ``w * that + (1 - w) * ncp_probs`` with ``w = cfg.fusion_weight``.
     """
     image = keras.Input(cfg.input_shape, name="image")
-    primary, caps = _capsules(_stem(image, cfg), cfg)
+    if cfg.head == "linear":
+        return _build_linear(image, cfg)
+    primary, caps = _capsules(_features(image, cfg), cfg)
     lengths = Length(name="caps_length")(caps)
     probs = NormalizeLengths(name="caps_probs")(lengths)
     outputs: dict[str, Any] = {"caps_length": lengths}
@@ -108,12 +149,26 @@ def build_model(cfg: ModelConfig) -> BuiltModel:
     y_true = keras.Input((cfg.num_classes,), name="y_onehot")
     decoder = None
     if cfg.decoder is not None:
-        decoder = DECODERS[cfg.decoder](cfg.num_classes, cfg.class_dim, cfg.input_shape)
+        size = cfg.reconstruction_size or cfg.input_shape[0]
+        target = (size, size * cfg.input_shape[1] // cfg.input_shape[0], cfg.input_shape[2])
+        decoder = DECODERS[cfg.decoder](cfg.num_classes, cfg.class_dim, target)
         masked = Mask(name="mask_by_label")([caps, y_true])
         outputs["reconstruction"] = keras.layers.Identity(name="reconstruction")(decoder(masked))
     trainer = keras.Model([image, y_true], outputs, name=f"{cfg.name}_trainer")
     encoder = keras.Model(image, caps, name=f"{cfg.name}_encoder")
     return BuiltModel(cfg, classifier, trainer, decoder, encoder)
+
+
+def _build_linear(image: Any, cfg: ModelConfig) -> BuiltModel:
+    """The transfer-learning baseline: trunk, global average pooling, dropout, dense softmax."""
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(_features(image, cfg))
+    if cfg.dropout:
+        x = keras.layers.Dropout(cfg.dropout, name="dropout")(x)
+    probs = keras.layers.Dense(cfg.num_classes, activation="softmax", name="linear_probs")(x)
+    classifier = keras.Model(image, probs, name=f"{cfg.name}_classifier")
+    y_true = keras.Input((cfg.num_classes,), name="y_onehot")
+    trainer = keras.Model([image, y_true], {"linear_probs": probs}, name=f"{cfg.name}_trainer")
+    return BuiltModel(cfg, classifier, trainer, None, None)
 
 
 def rebuild_classifier(classifier: keras.Model, cfg: ModelConfig, tolerance: float = 1e-4) -> keras.Model:

@@ -12,6 +12,17 @@ DECODERS = ("dense", "lean")
 SQUASHES = ("efficient", "hinton")
 PADDINGS = ("valid", "same")
 NORM_ORDERS = ("relu_bn", "bn_relu")
+TRUNKS = ("efficientnet_lite0",)
+HEADS = ("capsules", "linear")
+PRIMARY_SOURCES = ("spatial", "pooled")
+#: How the network normalises its input before the first convolution: ``(mean, std)`` of
+#: ``(255 x - mean) / std`` for ``x`` in [0, 1]. ``"unit"`` keeps ``x``; ``"lite0"`` is
+#: EfficientNet-Lite's ImageNet normalisation of 8-bit pixels. The model applies it itself (a
+#: ``Rescaling`` layer), so every runtime feeds [0, 1].
+INPUT_NORMALIZATIONS: dict[str, tuple[float, float]] = {
+    "unit": (0.0, 255.0),
+    "lite0": (127.0, 128.0),
+}
 
 
 class ModelConfigError(CapsedgeError, ValueError):
@@ -75,6 +86,18 @@ class ModelConfig:
         fusion_weight: w in ``p = w * p_caps + (1 - w) * p_ncp``.
         decoder: ``"dense"`` (the papers' 512-1024 MLP), ``"lean"`` (dense + transposed
             convolutions) or ``None`` for no reconstruction branch.
+        trunk: a pretrained backbone instead of ``stem`` (``"efficientnet_lite0"``), or ``None``.
+        trunk_stages: how many of the trunk's 7 stages to keep (the ``cut``).
+        head: ``"capsules"`` (PrimaryCaps, routing, class capsules) or ``"linear"`` (global
+            average pooling, dropout, dense softmax: the transfer-learning baseline).
+        primary_source: with a trunk, where the primary capsules come from: ``"spatial"`` (a
+            1x1 convolution to ``primary_caps * primary_dim`` channels, then the depthwise
+            ``PrimaryCaps`` over the whole map) or ``"pooled"`` (global average pooling and a
+            dense layer to the capsules).
+        input_normalization: a key of :data:`INPUT_NORMALIZATIONS`, applied inside the network.
+        reconstruction_size: side of the image the decoder reconstructs (the input, average-
+            pooled); ``None``: the input size.
+        dropout: dropout before the linear head's dense layer.
         description: one line for listings.
     """
 
@@ -98,6 +121,13 @@ class ModelConfig:
     ncp_units: int = 16
     fusion_weight: float = 0.5
     decoder: str | None = "dense"
+    trunk: str | None = None
+    trunk_stages: int = 7
+    head: str = "capsules"
+    primary_source: str = "spatial"
+    input_normalization: str = "unit"
+    reconstruction_size: int | None = None
+    dropout: float = 0.0
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -114,9 +144,24 @@ class ModelConfig:
             ("squash", self.squash, SQUASHES),
             ("decoder", self.decoder, (*DECODERS, None)),
             ("norm_order", self.norm_order, NORM_ORDERS),
+            ("trunk", self.trunk, (*TRUNKS, None)),
+            ("head", self.head, HEADS),
+            ("primary_source", self.primary_source, PRIMARY_SOURCES),
+            ("input_normalization", self.input_normalization, tuple(INPUT_NORMALIZATIONS)),
         ):
             if value not in choices:
                 raise ModelConfigError(f"{name} must be one of {choices}, received {value!r}")
+        if not 1 <= self.trunk_stages <= 7:
+            raise ModelConfigError(f"trunk_stages must be in [1, 7], received {self.trunk_stages!r}")
+        if self.head == "linear" and (self.trunk is None or self.use_ncp or self.decoder is not None):
+            raise ModelConfigError("head='linear' needs a trunk, and no NCP head or decoder")
+        size = self.reconstruction_size
+        if size is not None and (size < 1 or self.input_shape[0] % size or self.input_shape[1] % size):
+            raise ModelConfigError(
+                f"reconstruction_size must divide the input size {self.input_shape[:2]}, received {size!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelConfigError(f"dropout must be in [0, 1), received {self.dropout!r}")
         if not 0.0 <= self.fusion_weight <= 1.0:
             raise ModelConfigError(f"fusion_weight must be in [0, 1], received {self.fusion_weight!r}")
         if self.use_ncp and self.ncp_units < self.num_classes + 3:

@@ -76,6 +76,7 @@ def weighted_categorical_crossentropy(
     class_weights: Sequence[float] | np.ndarray | None = None,
     gamma: float = 0.0,
     epsilon: float = 1e-7,
+    label_smoothing: float = 0.0,
 ) -> Any:
     """Class-weighted cross-entropy on probabilities; focal when ``gamma > 0``.
 
@@ -89,15 +90,22 @@ def weighted_categorical_crossentropy(
         class_weights: ``K`` weights, or ``None`` for 1.
         gamma: focusing parameter (>= 0).
         epsilon: probabilities are clipped to ``[epsilon, 1 - epsilon]``.
+        label_smoothing: the target is ``(1 - s) y + s / K`` (Szegedy et al. 2016); the class
+            weight is still that of the true class.
 
     Returns:
         ``(batch,)`` losses.
     """
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, received {gamma!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), received {label_smoothing!r}")
     probs = ops.clip(ops.convert_to_tensor(probs), epsilon, 1.0 - epsilon)
     y_true = ops.cast(y_true, probs.dtype)
-    per_class = -y_true * ops.log(probs)
+    target = y_true
+    if label_smoothing:
+        target = y_true * (1.0 - label_smoothing) + label_smoothing / probs.shape[-1]
+    per_class = -target * ops.log(probs)
     if gamma:
         per_class = per_class * ops.power(1.0 - probs, gamma)
     loss = ops.sum(per_class, axis=-1)

@@ -70,6 +70,58 @@ _EFFCAPS_IMPLANT_LITE = dataclasses.replace(
     description="effcaps_ncp_implant_lite without its NCP head (ablation)",
 )
 
+#: Input sizes of the EfficientNet-Lite0 families (multiples of the trunk's stride, 32).
+LITE0_SIZES = (224, 320, 384, 448, 512)
+
+
+def _reconstruction_size(size: int) -> int:
+    """The largest divisor of ``size`` that is a multiple of 16 and at most 160: the decoder
+    redraws a pooled image, which keeps it under 0.3 M parameters at any input size."""
+    return max(d for d in range(16, 161, 16) if size % d == 0)
+
+
+def _lite0_configs(size: int) -> tuple[ModelConfig, ...]:
+    """The ImageNet-pretrained EfficientNet-Lite0 networks at ``size`` x ``size``."""
+    trunk = {
+        "input_shape": (size, size, 1),
+        "num_classes": 4,
+        "class_names": IMPLANT_CLASSES,
+        "stem": (),
+        "trunk": "efficientnet_lite0",
+        "trunk_stages": 7,
+        "input_normalization": "lite0",
+    }
+    capsules = ModelConfig(
+        name=f"effcaps_ncp_lite0_{size}",
+        **trunk,
+        primary_caps=16,
+        primary_dim=8,
+        primary_kernel=size // 32,
+        class_dim=16,
+        use_ncp=True,
+        ncp_units=16,
+        fusion_weight=0.5,
+        decoder="lean",
+        reconstruction_size=_reconstruction_size(size),
+        description=f"ImageNet EfficientNet-Lite0 + Efficient-CapsNet + CfC/AutoNCP head, {size}x{size}",
+    )
+    return (
+        capsules,
+        dataclasses.replace(
+            capsules, name=f"effcaps_lite0_{size}", use_ncp=False,
+            description=f"effcaps_ncp_lite0_{size} without its NCP head (ablation)",
+        ),
+        ModelConfig(
+            name=f"lite0_linear_{size}",
+            **trunk,
+            head="linear",
+            dropout=0.2,
+            decoder=None,
+            description=f"ImageNet EfficientNet-Lite0 + global pooling + dense, {size}x{size} (baseline)",
+        ),
+    )
+
+
 _CONFIGS = (
     ModelConfig(
         name="effcaps_mnist",
@@ -129,6 +181,7 @@ _CONFIGS = (
         decoder="lean",
         description="CapsNet (dynamic routing) baseline for 128x128 implant X-rays",
     ),
+    *(config for size in LITE0_SIZES for config in _lite0_configs(size)),
 )
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {cfg.name: cfg for cfg in _CONFIGS}

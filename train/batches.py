@@ -26,11 +26,16 @@ class TrainingBatches(keras.utils.PyDataset):
         seed: the run's seed.
         mixup: Beta(``mixup``, ``mixup``) weight for mixing each batch with a shuffled copy of
             itself, images and labels alike (Zhang et al. 2018, "mixup"); 0: no mixing.
+        reconstruction_size: side of the reconstruction target, the augmented image
+            average-pooled to it (``None``: the image itself).
+        workers: threads that make batches (Keras ``PyDataset``); the batches do not depend on it.
     """
 
     def __init__(self, images: np.ndarray, onehot: np.ndarray, outputs: set[str], batch_size: int,
-                 augmentation: Augmentation | None, seed: int, mixup: float = 0.0) -> None:
-        super().__init__()
+                 augmentation: Augmentation | None, seed: int, mixup: float = 0.0,
+                 reconstruction_size: int | None = None, workers: int = 1) -> None:
+        super().__init__(workers=workers, use_multiprocessing=False)
+        self.reconstruction_size = reconstruction_size
         if mixup < 0:
             raise ValueError(f"mixup must be >= 0, got {mixup!r}")
         self.mixup = mixup
@@ -53,8 +58,21 @@ class TrainingBatches(keras.utils.PyDataset):
             partner = rng.permutation(len(chosen))
             images = weight * images + (1 - weight) * images[partner]
             labels = weight * labels + (1 - weight) * labels[partner]
-        wanted = {"caps_length": labels, "ncp_probs": labels, "reconstruction": images}
+        wanted = {"caps_length": labels, "ncp_probs": labels, "linear_probs": labels}
+        if "reconstruction" in self.outputs:
+            wanted["reconstruction"] = average_pool(images, self.reconstruction_size)
         return (images, labels), {k: v for k, v in wanted.items() if k in self.outputs}
+
+
+def average_pool(images: np.ndarray, size: int | None) -> np.ndarray:
+    """``(B, H, W, C)`` images average-pooled to ``size`` rows (``H`` a multiple of it); ``None``:
+    unchanged."""
+    if size is None or size == images.shape[1]:
+        return images
+    factor = images.shape[1] // size
+    batch, height, width, channels = images.shape
+    blocks = images.reshape(batch, height // factor, factor, width // factor, factor, channels)
+    return blocks.mean(axis=(2, 4), dtype=np.float32)
 
 
 class EpochSetter(keras.callbacks.Callback):

@@ -38,11 +38,25 @@ from capsedge.train.augment import AUGMENTATIONS
               help="Mix training images and their labels, weight ~ Beta(a, a) (e.g. 0.2; 0: off).")
 @click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Keep a moving average of the weights with this momentum (e.g. 0.99) and end on it.")
+@click.option("--weight-decay", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Decoupled weight decay (AdamW); 0: Adam.")
+@click.option("--warmup", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Fraction of the steps with a linear learning-rate warm-up.")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              show_default=True, help="Label smoothing of the cross-entropy heads (NCP, linear).")
+@click.option("--init", type=click.Choice(["imagenet", "none"]), default="imagenet", show_default=True,
+              help="Start a pretrained trunk from its ImageNet weights, or from random ones.")
+@click.option("--freeze-stages", type=click.IntRange(0, 7), default=0, show_default=True,
+              help="Keep the trunk's stem and first N stages fixed (faster on a CPU).")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Threads that augment batches (results do not depend on it).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Makes a run repeatable.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int, learning_rate: float,
             beta: float, reconstruction_weight: float, ncp_weight: float, holdout: float, folds: int | None,
-            augment: str, mixup: float, ema: float, seed: int, resume: bool) -> None:
+            augment: str, mixup: float, ema: float, weight_decay: float, warmup: float,
+            label_smoothing: float, init: str, freeze_stages: int, workers: int, seed: int,
+            resume: bool) -> None:
     """Train a capsule network on labelled X-rays."""
     from capsedge.train.trainer import TrainConfig, cross_validate, train
 
@@ -50,16 +64,17 @@ def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int,
         config = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                              beta=beta, reconstruction_weight=reconstruction_weight,
                              ncp_weight=ncp_weight, holdout=holdout, augment=augment, seed=seed,
-                             mixup=mixup, ema=ema)
+                             mixup=mixup, ema=ema, weight_decay=weight_decay, warmup=warmup,
+                             label_smoothing=label_smoothing, init=init, freeze_stages=freeze_stages)
         if folds:
-            summary = cross_validate(data, run_dir, config, folds=folds, resume=resume)
+            summary = cross_validate(data, run_dir, config, folds=folds, resume=resume, workers=workers)
             click.echo(
                 f"{folds}-fold accuracy {summary['accuracy_mean']:.3f} ± {summary['accuracy_std']:.3f}, "
                 f"macro-F1 {summary['macro_f1_mean']:.3f} ± {summary['macro_f1_std']:.3f}"
             )
             click.echo(f"summary written to {Path(run_dir) / 'cv_summary.json'}")
             return
-        result = train(data, run_dir, config, resume=resume)
+        result = train(data, run_dir, config, resume=resume, workers=workers)
     except ImportError as exc:
         click.echo(f"capsedge: error: {missing_extra(exc.name or 'tensorflow', 'train')}", err=True)
         raise SystemExit(1) from None

@@ -22,6 +22,9 @@ from .augment import get_augmentation
 from .data import Dataset, DatasetError, load_images, read_dataset
 from .metrics import classification_report, stratified_folds, stratified_split
 
+#: Where a pretrained trunk's weights start (see ``TrainConfig.init``).
+INITS = ("imagenet", "none")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -43,6 +46,14 @@ class TrainConfig:
         mixup: Beta parameter of mixup between training images (0: none; 0.2 is usual).
         ema: momentum of an exponential moving average of the weights that replaces them
             when training ends (Keras' ``use_ema``), e.g. 0.99; 0 keeps the last weights.
+        weight_decay: decoupled weight decay (AdamW, Loshchilov & Hutter 2019); 0: Adam.
+        warmup: fraction of the steps over which the learning rate rises linearly from 1 %
+            to ``learning_rate`` before the cosine decay.
+        label_smoothing: of the cross-entropy heads (NCP, linear).
+        init: ``"imagenet"`` starts a pretrained trunk from its ImageNet weights, ``"none"``
+            from random ones; networks without a trunk ignore it.
+        freeze_stages: keep the trunk's stem and first N stages fixed (their batch norm too):
+            cheaper steps for CPU training.
     """
 
     model: str = "effcaps_ncp_implant_lite"
@@ -57,6 +68,11 @@ class TrainConfig:
     seed: int = 0
     mixup: float = 0.0
     ema: float = 0.0
+    weight_decay: float = 0.0
+    warmup: float = 0.0
+    label_smoothing: float = 0.0
+    init: str = "imagenet"
+    freeze_stages: int = 0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -72,6 +88,16 @@ class TrainConfig:
             raise ValueError(f"ema must be in [0, 1), got {self.ema!r}")
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {self.beta!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup must be in [0, 1), got {self.warmup!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if not isinstance(self.freeze_stages, int) or not 0 <= self.freeze_stages <= 7:
+            raise ValueError(f"freeze_stages must be an integer in [0, 7], got {self.freeze_stages!r}")
 
 
 @dataclass(frozen=True)
@@ -91,28 +117,68 @@ def _compile_trainer(built: Any, config: TrainConfig, counts: np.ndarray, steps:
     from capsedge.models import losses
 
     class_weights = losses.class_balanced_weights(counts, config.beta).astype("float32")
-    loss: dict[str, Any] = {
-        "caps_length": lambda y, p: losses.margin_loss(y, p, class_weights=class_weights)
-    }
-    weights = {"caps_length": 1.0}
-    outputs = set(built.trainer.output_names) if hasattr(built.trainer, "output_names") else set()
-    if "ncp_probs" in outputs:
-        loss["ncp_probs"] = lambda y, p: losses.weighted_categorical_crossentropy(
-            y, p, class_weights=class_weights
+
+    def cross_entropy(y: Any, p: Any) -> Any:
+        return losses.weighted_categorical_crossentropy(
+            y, p, class_weights=class_weights, label_smoothing=config.label_smoothing
         )
+
+    outputs = set(built.trainer.output_names) if hasattr(built.trainer, "output_names") else set()
+    loss: dict[str, Any] = {}
+    weights: dict[str, float] = {}
+    if "caps_length" in outputs:
+        loss["caps_length"] = lambda y, p: losses.margin_loss(y, p, class_weights=class_weights)
+        weights["caps_length"] = 1.0
+    if "linear_probs" in outputs:
+        loss["linear_probs"] = cross_entropy
+        weights["linear_probs"] = 1.0
+    if "ncp_probs" in outputs:
+        loss["ncp_probs"] = cross_entropy
         weights["ncp_probs"] = config.ncp_weight
     if "reconstruction" in outputs:
         loss["reconstruction"] = losses.reconstruction_loss
         weights["reconstruction"] = config.reconstruction_weight
+    total = max(1, config.epochs * steps)
+    warmup = int(round(config.warmup * total))
     schedule = keras.optimizers.schedules.CosineDecay(
-        config.learning_rate, decay_steps=max(1, config.epochs * steps), alpha=0.01
+        config.learning_rate / 100 if warmup else config.learning_rate,
+        decay_steps=max(1, total - warmup),
+        alpha=0.01,
+        warmup_target=config.learning_rate if warmup else None,
+        warmup_steps=warmup,
     )
     # Accuracy of each head on its own, per epoch in history.csv (val_* with a hold-out).
-    metrics = {name: ["categorical_accuracy"] for name in ("caps_length", "ncp_probs") if name in loss}
-    built.trainer.compile(
-        optimizer=keras.optimizers.Adam(schedule, use_ema=config.ema > 0, ema_momentum=config.ema or 0.99),
-        loss=loss, loss_weights=weights, metrics=metrics
-    )
+    metrics = {name: ["categorical_accuracy"] for name in ("caps_length", "ncp_probs", "linear_probs")
+               if name in loss}
+    average = {"use_ema": config.ema > 0, "ema_momentum": config.ema or 0.99}
+    if config.weight_decay:
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay, **average)
+    else:
+        optimizer = keras.optimizers.Adam(schedule, **average)
+    built.trainer.compile(optimizer=optimizer, loss=loss, loss_weights=weights, metrics=metrics)
+
+
+def _initialise_trunk(built: Any, config: TrainConfig) -> dict[str, Any]:
+    """Load the ImageNet weights into a pretrained trunk and freeze its first stages.
+
+    Returns what was done, for ``metrics.json``.
+    """
+    from capsedge.models.build import TRUNK_PREFIX
+    from capsedge.models.efficientnet_lite import LITE0_PROVENANCE, load_lite0_weights, trunk_layers
+
+    cfg = built.config
+    if cfg.trunk is None:
+        return {}
+    done: dict[str, Any] = {"init": config.init}
+    if config.init == "imagenet":
+        done["layers_loaded"] = load_lite0_weights(built.classifier, name=TRUNK_PREFIX)
+        done["pretrained"] = LITE0_PROVENANCE
+    if config.freeze_stages:
+        frozen = trunk_layers(built.classifier, config.freeze_stages, name=TRUNK_PREFIX)
+        for layer in frozen:
+            layer.trainable = False
+        done["layers_frozen"] = len(frozen)
+    return done
 
 
 def _distribution(devices: list[str] | None) -> Any | None:
@@ -134,9 +200,16 @@ def _distribution(devices: list[str] | None) -> Any | None:
     return tf.distribute.MirroredStrategy(devices) if devices else None
 
 
-def predict_probabilities(classifier: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def predict_probabilities(classifier: Any, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Class probabilities of the Keras classifier for preprocessed images."""
     return np.asarray(classifier.predict(images, batch_size=batch_size, verbose=0))
+
+
+def predict_flip_average(classifier: Any, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Test-time augmentation: the probabilities averaged over the four flips of each image."""
+    views = (images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1])
+    return np.mean([predict_probabilities(classifier, np.ascontiguousarray(v), batch_size) for v in views],
+                   axis=0)
 
 
 def _prepare(data: str | Path | Dataset, config: TrainConfig) -> tuple[Dataset, Any, Preprocessing]:
@@ -159,6 +232,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     devices: list[str] | None = None,
+    workers: int = 1,
 ) -> TrainResult:
     """Train a model on ``data`` and write the run folder.
 
@@ -172,6 +246,7 @@ def train(
         progress: print one line per epoch.
         devices: train data-parallel on these TensorFlow devices (``MirroredStrategy``);
             by default every GPU when TensorFlow sees more than one, else one device.
+        workers: threads that augment batches (the results do not depend on it).
 
     Raises:
         DatasetError: the data cannot be used.
@@ -182,6 +257,8 @@ def train(
     from capsedge.models import build_model
 
     from .batches import EpochSetter, TrainingBatches
+
+    keras.backend.clear_session()  # a cross-validation builds one network per fold
 
     config = config or TrainConfig()
     dataset, model_config, preprocessing = _prepare(data, config)
@@ -212,11 +289,14 @@ def train(
     strategy = _distribution(devices)
     with strategy.scope() if strategy else contextlib.nullcontext():
         built = build_model(model_config)
+        trunk = _initialise_trunk(built, config)
         steps = int(np.ceil(len(train_idx) / config.batch_size))
         _compile_trainer(built, config, counts, steps)
     outputs = set(built.trainer.output_names)
+    reconstruction_size = model_config.reconstruction_size
     batches = TrainingBatches(images[train_idx], onehot[train_idx], outputs, config.batch_size,
-                              get_augmentation(config.augment), config.seed, config.mixup)
+                              get_augmentation(config.augment), config.seed, config.mixup,
+                              reconstruction_size=reconstruction_size, workers=workers)
 
     callbacks = [
         EpochSetter(batches),
@@ -226,7 +306,8 @@ def train(
     start = time.perf_counter()
     validation = None
     if len(held_idx):
-        validation = TrainingBatches(images[held_idx], onehot[held_idx], outputs, 64, None, config.seed)
+        validation = TrainingBatches(images[held_idx], onehot[held_idx], outputs, 32, None, config.seed,
+                                     reconstruction_size=reconstruction_size)
     built.trainer.fit(batches, epochs=config.epochs, verbose=2 if progress else 0, callbacks=callbacks,
                       validation_data=validation)
     seconds = time.perf_counter() - start
@@ -237,12 +318,17 @@ def train(
         "train_counts": dict(zip(dataset.classes, counts.tolist(), strict=True)),
         "parameters": int(built.classifier.count_params()),
         "devices": strategy.num_replicas_in_sync if strategy else 1,
+        **trunk,
     }
     if len(held_idx):
         probabilities = predict_probabilities(built.classifier, images[held_idx])
         predicted = probabilities.argmax(1)
         metrics["holdout"] = classification_report(targets[held_idx], predicted, dataset.classes)
+        flipped = predict_flip_average(built.classifier, images[held_idx])
+        metrics["holdout_flips"] = classification_report(targets[held_idx], flipped.argmax(1),
+                                                         dataset.classes)
         np.save(run_dir / "holdout_probabilities.npy", probabilities)
+        np.save(run_dir / "holdout_probabilities_flips.npy", flipped)
         np.save(run_dir / "holdout_indices.npy", np.asarray(held_idx))
     built.classifier.save(run_dir / "classifier.keras")
     _write_json(run_dir / "config.json", {
@@ -269,6 +355,7 @@ def cross_validate(
     folds: int = 5,
     resume: bool = False,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Stratified K-fold cross-validation; each fold is a run in ``run_dir/fold-K``.
 
@@ -302,12 +389,15 @@ def cross_validate(
             if progress:
                 print(f"fold {k + 1}/{folds}: {len(train_idx)} training, {len(val_idx)} validation images")
             train(dataset, fold_dir, config, split=(train_idx, val_idx), images=images,
-                  resume=resume and (fold_dir / "backup").is_dir(), progress=progress)
+                  resume=resume and (fold_dir / "backup").is_dir(), progress=progress, workers=workers)
         probabilities = np.load(fold_dir / "holdout_probabilities.npy")
         pooled_true.append(targets[val_idx])
         pooled_pred.append(probabilities.argmax(1))
-        report = json.loads((fold_dir / "metrics.json").read_text())["holdout"]
-        per_fold.append({"fold": k, "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]})
+        fold_metrics = json.loads((fold_dir / "metrics.json").read_text())
+        report = fold_metrics["holdout"]
+        flips = fold_metrics.get("holdout_flips", {})
+        per_fold.append({"fold": k, "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
+                         "accuracy_flips": flips.get("accuracy"), "macro_f1_flips": flips.get("macro_f1")})
     accuracy = np.array([f["accuracy"] for f in per_fold])
     macro_f1 = np.array([f["macro_f1"] for f in per_fold])
     pooled = classification_report(np.concatenate(pooled_true), np.concatenate(pooled_pred), dataset.classes)
@@ -321,6 +411,16 @@ def cross_validate(
         "pooled": pooled,
         "train": asdict(config),
     }
+    if all(f["accuracy_flips"] is not None for f in per_fold):
+        # Test-time flips (predict_flip_average): what a runtime averaging four views would score.
+        flip_accuracy = np.array([f["accuracy_flips"] for f in per_fold])
+        flip_f1 = np.array([f["macro_f1_flips"] for f in per_fold])
+        summary["flips"] = {
+            "accuracy_mean": float(flip_accuracy.mean()),
+            "accuracy_std": float(flip_accuracy.std(ddof=1)) if folds > 1 else 0.0,
+            "macro_f1_mean": float(flip_f1.mean()),
+            "macro_f1_std": float(flip_f1.std(ddof=1)) if folds > 1 else 0.0,
+        }
     _write_json(run_dir / "cv_summary.json", summary)
     save_confusion_png(np.array(pooled["confusion_matrix"]), dataset.classes, run_dir / "confusion.png")
     return summary
