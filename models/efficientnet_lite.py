@@ -99,6 +99,17 @@ def trunk_layers(model: keras.Model, stages: int, name: str = "lite0") -> list[k
     return chosen
 
 
+def trunk_output_layer(model: keras.Model, stages: int, name: str = "lite0") -> keras.layers.Layer:
+    """The layer whose output ends stage ``stages`` (1-7) of ``model``'s trunk."""
+    last = lite0_num_blocks(stages) - 1
+    for suffix in ("add", "project_bn"):
+        try:
+            return model.get_layer(f"{name}_block{last}_{suffix}")
+        except ValueError:
+            continue
+    raise WeightsError(f"the model has no stage {stages} of a trunk named {name!r}")
+
+
 def _conv_bn(x: Any, filters: int, kernel: int, stride: int, prefix: str, act: bool = True) -> Any:
     x = keras.layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=f"{prefix}_conv")(x)
     x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{prefix}_bn")(x)

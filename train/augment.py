@@ -41,6 +41,8 @@ AUGMENTATIONS: dict[str, Augmentation | None] = {
     "none": None,
     # flips, quarter turns, +-15 degrees, +-10 % zoom.
     "d4": Augmentation(rotation=15.0, zoom=0.10),
+    # the 8 flips and quarter turns alone: with a frozen trunk, that trunk runs once per view.
+    "dihedral": Augmentation(),
     # any angle, +-15 % zoom, +-8 % shift, contrast and brightness.
     "full": Augmentation(rotation=180.0, zoom=0.15, shift=0.08, contrast=0.3, brightness=0.1),
     # d4 plus what a different exposure, framing and magnification do.
@@ -84,6 +86,16 @@ def _affine(grey: np.ndarray, spec: Augmentation, rng: np.random.Generator) -> n
     moved = picture.transform((width, height), Image.Transform.AFFINE, (a, b, c, d, e, f),
                               resample=Image.Resampling.BILINEAR, fillcolor=0.0)
     return np.asarray(moved, dtype=np.float32)
+
+
+def dihedral_view(image: np.ndarray, view: int) -> np.ndarray:
+    """View ``view`` (0-7) of an ``(H, W, C)`` image: mirrored when ``view >= 4``, then turned
+    ``view % 4`` quarter turns."""
+    if not 0 <= view < 8:
+        raise ValueError(f"view must be in [0, 8), got {view!r}")
+    if view >= 4:
+        image = image[:, ::-1]
+    return np.ascontiguousarray(np.rot90(image, view % 4))
 
 
 def augment_batch(images: np.ndarray, spec: Augmentation | None, rng: np.random.Generator) -> np.ndarray:

@@ -31,6 +31,8 @@ from capsedge.train.augment import AUGMENTATIONS
               show_default=True, help="Fraction of each class held out for evaluation.")
 @click.option("--folds", type=click.IntRange(2), default=None,
               help="Stratified K-fold cross-validation instead of one hold-out split.")
+@click.option("--final", is_flag=True,
+              help="With --folds: then train the recipe on every image into OUT/final (the weights to ship).")
 @click.option("--augment", type=click.Choice(list(AUGMENTATIONS)), default="d4", show_default=True,
               help="d4: flips and quarter turns (+ small rotation, zoom); d4-strong: d4 with more zoom, "
               "shifts, contrast and brightness; full: any rotation, shifts, contrast; none.")
@@ -54,7 +56,7 @@ from capsedge.train.augment import AUGMENTATIONS
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int, learning_rate: float,
             beta: float, reconstruction_weight: float, ncp_weight: float, holdout: float, folds: int | None,
-            augment: str, mixup: float, ema: float, weight_decay: float, warmup: float,
+            final: bool, augment: str, mixup: float, ema: float, weight_decay: float, warmup: float,
             label_smoothing: float, init: str, freeze_stages: int, workers: int, seed: int,
             resume: bool) -> None:
     """Train a capsule network on labelled X-rays."""
@@ -67,12 +69,15 @@ def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int,
                              mixup=mixup, ema=ema, weight_decay=weight_decay, warmup=warmup,
                              label_smoothing=label_smoothing, init=init, freeze_stages=freeze_stages)
         if folds:
-            summary = cross_validate(data, run_dir, config, folds=folds, resume=resume, workers=workers)
+            summary = cross_validate(data, run_dir, config, folds=folds, resume=resume, workers=workers,
+                                     final=final)
             click.echo(
                 f"{folds}-fold accuracy {summary['accuracy_mean']:.3f} ± {summary['accuracy_std']:.3f}, "
                 f"macro-F1 {summary['macro_f1_mean']:.3f} ± {summary['macro_f1_std']:.3f}"
             )
             click.echo(f"summary written to {Path(run_dir) / 'cv_summary.json'}")
+            if final:
+                click.echo(f"final run written to {Path(run_dir) / 'final'}")
             return
         result = train(data, run_dir, config, resume=resume, workers=workers)
     except ImportError as exc:

@@ -111,7 +111,9 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def _compile_trainer(built: Any, config: TrainConfig, counts: np.ndarray, steps: int) -> None:
+def _compile_trainer(model: Any, config: TrainConfig, counts: np.ndarray, steps: int) -> None:
+    """Compile ``model`` (the trainer, or the part above a frozen trunk) with the losses of its
+    outputs and the configured optimiser and schedule."""
     import keras
 
     from capsedge.models import losses
@@ -123,7 +125,7 @@ def _compile_trainer(built: Any, config: TrainConfig, counts: np.ndarray, steps:
             y, p, class_weights=class_weights, label_smoothing=config.label_smoothing
         )
 
-    outputs = set(built.trainer.output_names) if hasattr(built.trainer, "output_names") else set()
+    outputs = set(model.output_names)
     loss: dict[str, Any] = {}
     weights: dict[str, float] = {}
     if "caps_length" in outputs:
@@ -155,7 +157,27 @@ def _compile_trainer(built: Any, config: TrainConfig, counts: np.ndarray, steps:
         optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay, **average)
     else:
         optimizer = keras.optimizers.Adam(schedule, **average)
-    built.trainer.compile(optimizer=optimizer, loss=loss, loss_weights=weights, metrics=metrics)
+    model.compile(optimizer=optimizer, loss=loss, loss_weights=weights, metrics=metrics)
+
+
+def uses_frozen_views(model_config: Any, config: TrainConfig) -> bool:
+    """Whether training runs above precomputed frozen-trunk maps (see :mod:`.frozen`)."""
+    return (model_config.trunk is not None and config.freeze_stages > 0 and config.augment == "dihedral"
+            and config.mixup == 0)
+
+
+def _frozen_maps(model_config: Any, config: TrainConfig, images: np.ndarray) -> np.ndarray:
+    """The frozen trunk's maps of every image and dihedral view, for all folds at once."""
+    import keras
+
+    from capsedge.models import build_model
+
+    from .frozen import frozen_split, frozen_views
+
+    keras.utils.set_random_seed(config.seed)
+    built = build_model(model_config)
+    _initialise_trunk(built, config)
+    return frozen_views(frozen_split(built, config.freeze_stages)[0], images)
 
 
 def _initialise_trunk(built: Any, config: TrainConfig) -> dict[str, Any]:
@@ -233,6 +255,7 @@ def train(
     progress: bool = True,
     devices: list[str] | None = None,
     workers: int = 1,
+    frozen_maps: np.ndarray | None = None,
 ) -> TrainResult:
     """Train a model on ``data`` and write the run folder.
 
@@ -247,6 +270,8 @@ def train(
         devices: train data-parallel on these TensorFlow devices (``MirroredStrategy``);
             by default every GPU when TensorFlow sees more than one, else one device.
         workers: threads that augment batches (the results do not depend on it).
+        frozen_maps: the frozen trunk's maps of every image of ``data`` (see :mod:`.frozen`),
+            if already computed.
 
     Raises:
         DatasetError: the data cannot be used.
@@ -257,6 +282,7 @@ def train(
     from capsedge.models import build_model
 
     from .batches import EpochSetter, TrainingBatches
+    from .frozen import FrozenViewBatches, frozen_split, frozen_views
 
     keras.backend.clear_session()  # a cross-validation builds one network per fold
 
@@ -291,12 +317,21 @@ def train(
         built = build_model(model_config)
         trunk = _initialise_trunk(built, config)
         steps = int(np.ceil(len(train_idx) / config.batch_size))
-        _compile_trainer(built, config, counts, steps)
-    outputs = set(built.trainer.output_names)
+        fitted = built.trainer
+        if uses_frozen_views(model_config, config):
+            frozen, fitted = frozen_split(built, config.freeze_stages)
+            if frozen_maps is None:
+                frozen_maps = frozen_views(frozen, images)
+        _compile_trainer(fitted, config, counts, steps)
+    outputs = set(fitted.output_names)
     reconstruction_size = model_config.reconstruction_size
-    batches = TrainingBatches(images[train_idx], onehot[train_idx], outputs, config.batch_size,
-                              get_augmentation(config.augment), config.seed, config.mixup,
-                              reconstruction_size=reconstruction_size, workers=workers)
+    if fitted is built.trainer:
+        batches = TrainingBatches(images[train_idx], onehot[train_idx], outputs, config.batch_size,
+                                  get_augmentation(config.augment), config.seed, config.mixup,
+                                  reconstruction_size=reconstruction_size, workers=workers)
+    else:
+        batches = FrozenViewBatches(frozen_maps[train_idx], images[train_idx], onehot[train_idx], outputs,
+                                    config.batch_size, config.seed, reconstruction_size)
 
     callbacks = [
         EpochSetter(batches),
@@ -305,10 +340,13 @@ def train(
     ]
     start = time.perf_counter()
     validation = None
-    if len(held_idx):
+    if len(held_idx) and fitted is built.trainer:
         validation = TrainingBatches(images[held_idx], onehot[held_idx], outputs, 32, None, config.seed,
                                      reconstruction_size=reconstruction_size)
-    built.trainer.fit(batches, epochs=config.epochs, verbose=2 if progress else 0, callbacks=callbacks,
+    elif len(held_idx):
+        validation = FrozenViewBatches(frozen_maps[held_idx], images[held_idx], onehot[held_idx], outputs,
+                                       32, config.seed, reconstruction_size, random_views=False)
+    fitted.fit(batches, epochs=config.epochs, verbose=2 if progress else 0, callbacks=callbacks,
                       validation_data=validation)
     seconds = time.perf_counter() - start
 
@@ -356,6 +394,7 @@ def cross_validate(
     resume: bool = False,
     progress: bool = True,
     workers: int = 1,
+    final: bool = False,
 ) -> dict[str, Any]:
     """Stratified K-fold cross-validation; each fold is a run in ``run_dir/fold-K``.
 
@@ -363,10 +402,12 @@ def cross_validate(
     interrupted cross-validation picks up where it stopped (with the same
     settings: they are checked). Without it, ``run_dir`` must not hold folds. Writes ``cv_summary.json``
     (mean and standard deviation of accuracy and macro-F1, per-fold figures,
-    pooled per-class report and confusion matrix) and ``confusion.png``.
+    pooled per-class report and confusion matrix) and ``confusion.png``. With ``final``, the
+    recipe is then trained on every image into ``run_dir/final`` (the weights to ship, beside
+    their figures; frozen-trunk maps are computed once for both).
     """
     config = config or TrainConfig()
-    dataset, _, preprocessing = _prepare(data, config)
+    dataset, model_config, preprocessing = _prepare(data, config)
     run_dir = Path(run_dir)
     settings = {"train": asdict(config), "folds": folds, "images": len(dataset.paths)}
     settings_file = run_dir / "cv_settings.json"
@@ -381,6 +422,9 @@ def cross_validate(
     _write_json(settings_file, settings)
     images = load_images(dataset, preprocessing)
     targets = dataset.targets
+    maps = None
+    if uses_frozen_views(model_config, config) and config.init == "imagenet":
+        maps = _frozen_maps(model_config, config, images)  # the same frozen weights in every fold
     pooled_true, pooled_pred, per_fold = [], [], []
     for k, (train_idx, val_idx) in enumerate(stratified_folds(targets, folds, config.seed)):
         fold_dir = run_dir / f"fold-{k}"
@@ -389,7 +433,8 @@ def cross_validate(
             if progress:
                 print(f"fold {k + 1}/{folds}: {len(train_idx)} training, {len(val_idx)} validation images")
             train(dataset, fold_dir, config, split=(train_idx, val_idx), images=images,
-                  resume=resume and (fold_dir / "backup").is_dir(), progress=progress, workers=workers)
+                  resume=resume and (fold_dir / "backup").is_dir(), progress=progress, workers=workers,
+                  frozen_maps=maps)
         probabilities = np.load(fold_dir / "holdout_probabilities.npy")
         pooled_true.append(targets[val_idx])
         pooled_pred.append(probabilities.argmax(1))
@@ -423,6 +468,13 @@ def cross_validate(
         }
     _write_json(run_dir / "cv_summary.json", summary)
     save_confusion_png(np.array(pooled["confusion_matrix"]), dataset.classes, run_dir / "confusion.png")
+    final_dir = run_dir / "final"
+    finished = (final_dir / "metrics.json").is_file() and not (final_dir / "backup").is_dir()
+    if final and not (resume and finished):
+        if progress:
+            print(f"final: all {len(targets)} images")
+        train(dataset, final_dir, replace(config, holdout=0.0), images=images, progress=progress,
+              resume=resume and (final_dir / "backup").is_dir(), workers=workers, frozen_maps=maps)
     return summary
 
 

