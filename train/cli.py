@@ -8,6 +8,9 @@ import click
 
 from capsedge.errors import CapsedgeError, missing_extra
 from capsedge.train.augment import AUGMENTATIONS
+from capsedge.train.trainer import INITS, TrainConfig
+
+DEFAULT = TrainConfig()  # the bundled model's recipe: one source for the options' defaults
 
 
 @click.command(name="train", context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,44 +18,49 @@ from capsedge.train.augment import AUGMENTATIONS
               help="Flat folder (Maker.N.jpg), a folder per class, or a CSV of path,label.")
 @click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path),
               help="Run folder: config, history, metrics, classifier.keras.")
-@click.option("--model", default="effcaps_ncp_implant_lite", show_default=True,
+@click.option("--model", default=DEFAULT.model, show_default=True,
               help="Model configuration name.")
-@click.option("--epochs", type=click.IntRange(1), default=60, show_default=True, help="Passes over the data.")
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Images per step.")
-@click.option("--lr", "learning_rate", type=float, default=1e-3, show_default=True,
-              help="Initial Adam learning rate (cosine decay to 1 %).")
-@click.option("--beta", type=click.FloatRange(0, 1, max_open=True), default=0.99,
+@click.option("--epochs", type=click.IntRange(1), default=DEFAULT.epochs, show_default=True,
+              help="Passes over the data.")
+@click.option("--batch-size", type=click.IntRange(1), default=DEFAULT.batch_size,
+              show_default=True, help="Images per step.")
+@click.option("--lr", "learning_rate", type=float, default=DEFAULT.learning_rate, show_default=True,
+              help="Peak learning rate (warm-up, then cosine decay to 1 %).")
+@click.option("--beta", type=click.FloatRange(0, 1, max_open=True), default=DEFAULT.beta,
               show_default=True, help="Class-balanced loss beta (0: no reweighting).")
-@click.option("--reconstruction-weight", type=click.FloatRange(0), default=0.5, show_default=True,
+@click.option("--reconstruction-weight", type=click.FloatRange(0), default=DEFAULT.reconstruction_weight,
+              show_default=True,
               help="Weight of the decoder's reconstruction loss (0: the decoder does not train the net).")
-@click.option("--ncp-weight", type=click.FloatRange(0), default=1.0, show_default=True,
+@click.option("--ncp-weight", type=click.FloatRange(0), default=DEFAULT.ncp_weight, show_default=True,
               help="Weight of the NCP head's cross-entropy, for models with one.")
-@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.2,
+@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=DEFAULT.holdout,
               show_default=True, help="Fraction of each class held out for evaluation.")
 @click.option("--folds", type=click.IntRange(2), default=None,
               help="Stratified K-fold cross-validation instead of one hold-out split.")
 @click.option("--final", is_flag=True,
               help="With --folds: then train the recipe on every image into OUT/final (the weights to ship).")
-@click.option("--augment", type=click.Choice(list(AUGMENTATIONS)), default="d4", show_default=True,
+@click.option("--augment", type=click.Choice(list(AUGMENTATIONS)), default=DEFAULT.augment, show_default=True,
               help="d4: flips and quarter turns (+ small rotation, zoom); d4-strong: d4 with more zoom, "
               "shifts, contrast and brightness; full: any rotation, shifts, contrast; none.")
-@click.option("--mixup", type=click.FloatRange(0), default=0.0, show_default=True,
+@click.option("--mixup", type=click.FloatRange(0), default=DEFAULT.mixup, show_default=True,
               help="Mix training images and their labels, weight ~ Beta(a, a) (e.g. 0.2; 0: off).")
-@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=DEFAULT.ema, show_default=True,
               help="Keep a moving average of the weights with this momentum (e.g. 0.99) and end on it.")
-@click.option("--weight-decay", type=click.FloatRange(0), default=0.0, show_default=True,
+@click.option("--weight-decay", type=click.FloatRange(0), default=DEFAULT.weight_decay, show_default=True,
               help="Decoupled weight decay (AdamW); 0: Adam.")
-@click.option("--warmup", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+@click.option("--warmup", type=click.FloatRange(0, 1, max_open=True), default=DEFAULT.warmup,
+              show_default=True,
               help="Fraction of the steps with a linear learning-rate warm-up.")
-@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0,
-              show_default=True, help="Label smoothing of the cross-entropy heads (NCP, linear).")
-@click.option("--init", type=click.Choice(["imagenet", "none"]), default="imagenet", show_default=True,
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True),
+              default=DEFAULT.label_smoothing, show_default=True,
+              help="Label smoothing of the cross-entropy heads (NCP, linear).")
+@click.option("--init", type=click.Choice(INITS), default=DEFAULT.init, show_default=True,
               help="Start a pretrained trunk from its ImageNet weights, or from random ones.")
-@click.option("--freeze-stages", type=click.IntRange(0, 7), default=0, show_default=True,
+@click.option("--freeze-stages", type=click.IntRange(0, 7), default=DEFAULT.freeze_stages, show_default=True,
               help="Keep the trunk's stem and first N stages fixed (faster on a CPU).")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="Threads that augment batches (results do not depend on it).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Makes a run repeatable.")
+@click.option("--seed", type=int, default=DEFAULT.seed, show_default=True, help="Makes a run repeatable.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int, learning_rate: float,
             beta: float, reconstruction_weight: float, ncp_weight: float, holdout: float, folds: int | None,

@@ -30,6 +30,8 @@ INITS = ("imagenet", "none")
 class TrainConfig:
     """Training hyper-parameters; model architecture lives in the model registry.
 
+    The defaults are the recipe of the bundled model (see the README, "Accuracy").
+
     Attributes:
         model: registry name of the model configuration.
         epochs: passes over the training images.
@@ -56,23 +58,23 @@ class TrainConfig:
             cheaper steps for CPU training.
     """
 
-    model: str = "effcaps_ncp_implant_lite"
-    epochs: int = 60
-    batch_size: int = 16
+    model: str = "effcaps_ncp_lite0_512"
+    epochs: int = 30
+    batch_size: int = 32
     learning_rate: float = 1e-3
-    beta: float = 0.99
+    beta: float = 0.999
     reconstruction_weight: float = 0.5
     ncp_weight: float = 1.0
     holdout: float = 0.2
-    augment: str = "d4"
+    augment: str = "dihedral"
     seed: int = 0
     mixup: float = 0.0
     ema: float = 0.0
-    weight_decay: float = 0.0
-    warmup: float = 0.0
-    label_smoothing: float = 0.0
+    weight_decay: float = 0.05
+    warmup: float = 0.1
+    label_smoothing: float = 0.1
     init: str = "imagenet"
-    freeze_stages: int = 0
+    freeze_stages: int = 6
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
