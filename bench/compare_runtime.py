@@ -35,9 +35,9 @@ DEFAULT_CALIB = REPO.parent / "shared" / "data" / "shoulder-implants"
 
 
 def steady_latency_ms(
-    models: list[Path], tensor: np.ndarray, threads: int, runs: int, rounds: int = 10
+    models: list[Path], tensor: np.ndarray | list[np.ndarray], threads: int, runs: int, rounds: int = 10
 ) -> list[float]:
-    """Median LiteRT invoke time of each full-int8 model, interleaved.
+    """Median LiteRT invoke time of each full-int8 model, interleaved (one input, or one per model).
 
     After 50 warm-up runs each, the models take turns in ``rounds`` blocks of
     ``runs // rounds`` invocations, so that a slow spell of a shared machine falls on
@@ -46,13 +46,14 @@ def steady_latency_ms(
     from capsedge.backends import LiteRTBackend
 
     backends = [LiteRTBackend(model, threads=threads) for model in models]
-    batch = tensor[np.newaxis]
-    for backend in backends:
+    tensors = tensor if isinstance(tensor, list) else [tensor] * len(models)
+    batches = [t[np.newaxis] for t in tensors]
+    for backend, batch in zip(backends, batches, strict=True):
         for _ in range(50):
             backend.run(batch)
     times: list[list[float]] = [[] for _ in backends]
     for _ in range(rounds):
-        for backend, samples in zip(backends, times, strict=True):
+        for backend, batch, samples in zip(backends, batches, times, strict=True):
             for _ in range(max(1, runs // rounds)):
                 start = time.perf_counter()
                 backend.run(batch)

@@ -476,3 +476,24 @@ def test_a_failing_edgetpu_compiler_is_a_one_line_error(
                     "--calib", str(images))
     assert_one_line_error(result, "edgetpu_compiler failed on")
     assert "Internal compiler error. Aborting!" in result.stderr
+
+
+def test_onnx_calibration_is_thinned_to_its_memory_budget(exported: tuple, monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    from capsedge.export import onnx_format
+
+    model = onnx.load(str(exported[1]["onnx"]))
+    per_image = onnx_format.activation_bytes(model)
+    side = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    assert per_image >= 4 * side * side  # at least the input image, which the first Conv reads
+    monkeypatch.setattr(onnx_format, "CALIBRATION_MEMORY_BYTES", 20 * per_image)
+    assert onnx_format.calibration_count(model, 200) == 20
+    assert onnx_format.calibration_count(model, 12) == 12
+    monkeypatch.setattr(onnx_format, "CALIBRATION_MEMORY_BYTES", per_image)
+    assert onnx_format.calibration_count(model, 200) == 8  # never fewer than 8
+    images = [np.full((2, 2, 1), i, np.float32) for i in range(10)]
+    reader = onnx_format._CalibrationReader("image", lambda: iter(images), limit=4)
+    fed = []
+    while (batch := reader.get_next()) is not None:
+        fed.append(int(batch["image"][0, 0, 0, 0]))
+    assert fed == [0, 3, 6, 9]
