@@ -28,15 +28,17 @@ from pathlib import Path
 
 from compare_runtime import DEFAULT_CALIB, DEFAULT_IMAGE, steady_latency_ms
 
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child forked from this
+# process (TensorFlow loaded) would report this process's size.
 RSS_SCRIPT = """
-import resource, sys
-import numpy as np
+import re, sys
+from pathlib import Path
 from capsedge.backends import LiteRTBackend
 from capsedge.preprocess import Preprocessing, preprocess
 backend = LiteRTBackend(sys.argv[1], threads=int(sys.argv[3]))
 size = backend.input_shape[1]
 backend.run(preprocess(sys.argv[2], Preprocessing(input_size=size))[None])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024)
 """
 
 
