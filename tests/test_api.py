@@ -13,7 +13,7 @@ from PIL import Image
 from capsedge import Classifier, ImageError, ModelError, Prediction, read_metadata
 from capsedge.classifier import default_model_path
 
-from conftest import synthetic_xray
+from conftest import implant_data, synthetic_xray
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +24,25 @@ def classifier() -> Classifier:
 def test_bundled_model_metadata(classifier: Classifier) -> None:
     metadata = read_metadata(default_model_path())
     assert classifier.labels == ("Cofield", "Depuy", "Tornier", "Zimmer")
-    assert metadata.preprocessing.input_shape == (128, 128, 1)
+    assert metadata.name == "effcaps_ncp_lite0_512"
+    assert metadata.preprocessing.input_shape == (512, 512, 1)
     assert "CC BY 4.0" in metadata.provenance["attribution"]
-    assert default_model_path().stat().st_size < 1024 * 1024
+    assert metadata.provenance["metrics"]["pretrained"]["licence"] == "Apache-2.0"
+    assert metadata.provenance["metrics"]["init"] == "imagenet"
+    assert metadata.provenance["cross_validation"]["folds"] == 5
+    assert metadata.provenance["format"] == "tflite-dynamic"  # int8 weights; see README, "The bundled model"
+    assert default_model_path().stat().st_size <= 6 * 1024 * 1024
+
+
+def test_bundled_model_tells_the_makers_apart(classifier: Classifier) -> None:
+    """On development images (which it was trained on) it must find every maker, not one class."""
+    folder = implant_data()
+    files = sorted(folder.glob("*.jpg"))[::12]  # 40 images, every maker
+    truth = [path.name.split(".")[0] for path in files]
+    answers = [classifier.classify(path).label for path in files]
+    accuracy = np.mean([a == t for a, t in zip(answers, truth, strict=True)])
+    assert accuracy >= 0.85, (accuracy, answers)
+    assert set(answers) == set(classifier.labels)
 
 
 def test_every_input_kind_gives_the_same_prediction(classifier: Classifier, tmp_path: Path) -> None:

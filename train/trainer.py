@@ -74,7 +74,7 @@ class TrainConfig:
     warmup: float = 0.1
     label_smoothing: float = 0.1
     init: str = "imagenet"
-    freeze_stages: int = 6
+    freeze_stages: int = 5
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
