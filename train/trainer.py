@@ -42,8 +42,8 @@ class TrainConfig:
         ncp_weight: weight of the NCP head's cross-entropy.
         holdout: fraction of each class held out for evaluation (0: train on everything).
         augment: on-the-fly augmentation, a name in
-            :data:`capsedge.train.augment.AUGMENTATIONS` (``"d4"``, ``"d4-strong"``,
-            ``"full"``, ``"none"``).
+            :data:`capsedge.train.augment.AUGMENTATIONS` (``"dihedral"``, the default: the
+            eight flips and quarter turns; ``"d4"``, ``"d4-strong"``, ``"full"``, ``"none"``).
         seed: makes splits, initialisation and augmentation repeatable on one machine.
         mixup: Beta parameter of mixup between training images (0: none; 0.2 is usual).
         ema: momentum of an exponential moving average of the weights that replaces them
