@@ -103,26 +103,24 @@ def calibration_count(float_model: Any, available: int) -> int:
     return max(1, min(available, max(8, CALIBRATION_MEMORY_BYTES // per_image)))
 
 
+def thin_evenly(images: list[np.ndarray], count: int) -> list[np.ndarray]:
+    """``count`` of ``images``, evenly spaced from the first to the last (all when fewer)."""
+    if count >= len(images):
+        return images
+    return [images[i] for i in np.linspace(0, len(images) - 1, count).round().astype(int)]
+
+
 class _CalibrationReader:
-    """Feeds preprocessed images to onnxruntime's calibrator, one batch of one at a time.
+    """Feeds preprocessed images to onnxruntime's calibrator, one batch of one at a time."""
 
-    With ``limit``, only that many images, evenly spaced over the calibration set.
-    """
-
-    def __init__(self, input_name: str, images: Callable[[], Iterable[np.ndarray]], limit: int | None = None
-                 ) -> None:
+    def __init__(self, input_name: str, images: Callable[[], Iterable[np.ndarray]]) -> None:
         self._input_name = input_name
         self._images = images
-        self._limit = limit
         self._iterator: Iterator[np.ndarray] | None = None
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._iterator is None:
-            images = list(self._images())
-            if self._limit is not None and self._limit < len(images):
-                chosen = np.linspace(0, len(images) - 1, self._limit).round().astype(int)
-                images = [images[i] for i in chosen]
-            self._iterator = iter(images)
+            self._iterator = iter(self._images())
         image = next(self._iterator, None)
         if image is None:
             return None
@@ -143,12 +141,13 @@ def quantize_qdq(float_model: Any, calibration: Callable[[], Iterable[np.ndarray
     with tempfile.TemporaryDirectory(prefix="capsedge-onnx-") as work:
         source, target = Path(work) / "float.onnx", Path(work) / "int8.onnx"
         onnx.save(float_model, source)
-        limit = calibration_count(float_model, sum(1 for _ in calibration()))
+        images = list(calibration())
+        images = thin_evenly(images, calibration_count(float_model, len(images)))
         with contextlib.redirect_stdout(io.StringIO()), _quiet_logger("root"):
             quantize_static(
                 str(source),
                 str(target),
-                _CalibrationReader(float_model.graph.input[0].name, calibration, limit),
+                _CalibrationReader(float_model.graph.input[0].name, lambda: iter(images)),
                 quant_format=QuantFormat.QDQ,
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,

@@ -492,8 +492,6 @@ def test_onnx_calibration_is_thinned_to_its_memory_budget(exported: tuple, monke
     monkeypatch.setattr(onnx_format, "CALIBRATION_MEMORY_BYTES", per_image)
     assert onnx_format.calibration_count(model, 200) == 8  # never fewer than 8
     images = [np.full((2, 2, 1), i, np.float32) for i in range(10)]
-    reader = onnx_format._CalibrationReader("image", lambda: iter(images), limit=4)
-    fed = []
-    while (batch := reader.get_next()) is not None:
-        fed.append(int(batch["image"][0, 0, 0, 0]))
+    fed = [int(image[0, 0, 0]) for image in onnx_format.thin_evenly(images, 4)]
     assert fed == [0, 3, 6, 9]
+    assert onnx_format.thin_evenly(images, 12) == images

@@ -24,6 +24,7 @@ from capsedge.models import (  # noqa: E402
 )
 from capsedge.models import layers as L  # noqa: E402
 from capsedge.models.heads import ProbabilityFusion, UnrolledCfC  # noqa: E402
+from capsedge.train.batches import average_pool  # noqa: E402
 
 from conftest import classifier_with_ncps_cfc, ncps_cfc  # noqa: E402
 
@@ -283,8 +284,7 @@ def test_one_train_step(name):
     model = build_model(cfg)
     weights = np.linspace(0.5, 1.5, cfg.num_classes)
     x, y = images(cfg, 4), onehot(cfg, 4)
-    side = cfg.reconstruction_size or cfg.input_shape[0]
-    target = x.reshape(4, side, x.shape[1] // side, side, x.shape[2] // side, -1).mean(axis=(2, 4))
+    target = average_pool(x, cfg.reconstruction_size)  # what the trainer's batches reconstruct
     loss = {
         "caps_length": losses.MarginLoss(class_weights=weights),
         "reconstruction": losses.ReconstructionLoss(),
