@@ -45,6 +45,15 @@ class Prediction:
         """Probability of the predicted label."""
         return self.probabilities[self.label]
 
+    def to_dict(self) -> dict[str, object]:
+        """The JSON-ready record that ``classify --json`` prints (without the path)."""
+        return {
+            "label": self.label,
+            "probabilities": dict(self.probabilities),
+            "latency_ms": round(self.latency_ms, 3),
+            "model_version": self.model_version,
+        }
+
 
 class Classifier:
     """A loaded model with its metadata.

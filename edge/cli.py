@@ -183,12 +183,7 @@ def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, ba
             if as_json:
                 click.echo(json.dumps({"path": image, "error": str(exc)}))
             continue
-        record = {
-            "path": image,
-            "label": prediction.label,
-            "probabilities": prediction.probabilities,
-            "latency_ms": round(prediction.latency_ms, 3),
-        }
+        record = {"path": image, **prediction.to_dict()}
         rows.append(record)
         if as_json:
             click.echo(json.dumps(record))

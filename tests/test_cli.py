@@ -51,8 +51,9 @@ def test_json_output_shape(xray_png: Path) -> None:
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(records) == 2
     for record in records:
-        assert set(record) == {"path", "label", "probabilities", "latency_ms"}
+        assert set(record) == {"path", "label", "probabilities", "latency_ms", "model_version"}
         assert record["path"] == str(xray_png)
+        assert record["model_version"] == "effcaps_ncp_lite0_512-0.2.0"
         assert list(record["probabilities"]) == LABELS
         assert sum(record["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
         assert record["label"] == max(record["probabilities"], key=record["probabilities"].get)
