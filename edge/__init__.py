@@ -11,7 +11,7 @@ Training (``capsedge.train``) and export (``capsedge.export``) need TensorFlow
 and are never imported from here.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from .classifier import Classifier, Prediction, default_model_path
 from .errors import CapsedgeError, ImageError, ModelError, RuntimeMissingError

@@ -14,6 +14,7 @@ from .backends import Backend, open_backend
 from .errors import ModelError
 from .metadata import ModelMetadata, read_metadata
 from .preprocess import ImageSource, preprocess
+from .trust import calibrate
 
 DEFAULT_MODEL_NAME = "default.tflite"
 MAX_THREADS = 64
@@ -33,12 +34,22 @@ class Prediction:
         probabilities: probability of each class, in the model's label order.
         latency_ms: preprocessing plus inference time for this image.
         model_version: the version of the model that made it.
+        uncertain: the label's probability is below ``threshold``: do not rely on it.
+        threshold: the confidence below which answers are uncertain (``None``: the model
+            carries no calibration, and nothing is flagged).
+        out_of_distribution: the image does not look like the X-rays the model was trained
+            on (``None``: the model carries no feature statistics to tell).
+        ood_reason: one line saying why, when ``out_of_distribution``.
     """
 
     label: str
     probabilities: dict[str, float]
     latency_ms: float
     model_version: str
+    uncertain: bool = False
+    threshold: float | None = None
+    out_of_distribution: bool | None = None
+    ood_reason: str | None = None
 
     @property
     def confidence(self) -> float:
@@ -52,6 +63,10 @@ class Prediction:
             "probabilities": dict(self.probabilities),
             "latency_ms": round(self.latency_ms, 3),
             "model_version": self.model_version,
+            "uncertain": self.uncertain,
+            "threshold": self.threshold,
+            "out_of_distribution": self.out_of_distribution,
+            "ood_reason": self.ood_reason,
         }
 
 
@@ -75,10 +90,12 @@ class Classifier:
                 f"model input shape {tuple(backend.input_shape)} does not match its metadata "
                 f"(expected {expected})"
             )
-        if backend.num_outputs != len(metadata.labels):
+        outliers = metadata.trust.outliers if metadata.trust is not None else None
+        features = outliers.feature_dim if outliers is not None else 0
+        if backend.num_outputs != len(metadata.labels) + features:
             raise ModelError(
                 f"model has {backend.num_outputs} outputs but its metadata names "
-                f"{len(metadata.labels)} labels"
+                f"{len(metadata.labels)} labels" + (f" and {features} features" if features else "")
             )
         self.backend = backend
         self.metadata = metadata
@@ -121,10 +138,31 @@ class Classifier:
         return self.metadata.labels
 
     def predict_tensor(self, tensor: np.ndarray) -> np.ndarray:
-        """Class probabilities for one preprocessed ``(H, W, C)`` tensor."""
+        """The model's raw output for one preprocessed ``(H, W, C)`` tensor: its class
+        probabilities, then (for a model with outlier statistics) its feature vector."""
         batch = np.ascontiguousarray(tensor[np.newaxis], dtype=np.float32)
         with self._lock:
             return self.backend.run(batch)
+
+    def probabilities(self, tensor: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities for one preprocessed tensor."""
+        return self._calibrated(self.predict_tensor(tensor)[: len(self.labels)])
+
+    def _calibrated(self, raw: np.ndarray) -> np.ndarray:
+        calibration = self.metadata.trust.calibration if self.metadata.trust is not None else None
+        if calibration is None:
+            return raw
+        return calibrate(raw, calibration.temperature).astype(np.float32)
+
+    def _outlier(self, features: np.ndarray) -> tuple[bool | None, str | None]:
+        outliers = self.metadata.trust.outliers if self.metadata.trust is not None else None
+        if outliers is None:
+            return None, None
+        ratio = float(outliers.distance(features)) / outliers.threshold
+        if ratio <= 1.0:
+            return False, None
+        return True, (f"not like the shoulder-implant X-rays the model was trained on "
+                      f"(feature distance {ratio:.1f}x the limit)")
 
     def classify(self, image: ImageSource) -> Prediction:
         """Classify one image: a path, encoded bytes, a PIL image or a numpy array.
@@ -136,12 +174,20 @@ class Classifier:
         """
         start = time.perf_counter()
         tensor = preprocess(image, self.metadata.preprocessing)
-        scores = self.predict_tensor(tensor)
+        raw = self.predict_tensor(tensor)
+        scores = self._calibrated(raw[: len(self.labels)])
+        out_of_distribution, reason = self._outlier(raw[len(self.labels):])
         latency_ms = (time.perf_counter() - start) * 1000.0
         probabilities = {label: float(p) for label, p in zip(self.labels, scores, strict=True)}
+        calibration = self.metadata.trust.calibration if self.metadata.trust is not None else None
+        threshold = calibration.uncertain_below if calibration is not None else None
         return Prediction(
             label=self.labels[int(np.argmax(scores))],
             probabilities=probabilities,
             latency_ms=latency_ms,
             model_version=self.metadata.version,
+            uncertain=threshold is not None and float(np.max(scores)) < threshold,
+            threshold=threshold,
+            out_of_distribution=out_of_distribution,
+            ood_reason=reason,
         )

@@ -7,11 +7,15 @@ import importlib
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from . import __version__
 from .errors import CapsedgeError
+
+if TYPE_CHECKING:
+    from .classifier import Prediction
 
 EXIT_FAILED = 1
 
@@ -21,9 +25,15 @@ def fail(message: str) -> None:
     click.echo(f"capsedge: error: {message}", err=True)
 
 
-def _format_text(path: str, label: str, probabilities: dict[str, float]) -> str:
+def format_text(path: str, prediction: Prediction) -> str:
+    """One line per image: the label with its confidence and flags, then every class's probability."""
+    probabilities = prediction.probabilities
+    flag = ", uncertain" if prediction.uncertain else ""
     scores = "  ".join(f"{name} {100 * p:5.1f} %" for name, p in probabilities.items())
-    return f"{path}: {label} ({100 * probabilities[label]:.1f} %)   {scores}"
+    line = f"{path}: {prediction.label} ({100 * prediction.confidence:.1f} %{flag})   {scores}"
+    if prediction.out_of_distribution:
+        line += f"   [out of distribution: {prediction.ood_reason}]"
+    return line
 
 
 class LazyGroup(click.Group):
@@ -32,6 +42,8 @@ class LazyGroup(click.Group):
     lazy = {
         "train": ("capsedge.train.cli", "command", "Train a model on labelled X-rays [train extra]."),
         "export": ("capsedge.export.quantize", "command", "Export a trained model [export extra]."),
+        "capsules": ("capsedge.train.capsule_view", "command",
+                     "Perturb the winning capsule's dimensions through the decoder [train extra]."),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -50,7 +62,7 @@ class LazyGroup(click.Group):
         try:
             return getattr(importlib.import_module(module), attribute)
         except ImportError as exc:
-            extra = "train" if name == "train" else "export"
+            extra = "export" if name == "export" else "train"
             fail(f"'capsedge {name}' needs {exc.name or 'more packages'}: "
                  f"pip install 'capsedge[{extra}]'")
             sys.exit(EXIT_FAILED)
@@ -188,7 +200,7 @@ def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, ba
         if as_json:
             click.echo(json.dumps(record))
         else:
-            click.echo(_format_text(image, prediction.label, prediction.probabilities))
+            click.echo(format_text(image, prediction))
     if csv_path is not None:
         try:
             write_csv(csv_path, rows, classifier.labels)
@@ -201,12 +213,53 @@ def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, ba
         sys.exit(EXIT_FAILED)
 
 
+@main.command()
+@click.argument("image", type=click.Path(path_type=str, readable=False))
+@click.option("--out", "out_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Overlay PNG to write. Default: <image name>.explain.png in this folder.")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="An exported model. Default: the bundled model.")
+@click.option("--backend", default="auto", show_default=True, help="auto, litert, onnxruntime or edgetpu.")
+@click.option("--grid", type=click.IntRange(2, 32), default=8, show_default=True,
+              help="Squares per side hidden in turn (grid*grid + 1 inferences).")
+@click.option("--threads", type=click.IntRange(1, 64), default=None, help="CPU threads for inference.")
+@click.option("--json", "as_json", is_flag=True, help="Print the heat grid and figures as JSON.")
+def explain(image: str, out_path: Path | None, model_path: Path | None, backend: str, grid: int,
+            threads: int | None, as_json: bool) -> None:
+    """Show where the model looked: an occlusion heat map over the X-ray, as a PNG."""
+    from .classifier import Classifier
+    from .explain import occlusion_map, render_overlay
+    from .progress import ProgressBar
+
+    out = out_path if out_path is not None else Path(Path(image).name + ".explain.png")
+    bar = ProgressBar("explain")
+    try:
+        classifier = Classifier.load(model_path, backend=backend, threads=threads)
+        explanation = occlusion_map(classifier, image, grid, progress=bar.update)
+    except CapsedgeError as exc:
+        bar.close()
+        fail(f"{image}: {exc}")
+        sys.exit(EXIT_FAILED)
+    bar.close()
+    try:
+        render_overlay(explanation).save(out, format="PNG")
+    except OSError as exc:
+        fail(f"cannot write {out} ({exc.strerror or type(exc).__name__})")
+        sys.exit(EXIT_FAILED)
+    if as_json:
+        click.echo(json.dumps({"path": image, "overlay": str(out), **explanation.to_dict()}))
+    else:
+        click.echo(f"{image}: {explanation.label} ({100 * explanation.confidence:.1f} %); overlay {out} "
+                   f"({explanation.inferences} inferences, {explanation.seconds:.1f} s)")
+
+
 def write_csv(path: Path, rows: list[dict[str, object]], labels: tuple[str, ...]) -> None:
     """One row per image: path, label, one probability column per class, latency, error."""
     # surrogateescape: file names that are not valid UTF-8 are written back byte for byte.
     with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", *(f"p_{label}" for label in labels), "latency_ms", "error"])
+        writer.writerow(["path", "label", *(f"p_{label}" for label in labels), "latency_ms", "uncertain",
+                         "out_of_distribution", "error"])
         for row in rows:
             probabilities = row.get("probabilities") or {}
             writer.writerow([
@@ -214,8 +267,14 @@ def write_csv(path: Path, rows: list[dict[str, object]], labels: tuple[str, ...]
                 row.get("label", ""),
                 *(f"{probabilities[label]:.6f}" if probabilities else "" for label in labels),
                 row.get("latency_ms", ""),
+                _csv_flag(row.get("uncertain")),
+                _csv_flag(row.get("out_of_distribution")),
                 row.get("error", ""),
             ])
+
+
+def _csv_flag(value: object) -> str:
+    return "" if value is None else str(bool(value)).lower()
 
 
 if __name__ == "__main__":

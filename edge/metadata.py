@@ -14,12 +14,13 @@ import io
 import json
 import os
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import ModelError
 from .preprocess import Preprocessing
+from .trust import Trust
 
 FORMAT = "capsedge-model"
 FORMAT_VERSION = 1
@@ -38,6 +39,8 @@ class ModelMetadata:
         preprocessing: how the input tensor is made from an image.
         provenance: free-form facts: training data summary, attribution,
             recipe, metrics, quantization, exporter versions.
+        trust: calibration and out-of-distribution statistics (see :mod:`capsedge.trust`);
+            ``None`` for a model exported without them.
     """
 
     name: str
@@ -45,6 +48,7 @@ class ModelMetadata:
     labels: tuple[str, ...]
     preprocessing: Preprocessing
     provenance: dict[str, Any] = field(default_factory=dict)
+    trust: Trust | None = None
 
     def __post_init__(self) -> None:
         if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
@@ -52,9 +56,15 @@ class ModelMetadata:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form."""
-        data = asdict(self)
-        data["labels"] = list(self.labels)
-        data["preprocessing"] = self.preprocessing.to_dict()
+        data = {
+            "name": self.name,
+            "version": self.version,
+            "labels": list(self.labels),
+            "preprocessing": self.preprocessing.to_dict(),
+            "provenance": self.provenance,
+        }
+        if self.trust is not None:
+            data["trust"] = self.trust.to_dict()
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
 
     def to_json(self) -> str:
@@ -84,6 +94,7 @@ class ModelMetadata:
                 labels=tuple(str(label) for label in data["labels"]),
                 preprocessing=Preprocessing.from_dict(dict(data["preprocessing"])),
                 provenance=dict(data.get("provenance", {})),
+                trust=Trust.from_dict(data["trust"]) if "trust" in data else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"invalid model metadata ({type(exc).__name__}: {exc})") from None

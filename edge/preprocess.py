@@ -234,22 +234,32 @@ def load_grey(source: ImageSource, size_hint: int = 0) -> Image.Image:
 def to_model_input(grey: Image.Image, config: Preprocessing) -> np.ndarray:
     """Resize, stretch and letterbox a greyscale image into a ``(H, W, 1)`` float32 tensor."""
     size = config.input_size
-    width, height = grey.size
-    factor = max(1, max(width, height) // (2 * size))
+    factor = _reduction(grey.size, size)
     if factor > 1:  # cheap box reduction first; the bilinear pass below antialiases the rest
         grey = grey.reduce(factor)
-        width, height = grey.size
-    scale = size / max(width, height)
-    new_w = max(1, min(size, round(width * scale)))
-    new_h = max(1, min(size, round(height * scale)))
+    top, left, new_h, new_w = content_box(grey.size, size)
     resized = grey.convert("F").resize((new_w, new_h), Image.Resampling.BILINEAR)
     pixels = np.asarray(resized, dtype=np.float32)
     low, high = float(pixels.min()), float(pixels.max())
     pixels = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
     canvas = np.zeros((size, size), dtype=np.float32)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
     canvas[top : top + new_h, left : left + new_w] = np.clip(pixels, 0.0, 1.0)
     return canvas[..., np.newaxis]
+
+
+def _reduction(image_size: tuple[int, int], size: int) -> int:
+    return max(1, max(image_size) // (2 * size))
+
+
+def content_box(image_size: tuple[int, int], size: int) -> tuple[int, int, int, int]:
+    """Where an image of ``(width, height)`` lands in the ``size`` x ``size`` letterboxed input:
+    ``(top, left, height, width)`` in input pixels."""
+    factor = _reduction(image_size, size)
+    width, height = (-(-image_size[0] // factor), -(-image_size[1] // factor))  # Image.reduce rounds up
+    scale = size / max(width, height)
+    new_w = max(1, min(size, round(width * scale)))
+    new_h = max(1, min(size, round(height * scale)))
+    return (size - new_h) // 2, (size - new_w) // 2, new_h, new_w
 
 
 def preprocess(source: ImageSource, config: Preprocessing) -> np.ndarray:

@@ -24,6 +24,7 @@ from capsedge.export.formats import FORMATS, ExportFormat, check_requirements, p
 from capsedge.export.quantization import Quantization
 from capsedge.metadata import ModelMetadata
 from capsedge.preprocess import Preprocessing, image_files, preprocess
+from capsedge.trust import Trust
 
 __all__ = ["FORMATS", "TrainedRun", "calibration_images", "command", "export", "export_and_verify",
            "export_run", "load_run", "cross_validation_summary"]
@@ -187,8 +188,13 @@ def export_run(
     calibration: str | Path | None = None,
     version: str | None = None,
     calibration_limit: int = 200,
+    trust: Trust | None = None,
 ) -> dict[str, Path]:
     """Write each format of a loaded run into ``out_dir``.
+
+    With ``trust`` (see :func:`capsedge.export.trust_fit.fit_trust`), float and dynamic-range
+    files also output the outlier features and carry the whole section; int8 files carry the
+    calibration only.
 
     Returns:
         Format name to the file written.
@@ -200,6 +206,11 @@ def export_run(
         preprocessing=run.preprocessing,
         provenance=run.provenance,
     )
+    with_features = None
+    if trust is not None:
+        from capsedge.export.trust_fit import with_features as add_features
+
+        with_features = add_features(run.classifier)
     images = None
     if any(fmt.needs_calibration for fmt in formats):
         if calibration is None:
@@ -216,9 +227,15 @@ def export_run(
         provenance = {**metadata.provenance, "format": fmt.name, "exporter": f"capsedge {__version__}"}
         if fmt.needs_calibration:
             provenance["calibration"] = {"folder": str(calibration), "images": len(list(images()))}
+        model = run.classifier
         stamped = replace(metadata, provenance=provenance)
+        if trust is not None and fmt.needs_calibration:
+            # One int8 scale cannot serve probabilities and features: calibration only.
+            stamped = replace(stamped, trust=replace(trust, outliers=None))
+        elif trust is not None:
+            model, stamped = with_features, replace(stamped, trust=trust)
         path = out / f"{run.name}_{fmt.name.replace('-', '_')}{fmt.suffix}"
-        written[fmt.name] = fmt.load_exporter()(run.classifier, path, stamped, quantization=quantization)
+        written[fmt.name] = fmt.load_exporter()(model, path, stamped, quantization=quantization)
     return written
 
 
@@ -244,10 +261,12 @@ def export(
     calibration: str | Path | None = None,
     version: str | None = None,
     cross_validation: str | Path | None = None,
+    train_data: str | Path | None = None,
 ) -> dict[str, Path]:
     """Export a trained run (folder or ``classifier.keras``) to each of ``formats`` in ``out_dir``.
 
-    ``cross_validation``: see :func:`load_run`.
+    ``cross_validation``: see :func:`load_run`; with ``train_data`` (the run's training
+    images) too, the files carry calibration and outlier statistics (:func:`fit_run_trust`).
 
     Returns:
         Format name to the file written.
@@ -257,7 +276,30 @@ def export(
             that cannot load.
     """
     chosen = _prepare(formats, calibration, model)
-    return export_run(load_run(model, cross_validation), out_dir, chosen, calibration, version)
+    run = load_run(model, cross_validation)
+    trust = fit_run_trust(run, cross_validation, train_data, out_dir)
+    return export_run(run, out_dir, chosen, calibration, version, trust=trust)
+
+
+def fit_run_trust(run: TrainedRun, cross_validation: str | Path | None, train_data: str | Path | None,
+                  out_dir: str | Path) -> Trust | None:
+    """The ``trust`` section when both folders are given (its figures also go to
+    ``out_dir/trust.json``); ``None`` when neither is.
+
+    Raises:
+        CapsedgeError: only one of the two is given.
+    """
+    if train_data is None and cross_validation is None:
+        return None
+    if train_data is None or cross_validation is None:
+        raise CapsedgeError("calibration and outlier statistics need both --cross-validation DIR and "
+                            "--train-data DIR (the images the run was trained on)")
+    from capsedge.export.trust_fit import fit_trust
+
+    fitted = fit_trust(run.classifier, run.labels, cross_validation, train_data, run.preprocessing)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "trust.json").write_text(json.dumps(fitted.report, indent=2) + "\n", encoding="utf-8")
+    return fitted.trust
 
 
 def export_and_verify(
@@ -271,10 +313,11 @@ def export_and_verify(
     calibration_limit: int = 200,
     version: str | None = None,
     cross_validation: str | Path | None = None,
+    train_data: str | Path | None = None,
 ) -> tuple[dict[str, Path], Any]:
     """Export, then verify every file on ``evaluation`` (default: the calibration folder).
 
-    ``cross_validation``: see :func:`load_run`.
+    ``cross_validation``, ``train_data``: see :func:`export`.
 
     Returns:
         The files written, and the :class:`~capsedge.export.verify.VerificationReport`
@@ -290,7 +333,8 @@ def export_and_verify(
         raise CapsedgeError(f"no evaluation images found in {evaluation}")
     run = load_run(model, cross_validation)
     eval_set = verify.load_evaluation_set(evaluation, run.preprocessing, run.labels, eval_limit)
-    written = export_run(run, out_dir, chosen, calibration, version, calibration_limit)
+    trust = fit_run_trust(run, cross_validation, train_data, out_dir)
+    written = export_run(run, out_dir, chosen, calibration, version, calibration_limit, trust=trust)
     report = verify.verify_exports(run.classifier, written, eval_set, name=run.name, labels=run.labels)
     verify.write_report(report, out_dir)
     return written, report
@@ -318,22 +362,26 @@ def _cli() -> Any:
     @click.option("--cross-validation", "cv_dir", type=click.Path(path_type=Path), default=None,
                   help="A 'capsedge train --folds K' folder of the same recipe: its figures go "
                        "into the model's provenance.")
+    @click.option("--train-data", "train_data", type=click.Path(path_type=Path), default=None,
+                  help="The images the run was trained on: with --cross-validation, the files get "
+                       "calibrated confidence, an 'uncertain' threshold and outlier statistics.")
     @click.option("--no-verify", is_flag=True, help="Write the files only; no report.")
     @click.option("--allow-fail", is_flag=True,
                   help="Exit 0 even when a verification check fails (the report still says which).")
     def command(model: Path, out_dir: Path, formats: str, calib: Path | None, calib_limit: int,
                 eval_dir: Path | None, eval_limit: int | None, version: str | None, cv_dir: Path | None,
-                no_verify: bool, allow_fail: bool) -> None:
+                train_data: Path | None, no_verify: bool, allow_fail: bool) -> None:
         """Export a trained model to TFLite / ONNX / Edge TPU files and verify them."""
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         names = [f.strip() for f in formats.split(",") if f.strip()]
         try:
             if no_verify:
-                written, report = export(model, out_dir, names, calib, version, cv_dir), None
+                written, report = export(model, out_dir, names, calib, version, cv_dir, train_data), None
             else:
                 written, report = export_and_verify(model, out_dir, names, calib, eval_dir,
                                                     eval_limit=eval_limit, calibration_limit=calib_limit,
-                                                    version=version, cross_validation=cv_dir)
+                                                    version=version, cross_validation=cv_dir,
+                                                    train_data=train_data)
         except CapsedgeError as exc:
             click.echo(f"capsedge: error: {exc}", err=True)
             raise SystemExit(1) from None

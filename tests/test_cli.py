@@ -51,9 +51,10 @@ def test_json_output_shape(xray_png: Path) -> None:
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(records) == 2
     for record in records:
-        assert set(record) == {"path", "label", "probabilities", "latency_ms", "model_version"}
+        assert set(record) == {"path", "label", "probabilities", "latency_ms", "model_version", "uncertain",
+                               "threshold", "out_of_distribution", "ood_reason"}
         assert record["path"] == str(xray_png)
-        assert record["model_version"] == "effcaps_ncp_lite0_512-0.2.0"
+        assert record["model_version"] == "effcaps_ncp_lite0_512-0.3.0"
         assert list(record["probabilities"]) == LABELS
         assert sum(record["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
         assert record["label"] == max(record["probabilities"], key=record["probabilities"].get)
@@ -150,7 +151,8 @@ def test_directory_walk_and_csv(tmp_path: Path) -> None:
     paths = [json.loads(line)["path"] for line in result.stdout.splitlines()]
     assert paths == [str(folder / "IM0001"), str(folder / "a.png"), str(folder / "sub" / "b.jpg")]
     rows = table.read_text(encoding="utf-8").splitlines()
-    assert rows[0] == "path,label,p_Cofield,p_Depuy,p_Tornier,p_Zimmer,latency_ms,error"
+    assert rows[0] == ("path,label,p_Cofield,p_Depuy,p_Tornier,p_Zimmer,latency_ms,uncertain,"
+                       "out_of_distribution,error")
     assert len(rows) == 4 and rows[1].endswith("not a readable image") and rows[2].split(",")[1] in LABELS
 
 

@@ -8,7 +8,9 @@ is under way, ``backup/`` holds what ``--resume`` needs.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -20,6 +22,13 @@ from capsedge.preprocess import Preprocessing
 
 from .augment import get_augmentation
 from .data import Dataset, DatasetError, load_images, read_dataset
+from .figures import (
+    TRAIN_COLOUR,
+    save_confusion_png,
+    save_learning_curves_png,
+    save_per_class_png,
+    save_reliability_png,
+)
 from .metrics import classification_report, stratified_folds, stratified_split
 
 #: Where a pretrained trunk's weights start (see ``TrainConfig.init``).
@@ -348,8 +357,10 @@ def train(
     elif len(held_idx):
         validation = FrozenViewBatches(frozen_maps[held_idx], images[held_idx], onehot[held_idx], outputs,
                                        32, config.seed, reconstruction_size, random_views=False)
-    fitted.fit(batches, epochs=config.epochs, verbose=2 if progress else 0, callbacks=callbacks,
-                      validation_data=validation)
+    # A bar with time left within each epoch on a terminal; one line per epoch in a log.
+    verbose = (1 if sys.stdout.isatty() else 2) if progress else 0
+    fitted.fit(batches, epochs=config.epochs, verbose=verbose, callbacks=callbacks,
+               validation_data=validation)
     seconds = time.perf_counter() - start
 
     metrics: dict[str, Any] = {
@@ -370,7 +381,11 @@ def train(
         np.save(run_dir / "holdout_probabilities.npy", probabilities)
         np.save(run_dir / "holdout_probabilities_flips.npy", flipped)
         np.save(run_dir / "holdout_indices.npy", np.asarray(held_idx))
+        save_evaluation_pngs(probabilities, targets[held_idx], dataset.classes, run_dir)
+    save_learning_curves_png(read_history(run_dir / "history.csv"), run_dir / "learning_curves.png")
     built.classifier.save(run_dir / "classifier.keras")
+    if built.decoder is not None:
+        built.decoder.save(run_dir / "decoder.keras")
     _write_json(run_dir / "config.json", {
         "train": asdict(config),
         "model": _jsonable(asdict(model_config)),
@@ -469,7 +484,11 @@ def cross_validate(
             "macro_f1_std": float(flip_f1.std(ddof=1)) if folds > 1 else 0.0,
         }
     _write_json(run_dir / "cv_summary.json", summary)
-    save_confusion_png(np.array(pooled["confusion_matrix"]), dataset.classes, run_dir / "confusion.png")
+    oof = np.zeros((len(targets), len(dataset.classes)))
+    for fold in range(folds):
+        fold_dir = run_dir / f"fold-{fold}"
+        oof[np.load(fold_dir / "holdout_indices.npy")] = np.load(fold_dir / "holdout_probabilities.npy")
+    save_evaluation_pngs(oof, targets, dataset.classes, run_dir)
     final_dir = run_dir / "final"
     finished = (final_dir / "metrics.json").is_file() and not (final_dir / "backup").is_dir()
     if final and not (resume and finished):
@@ -480,27 +499,30 @@ def cross_validate(
     return summary
 
 
-def save_confusion_png(matrix: np.ndarray, classes: tuple[str, ...], path: Path) -> None:
-    """A confusion matrix as a small PNG: rows true class, columns predicted, counts in cells."""
-    from PIL import Image, ImageDraw
+def save_evaluation_pngs(probabilities: np.ndarray, targets: np.ndarray, classes: tuple[str, ...],
+                         run_dir: Path) -> None:
+    """``confusion.png``, ``per_class.png`` and ``reliability.png`` for held-out predictions."""
+    from capsedge.trust import reliability_bins
 
-    cell, margin = 64, 90
-    size = margin + cell * len(classes)
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    peak = max(1, int(matrix.max()))
-    for i, row in enumerate(matrix):
-        draw.text((4, margin + i * cell + cell // 2 - 5), classes[i], fill="black")
-        draw.text((margin + i * cell + 4, margin - 20), classes[i], fill="black")
-        for j, count in enumerate(row):
-            shade = 255 - int(200 * count / peak)
-            left, top = margin + j * cell, margin + i * cell
-            box = (left, top, left + cell - 1, top + cell - 1)
-            draw.rectangle(box, fill=(shade, shade, 255), outline="grey")
-            draw.text((box[0] + cell // 2 - 8, box[1] + cell // 2 - 5), str(int(count)),
-                      fill="black" if shade > 120 else "white")
-    draw.text((4, 4), "rows: true class, columns: predicted", fill="black")
-    image.save(path)
+    report = classification_report(targets, probabilities.argmax(1), classes)
+    save_confusion_png(np.array(report["confusion_matrix"]), classes, run_dir / "confusion.png")
+    save_per_class_png(report, run_dir / "per_class.png")
+    save_reliability_png([("held-out", reliability_bins(probabilities, targets), TRAIN_COLOUR)],
+                         run_dir / "reliability.png")
+
+
+def read_history(path: Path) -> dict[str, list[float]]:
+    """The ``CSVLogger`` file as columns (empty when there is none)."""
+    if not path.is_file():
+        return {}
+    with path.open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns: dict[str, list[float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key != "epoch":
+                columns.setdefault(key, []).append(float(value) if value not in ("", None) else float("nan"))
+    return columns
 
 
 def _jsonable(value: Any) -> Any:

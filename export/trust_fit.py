@@ -1,0 +1,213 @@
+"""Fit the ``trust`` section of a model's metadata (see :mod:`capsedge.trust`).
+
+- The temperature and the "uncertain" threshold come from the out-of-fold predictions of a
+  ``capsedge train --folds K`` folder: every image is scored by a model that never saw it.
+- The outlier statistics come from the training images' features: the mean of the map after
+  stage ``OUTLIER_STAGE`` of the EfficientNet-Lite0 trunk. With the bundled recipe those stages
+  are frozen at their ImageNet weights, so the features of the training images are not fitted
+  to them; how often a development X-ray is flagged is measured by K-fold cross-validation of
+  the statistics themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capsedge.errors import CapsedgeError
+from capsedge.trust import (
+    Calibration,
+    OutlierModel,
+    Trust,
+    calibrate,
+    expected_calibration_error,
+    reliability_bins,
+)
+
+#: The trunk stage whose mean map is the outlier feature (frozen in the bundled recipe).
+OUTLIER_STAGE = 5
+#: Principal axes kept for the Mahalanobis part of the outlier distance.
+OUTLIER_COMPONENTS = 5
+#: Training images' distances above this quantile are out of distribution.
+OUTLIER_QUANTILE = 0.99
+#: The "uncertain" threshold is the lowest confidence at which answers are this often right.
+TARGET_ACCURACY = 0.97
+#: ...counting at least this many answers at or above it (no threshold from a handful).
+MIN_CONFIDENT = 20
+#: Confidence thresholds reported in the coverage table.
+TABLE_THRESHOLDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+
+
+def fit_temperature(probabilities: np.ndarray, targets: np.ndarray) -> float:
+    """The temperature minimising the negative log-likelihood of ``calibrate(p, T)``.
+
+    A one-dimensional search over log T (0.05 to 20, then refined around the best point).
+    """
+    targets = np.asarray(targets)
+
+    def nll(temperature: float) -> float:
+        p = calibrate(probabilities, temperature)[np.arange(len(targets)), targets]
+        return float(-np.log(np.clip(p, 1e-12, 1.0)).mean())
+
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 200))
+    best = grid[int(np.argmin([nll(t) for t in grid]))]
+    fine = best * np.exp(np.linspace(-0.05, 0.05, 101))
+    return float(fine[int(np.argmin([nll(t) for t in fine]))])
+
+
+def choose_threshold(probabilities: np.ndarray, targets: np.ndarray, target_accuracy: float = TARGET_ACCURACY,
+                     min_count: int = MIN_CONFIDENT) -> float:
+    """The lowest confidence ``t`` whose answers at or above it are at least ``target_accuracy``
+    right (at least ``min_count`` of them); 1.0 (every answer uncertain) when none is."""
+    confidence = np.asarray(probabilities).max(axis=1)
+    correct = np.asarray(probabilities).argmax(axis=1) == np.asarray(targets)
+    order = np.argsort(-confidence)
+    right = np.cumsum(correct[order])
+    count = np.arange(1, len(order) + 1)
+    good = (right / count >= target_accuracy) & (count >= min_count)
+    if not good.any():
+        return 1.0
+    return float(confidence[order][np.flatnonzero(good).max()])
+
+
+def coverage_table(probabilities: np.ndarray, targets: np.ndarray,
+                   thresholds: tuple[float, ...] = TABLE_THRESHOLDS) -> list[dict[str, float]]:
+    """For each threshold: the share of answers at or above it, and how often those are right."""
+    confidence = np.asarray(probabilities).max(axis=1)
+    correct = np.asarray(probabilities).argmax(axis=1) == np.asarray(targets)
+    rows = []
+    for threshold in thresholds:
+        kept = confidence >= threshold
+        rows.append({"threshold": float(threshold), "coverage": float(kept.mean()),
+                     "accuracy": float(correct[kept].mean()) if kept.any() else None,
+                     "answers": int(kept.sum())})
+    return rows
+
+
+def fit_outliers(features: np.ndarray, components: int = OUTLIER_COMPONENTS,
+                 quantile: float = OUTLIER_QUANTILE) -> OutlierModel:
+    """Standardise, keep ``components`` principal axes, and set the threshold at the
+    ``quantile`` of the training features' own distances."""
+    features = np.asarray(features, np.float64)
+    mean = features.mean(axis=0)
+    scale = features.std(axis=0) + 1e-6
+    standard = (features - mean) / scale
+    _, singular, axes = np.linalg.svd(standard, full_matrices=False)
+    kept = axes[:components]
+    variances = singular[:components] ** 2 / (len(features) - 1)
+    residual = standard - standard @ kept.T @ kept
+    residual_variance = float((residual**2).sum(axis=1).mean())
+    model = OutlierModel(mean, scale, kept, variances, residual_variance, threshold=1.0)
+    threshold = float(np.quantile(model.distance(features), quantile))
+    return OutlierModel(mean, scale, kept, variances, residual_variance, threshold)
+
+
+def outlier_false_alarms(features: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+    """Share of training images flagged by statistics fitted without them (K-fold)."""
+    fold_of = np.arange(len(features)) % folds
+    np.random.default_rng(seed).shuffle(fold_of)
+    flagged = 0
+    for fold in range(folds):
+        model = fit_outliers(features[fold_of != fold])
+        flagged += int((model.distance(features[fold_of == fold]) > model.threshold).sum())
+    return flagged / len(features)
+
+
+def out_of_fold(cross_validation: str | Path, images: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices, probabilities)`` of every image from a ``--folds K`` folder's held-out folds.
+
+    Raises:
+        CapsedgeError: a fold is missing its held-out predictions, or they do not cover
+            ``images`` images exactly once.
+    """
+    folds = sorted(Path(cross_validation).glob("fold-*"))
+    if not folds:
+        raise CapsedgeError(f"no fold-* folders in {cross_validation}")
+    try:
+        indices = np.concatenate([np.load(f / "holdout_indices.npy") for f in folds])
+        probabilities = np.concatenate([np.load(f / "holdout_probabilities.npy") for f in folds])
+    except (OSError, ValueError) as exc:
+        raise CapsedgeError(f"cannot read the held-out predictions in {cross_validation} "
+                            f"({type(exc).__name__})") from None
+    if sorted(indices.tolist()) != list(range(images)):
+        raise CapsedgeError(f"the folds of {cross_validation} do not cover the {images} training images "
+                            "exactly once: was it trained on other data?")
+    return indices, probabilities
+
+
+def with_features(classifier: Any, stage: int = OUTLIER_STAGE) -> Any:
+    """A Keras model ``image -> [probabilities, mean of the trunk's stage-``stage`` map]``,
+    concatenated into one vector (the runtime splits it by the metadata's label count)."""
+    import keras
+
+    from capsedge.models.build import TRUNK_PREFIX
+    from capsedge.models.efficientnet_lite import trunk_output_layer
+
+    stage_map = trunk_output_layer(classifier, stage, name=TRUNK_PREFIX).output
+    pooled = keras.layers.GlobalAveragePooling2D(name="outlier_features")(stage_map)
+    joined = keras.layers.Concatenate(name="probabilities_and_features")([classifier.output, pooled])
+    return keras.Model(classifier.input, joined, name=f"{classifier.name}_with_features")
+
+
+@dataclass(frozen=True)
+class TrustFit:
+    """The fitted section and the figures that justify it."""
+
+    trust: Trust
+    report: dict[str, Any]
+    calibrated: np.ndarray
+    raw: np.ndarray
+    targets: np.ndarray
+
+
+def fit_trust(classifier: Any, labels: tuple[str, ...], cross_validation: str | Path,
+              train_data: str | Path, preprocessing: Any) -> TrustFit:
+    """Fit calibration (from ``cross_validation``'s out-of-fold predictions) and outlier
+    statistics (from the features of ``train_data``'s images under ``classifier``).
+
+    Raises:
+        CapsedgeError: the data's classes differ from the model's, or the folds do not match it.
+    """
+    from capsedge.train.data import load_images, read_dataset
+
+    dataset = read_dataset(train_data)
+    if tuple(dataset.classes) != tuple(labels):
+        raise CapsedgeError(f"{train_data} has classes {list(dataset.classes)}, the model {list(labels)}")
+    targets = np.array([dataset.classes.index(label) for label in dataset.labels])
+    indices, raw = out_of_fold(cross_validation, len(targets))
+    targets_oof = targets[indices]
+    temperature = fit_temperature(raw, targets_oof)
+    calibrated = calibrate(raw, temperature)
+    threshold = choose_threshold(calibrated, targets_oof)
+
+    images = load_images(dataset, preprocessing)
+    features = np.asarray(with_features(classifier).predict(images, batch_size=16, verbose=0))
+    features = features[:, len(labels):]
+    outliers = fit_outliers(features)
+    report = {
+        "out_of_fold_images": int(len(targets_oof)),
+        "accuracy": float((raw.argmax(1) == targets_oof).mean()),
+        "temperature": temperature,
+        "ece_before": expected_calibration_error(raw, targets_oof),
+        "ece_after": expected_calibration_error(calibrated, targets_oof),
+        "uncertain_below": threshold,
+        "target_accuracy": TARGET_ACCURACY,
+        "coverage": coverage_table(calibrated, targets_oof),
+        "reliability_before": reliability_bins(raw, targets_oof),
+        "reliability_after": reliability_bins(calibrated, targets_oof),
+        "outlier_feature": f"mean of the EfficientNet-Lite0 stage-{OUTLIER_STAGE} map",
+        "outlier_components": OUTLIER_COMPONENTS,
+        "outlier_quantile": OUTLIER_QUANTILE,
+        "outlier_false_alarms_cv": outlier_false_alarms(features),
+        "feature_images": int(len(features)),
+    }
+    provenance = {k: report[k] for k in ("out_of_fold_images", "temperature", "ece_before", "ece_after",
+                                         "uncertain_below", "target_accuracy", "outlier_feature",
+                                         "outlier_components", "outlier_quantile",
+                                         "outlier_false_alarms_cv", "feature_images")}
+    provenance["coverage"] = report["coverage"]
+    trust = Trust(Calibration(temperature, threshold), outliers, provenance)
+    return TrustFit(trust, report, calibrated, raw, targets_oof)
