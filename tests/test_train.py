@@ -43,11 +43,53 @@ def test_train_writes_a_complete_run(tiny_data: Path, tmp_path: Path) -> None:
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["train_images"] == 12 and metrics["holdout"]["per_class"]["Zimmer"]["support"] == 2
     assert result.classifier.output_shape == (None, 2)
+    assert_pictures(run)
+    check_capsule_grid(run, tiny_data, tmp_path)
     with pytest.raises(ValueError, match="nothing to resume"):
         train(tiny_data, tmp_path / "fresh", FAST, resume=True, progress=False)
     (run / "backup").mkdir()
     with pytest.raises(ValueError, match="interrupted run"):
         train(tiny_data, run, FAST, progress=False)
+
+
+def colours_in(path: Path) -> set[tuple[int, int, int]]:
+    with Image.open(path) as image:
+        return {tuple(c) for c in np.asarray(image.convert("RGB")).reshape(-1, 3)}
+
+
+def assert_pictures(run: Path) -> None:
+    """The run's pictures are drawn: curves in the train and validation colours, bars, matrix."""
+    from capsedge.train.figures import SECOND_COLOUR, TRAIN_COLOUR, VALIDATION_COLOUR
+
+    curves = colours_in(run / "learning_curves.png")
+    assert TRAIN_COLOUR in curves and VALIDATION_COLOUR in curves
+    assert {TRAIN_COLOUR, SECOND_COLOUR} <= colours_in(run / "per_class.png")
+    assert TRAIN_COLOUR in colours_in(run / "reliability.png")
+    assert len(colours_in(run / "confusion.png")) > 3
+
+
+def check_capsule_grid(run: Path, data: Path, tmp_path: Path) -> None:
+    """``capsedge capsules`` on the run: one row of reconstructions per capsule dimension."""
+    from click.testing import CliRunner
+
+    from capsedge.cli import main
+    from capsedge.train.capsule_view import DELTAS, TILE
+
+    out = tmp_path / "grid.png"
+    image = str(data / "Depuy.0.jpg")
+    result = CliRunner().invoke(main, ["capsules", image, "--run", str(run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as grid:
+        pixels = np.asarray(grid)
+    dims = (pixels.shape[0] - (TILE + 40) - 4) // (TILE + 2)
+    assert dims == 16  # effcaps_mnist's class capsules have 16 dimensions
+    assert pixels.shape[1] == 44 + len(DELTAS) * (TILE + 2)
+    row = pixels[TILE + 40: TILE + 40 + TILE]
+    first, last = row[:, 44:44 + TILE], row[:, 44 + 10 * (TILE + 2): 44 + 10 * (TILE + 2) + TILE]
+    assert not np.array_equal(first, last)  # shifting a dimension changes the reconstruction
+    missing = CliRunner().invoke(main, ["capsules", str(data / "Depuy.0.jpg"), "--run", str(tmp_path),
+                                        "--out", str(out)])
+    assert missing.exit_code == 1 and missing.stderr.startswith("capsedge: error:")
 
 
 @pytest.mark.slow
@@ -56,7 +98,7 @@ def test_cross_validation_summary_and_skips_finished_folds(tiny_data: Path, tmp_
     assert summary["folds"] == 2 and len(summary["per_fold"]) == 2
     assert 0.0 <= summary["accuracy_mean"] <= 1.0
     assert sum(map(sum, summary["pooled"]["confusion_matrix"])) == 16  # every image validated once
-    assert (tmp_path / "cv" / "confusion.png").is_file()
+    assert_pictures_of_cross_validation(tmp_path / "cv")
     written = (tmp_path / "cv" / "fold-0" / "classifier.keras").stat().st_mtime_ns
     again = cross_validate(tiny_data, tmp_path / "cv", FAST, folds=2, resume=True, progress=False)
     assert again["per_fold"] == summary["per_fold"]
@@ -65,6 +107,14 @@ def test_cross_validation_summary_and_skips_finished_folds(tiny_data: Path, tmp_
         cross_validate(tiny_data, tmp_path / "cv", FAST, folds=2, progress=False)
     with pytest.raises(ValueError, match="other settings"):
         cross_validate(tiny_data, tmp_path / "cv", FAST, folds=3, resume=True, progress=False)
+
+
+def assert_pictures_of_cross_validation(folder: Path) -> None:
+    from capsedge.train.figures import TRAIN_COLOUR
+
+    assert len(colours_in(folder / "confusion.png")) > 3
+    assert TRAIN_COLOUR in colours_in(folder / "reliability.png")
+    assert TRAIN_COLOUR in colours_in(folder / "per_class.png")
 
 
 def test_train_command_refuses_unusable_data(tmp_path: Path) -> None:
