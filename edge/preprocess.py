@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image, ImageChops, ImageOps
+from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
 from .dicom import looks_like_dicom, read_dicom
-from .errors import CapsedgeError, ImageError
+from .errors import CapsedgeError, ImageError, preview
 from .limits import MAX_IMAGE_BYTES, MAX_PIXELS
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray
@@ -67,8 +67,8 @@ class Preprocessing:
     letterbox: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.input_size, int) or not 8 <= self.input_size <= 1024:
-            raise ValueError(f"input_size must be an integer in [8, 1024], got {self.input_size!r}")
+        if type(self.input_size) is not int or not 8 <= self.input_size <= 1024:
+            raise ValueError(f"input_size must be an integer in [8, 1024], got {preview(self.input_size)}")
         for name, value, valid in (
             ("channels", self.channels, (1,)),
             ("layout", self.layout, ("NHWC",)),
@@ -76,8 +76,9 @@ class Preprocessing:
             ("resample", self.resample, ("bilinear",)),
             ("letterbox", self.letterbox, (True,)),
         ):
-            if value not in valid:
-                raise ValueError(f"{name} must be one of {valid}, got {value!r}")
+            # type() too: True == 1 and 1 == True, but neither is the other in a model's metadata.
+            if type(value) is not type(valid[0]) or value not in valid:
+                raise ValueError(f"{name} must be one of {valid}, got {preview(value)}")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form stored in model metadata."""
@@ -86,10 +87,13 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
         """Rebuild from :meth:`to_dict`; unknown keys are an error, not ignored."""
+        if not isinstance(data, dict):
+            raise ValueError(f"preprocessing must be an object, got {preview(data)}")
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown preprocessing keys {sorted(unknown)}; valid: {sorted(known)}")
+            names = preview(sorted(unknown))
+            raise ValueError(f"unknown preprocessing keys {names}; valid: {sorted(known)}")
         return cls(**data)
 
     @property
@@ -108,15 +112,48 @@ def is_image_file(path: Path, *, allow_no_suffix: bool = False) -> bool:
 
 
 def image_files(folder: str | Path, *, allow_no_suffix: bool = False) -> list[Path]:
-    """The images under ``folder``, at any depth, sorted; hidden files and folders are skipped."""
+    """The images under ``folder``, at any depth, sorted; hidden files and folders are skipped,
+    and so are folders that cannot be read (:func:`walk_images` says which)."""
     root = Path(folder)
     if not root.is_dir():
         return []
-    return sorted(
-        path for path in root.rglob("*")
-        if not any(part.startswith(".") for part in path.relative_to(root).parts[:-1])
-        and is_image_file(path, allow_no_suffix=allow_no_suffix)
-    )
+    return walk_images(root, allow_no_suffix=allow_no_suffix)[0]
+
+
+def walk_images(folder: str | Path, *, allow_no_suffix: bool = False
+                ) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The images under ``folder`` (as :func:`image_files`), and each folder or entry that
+    could not be read with the reason; the walk goes on past them.
+
+    Symbolic links to folders are not followed (no loops); links to files are taken.
+    """
+    files: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    pending = [Path(folder)]
+    while pending:
+        current = pending.pop()
+        try:
+            with os.scandir(current) as listing:
+                entries = list(listing)
+        except OSError as exc:
+            problems.append((current, f"cannot read folder ({_reason(exc)})"))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(path)
+                elif is_image_file(path, allow_no_suffix=allow_no_suffix):
+                    files.append(path)
+            except OSError as exc:  # an entry of a folder we may list but not enter
+                problems.append((path, f"cannot read ({_reason(exc)})"))
+    return sorted(files), sorted(problems)
+
+
+def _reason(exc: OSError) -> str:
+    return "permission denied" if isinstance(exc, PermissionError) else exc.strerror or type(exc).__name__
 
 
 def open_image(source: ImageSource) -> Image.Image:
@@ -212,6 +249,8 @@ def _open_bytes(data: bytes, name: str = "") -> Image.Image:
             return Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"image too large (over {MAX_PIXELS:,} pixels)") from None
+    except UnidentifiedImageError:
+        raise ImageError("not a readable image") from None
     except Exception as exc:  # noqa: BLE001 - Pillow's messages can quote the file's bytes
         raise ImageError(f"not a readable image ({type(exc).__name__})") from None
 
