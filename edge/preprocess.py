@@ -12,6 +12,10 @@ frame) becomes a ``(size, size, 1)`` float32 tensor in ``[0, 1]``:
    12-bit and 16-bit radiographs all look alike to the network);
 5. letterbox: centre on a black square of ``size`` x ``size``.
 
+An image with NaN or infinite pixel values is refused (``ImageError``): no
+stretch of such values means anything. Sizes are checked against
+:mod:`capsedge.limits` before a file is read.
+
 The parameters live in :class:`Preprocessing`, which is stored in every
 exported model so that the runtime reads them instead of assuming them.
 """
