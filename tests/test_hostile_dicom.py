@@ -177,3 +177,19 @@ def test_mutated_files_through_the_cli_leak_nothing_and_the_batch_goes_on(tmp_pa
         if args:
             records = [json.loads(line) for line in result.stdout.splitlines()]
             assert len(records) == 13 and "label" in records[-1]
+
+
+@pytest.mark.parametrize(
+    ("tag", "offset", "value"),
+    [(b"\x28\x00\x10\x00", 4, b"QQ"), (b"\x28\x00\x10\x00", 4, b"UL"), (b"\x02\x00\x10\x00", 4, b"FD")],
+    ids=["unknown-vr", "bytes-length", "bytes-length-in-file-meta"],
+)
+def test_pydicom_exceptions_are_image_errors(tag: bytes, offset: int, value: bytes) -> None:
+    """Rows with an unknown VR (NotImplementedError) or a 4-byte VR for its 2 bytes
+    (BytesLengthException); the transfer syntax as a float."""
+    data = bytearray(SEED)
+    at = data.find(tag) + offset
+    data[at : at + 2] = value
+    with pytest.raises(ImageError) as error:
+        preprocess(bytes(data), CONFIG)
+    assert not leaked(str(error.value)) and "\n" not in str(error.value)
