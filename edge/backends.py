@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .errors import ModelError, RuntimeMissingError, missing_extra
+from .limits import MAX_MODEL_BYTES
 
 
 class Backend(Protocol):
@@ -289,10 +290,17 @@ class EdgeTpuBackend(LiteRTBackend):
 
 def is_edgetpu_compiled(path: Path) -> bool:
     """An ``edgetpu_compiler`` output carries its custom op's name in the flatbuffer."""
+    overlap = len(EDGETPU_CUSTOM_OP) - 1
     try:
-        return EDGETPU_CUSTOM_OP in path.read_bytes()
+        with path.open("rb") as handle:
+            tail = b""
+            while chunk := handle.read(1 << 20):  # a megabyte at a time, not the whole file
+                if EDGETPU_CUSTOM_OP in tail + chunk:
+                    return True
+                tail = chunk[-overlap:]
     except OSError:
         return False
+    return False
 
 
 BACKENDS = {
@@ -312,6 +320,8 @@ def open_backend(model_path: str | Path, backend: str = "auto", threads: int | N
     path = Path(model_path)
     if not is_readable_file(path):
         raise ModelError(f"model file not found or not readable: {path}")
+    if path.stat().st_size > MAX_MODEL_BYTES:
+        raise ModelError(f"model file too large (over {MAX_MODEL_BYTES // 2**20} MiB)")
     backend = ALIASES.get(backend, backend)
     if backend == "auto" and path.suffix.lower() == ".tflite" and is_edgetpu_compiled(path):
         backend = "edgetpu"

@@ -165,16 +165,19 @@ class Classifier:
                       f"(feature distance {ratio:.1f}x the limit)")
 
     def classify(self, image: ImageSource) -> Prediction:
-        """Classify one image: a path, encoded bytes, a PIL image or a numpy array.
+        """Classify one image: a path, encoded bytes, a binary file, a PIL image or a numpy array.
 
         Raises:
-            ImageError: the image cannot be read or decoded.
-            ModelError: the runtime failed on this input.
+            ImageError: the image cannot be read or decoded, is too large, or is not an image
+                (any other type, ``None`` included).
+            ModelError: the runtime failed on this input or returned non-finite values.
             RuntimeMissingError: a DICOM file and no ``pydicom``.
         """
         start = time.perf_counter()
         tensor = preprocess(image, self.metadata.preprocessing)
         raw = self.predict_tensor(tensor)
+        if not np.isfinite(raw).all():  # never NaN in a result (nor invalid JSON downstream)
+            raise ModelError("the model returned non-finite outputs for this image")
         scores = self._calibrated(raw[: len(self.labels)])
         out_of_distribution, reason = self._outlier(raw[len(self.labels):])
         latency_ms = (time.perf_counter() - start) * 1000.0

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import click
 
 from . import __version__
-from .errors import CapsedgeError
+from .errors import CapsedgeError, ImageError
 
 if TYPE_CHECKING:
     from .classifier import Prediction
@@ -20,9 +20,17 @@ if TYPE_CHECKING:
 EXIT_FAILED = 1
 
 
+def printable(text: str) -> str:
+    """``text`` with control and other non-printable characters escaped (``\\n``, ``\\x1b``):
+    a file name cannot forge a line of output or drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def fail(message: str) -> None:
     """Print a one-line error on stderr."""
-    click.echo(f"capsedge: error: {message}", err=True)
+    click.echo(f"capsedge: error: {printable(message)}", err=True)
 
 
 def format_text(path: str, prediction: Prediction) -> str:
@@ -30,7 +38,7 @@ def format_text(path: str, prediction: Prediction) -> str:
     probabilities = prediction.probabilities
     flag = ", uncertain" if prediction.uncertain else ""
     scores = "  ".join(f"{name} {100 * p:5.1f} %" for name, p in probabilities.items())
-    line = f"{path}: {prediction.label} ({100 * prediction.confidence:.1f} %{flag})   {scores}"
+    line = f"{printable(path)}: {prediction.label} ({100 * prediction.confidence:.1f} %{flag})   {scores}"
     if prediction.out_of_distribution:
         line += f"   [out of distribution: {prediction.ood_reason}]"
     return line
@@ -131,26 +139,46 @@ def bench(model_path: Path | None, image: Path | None, backends: str, thread_cou
         sys.exit(EXIT_FAILED)
 
 
-def expand_inputs(paths: tuple[str, ...]) -> list[str]:
+def expand_inputs(paths: tuple[str, ...]) -> list[tuple[str, str | None]]:
     """Files as given; a directory becomes its images (recursively, sorted).
 
     Inside a directory, files with an image suffix and files with no suffix
-    (DICOM exports often have none) are taken; hidden files are skipped.
+    (DICOM exports often have none) are taken; hidden files are skipped. Each
+    entry is ``(path, None)``, or ``(path, reason)`` for a folder or entry that
+    could not be read (it fails alone; the walk goes on).
     """
-    from .preprocess import image_files
+    from .preprocess import walk_images
 
-    files: list[str] = []
+    entries: list[tuple[str, str | None]] = []
     for given in paths:
         folder = Path(given)
         try:
             is_folder = bool(given) and folder.is_dir()
-        except OSError:  # a name too long, a folder we may not search: classify reports it
+        except (OSError, ValueError):  # a name too long, a folder we may not search: classify reports it
             is_folder = False
         if not is_folder:
-            files.append(given)
+            entries.append((given, None))
             continue
-        files.extend(str(path) for path in image_files(folder, allow_no_suffix=True))
-    return files
+        found, problems = walk_images(folder, allow_no_suffix=True)
+        walked = [(str(path), None) for path in found] + [(str(path), why) for path, why in problems]
+        entries.extend(sorted(walked, key=lambda entry: entry[0]))
+    return entries
+
+
+def _same_file(target: Path, paths: list[str | Path]) -> bool:
+    """Whether ``target`` exists and is one of ``paths`` (links and other spellings included)."""
+    try:
+        status = target.stat()
+    except (OSError, ValueError):
+        return False
+    for path in paths:
+        try:
+            other = Path(path).stat()
+        except (OSError, ValueError):
+            continue
+        if (other.st_dev, other.st_ino) == (status.st_dev, status.st_ino):
+            return True
+    return False
 
 
 @main.command()
@@ -183,22 +211,27 @@ def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, ba
     if not files:
         fail("no images found in " + ", ".join(images))
         sys.exit(EXIT_FAILED)
+    if csv_path is not None and _same_file(csv_path, [path for path, _ in files] + [classifier.model_path]):
+        fail(f"--csv {csv_path} is one of the inputs or the model; refusing to overwrite it")
+        sys.exit(EXIT_FAILED)
     rows: list[dict[str, object]] = []
     failed = 0
-    for image in files:
+    for image, problem in files:
         try:
+            if problem is not None:
+                raise ImageError(problem)
             prediction = classifier.classify(image)
         except CapsedgeError as exc:
             failed += 1
             fail(f"{image}: {exc}")
             rows.append({"path": image, "error": str(exc)})
             if as_json:
-                click.echo(json.dumps({"path": image, "error": str(exc)}))
+                click.echo(json.dumps({"path": image, "error": str(exc)}, allow_nan=False))
             continue
         record = {"path": image, **prediction.to_dict()}
         rows.append(record)
         if as_json:
-            click.echo(json.dumps(record))
+            click.echo(json.dumps(record, allow_nan=False))  # strict JSON: NaN is refused upstream
         else:
             click.echo(format_text(image, prediction))
     if csv_path is not None:
@@ -238,7 +271,7 @@ def explain(image: str, out_path: Path | None, model_path: Path | None, backend:
         explanation = occlusion_map(classifier, image, grid, progress=bar.update)
     except CapsedgeError as exc:
         bar.close()
-        fail(f"{image}: {exc}")
+        fail(f"{printable(image)}: {exc}")
         sys.exit(EXIT_FAILED)
     bar.close()
     try:
@@ -249,8 +282,9 @@ def explain(image: str, out_path: Path | None, model_path: Path | None, backend:
     if as_json:
         click.echo(json.dumps({"path": image, "overlay": str(out), **explanation.to_dict()}))
     else:
-        click.echo(f"{image}: {explanation.label} ({100 * explanation.confidence:.1f} %); overlay {out} "
-                   f"({explanation.inferences} inferences, {explanation.seconds:.1f} s)")
+        click.echo(f"{printable(image)}: {explanation.label} ({100 * explanation.confidence:.1f} %); "
+                   f"overlay {printable(str(out))} ({explanation.inferences} inferences, "
+                   f"{explanation.seconds:.1f} s)")
 
 
 def write_csv(path: Path, rows: list[dict[str, object]], labels: tuple[str, ...]) -> None:
@@ -263,18 +297,29 @@ def write_csv(path: Path, rows: list[dict[str, object]], labels: tuple[str, ...]
         for row in rows:
             probabilities = row.get("probabilities") or {}
             writer.writerow([
-                row["path"],
-                row.get("label", ""),
+                _cell(row["path"]),
+                _cell(row.get("label", "")),
                 *(f"{probabilities[label]:.6f}" if probabilities else "" for label in labels),
                 row.get("latency_ms", ""),
                 _csv_flag(row.get("uncertain")),
                 _csv_flag(row.get("out_of_distribution")),
-                row.get("error", ""),
+                _cell(row.get("error", "")),
             ])
 
 
 def _csv_flag(value: object) -> str:
     return "" if value is None else str(bool(value)).lower()
+
+
+#: A cell starting with one of these is a formula to a spreadsheet (CSV injection).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: object) -> object:
+    """A text cell a spreadsheet shows as text: a leading ``'`` before a formula character."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 if __name__ == "__main__":

@@ -12,15 +12,16 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .errors import ImageError, missing_extra
-
-#: Same limit as for other images (decompression bombs); checked before decoding.
-MAX_PIXELS = 64_000_000
+from .errors import CapsedgeError, ImageError, missing_extra
+from .limits import MAX_PIXELS
 
 #: The 128-byte preamble is followed by this marker in a DICOM Part 10 file.
 DICOM_MAGIC = b"DICM"
@@ -61,18 +62,24 @@ def read_dicom(data: bytes | Path) -> Image.Image:
         logger.propagate = propagate
 
 
-def _read_dicom(data: bytes | Path) -> Image.Image:
+def _read_dicom(source: bytes | Path) -> Image.Image:
     try:
         import pydicom
-        from pydicom.errors import InvalidDicomError
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:
         raise missing_extra("pydicom", "dicom") from None
-    stream = io.BytesIO(data if isinstance(data, bytes) else Path(data).read_bytes())
     try:
-        dataset = pydicom.dcmread(stream, force=True)
-    except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError) as exc:
+        return _decode(pydicom, source)
+    except CapsedgeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a hostile header makes pydicom raise anything
+        # Only the exception's type: pydicom's messages quote raw header bytes (patient data).
         raise ImageError(f"not a readable DICOM file ({type(exc).__name__})") from None
+
+
+def _decode(pydicom: ModuleType, source: bytes | Path) -> Image.Image:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    dataset = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source, force=True)
     if "PixelData" not in dataset:
         raise ImageError("DICOM file has no image (no pixel data)")
     try:
@@ -81,34 +88,57 @@ def _read_dicom(data: bytes | Path) -> Image.Image:
     except (AttributeError, TypeError, ValueError) as exc:
         raise ImageError(f"invalid DICOM image header ({type(exc).__name__})") from None
     if rows * columns > MAX_PIXELS:
-        raise ImageError(f"image too large ({columns}x{rows} pixels, limit {MAX_PIXELS:,})")
+        raise ImageError(f"image too large (over {MAX_PIXELS:,} pixels)")
     if frames > 1:
-        raise ImageError(f"multi-frame DICOM ({frames} frames) is not supported; export one frame")
-    syntax = dataset.file_meta.get("TransferSyntaxUID") if hasattr(dataset, "file_meta") else None
+        raise ImageError("multi-frame DICOM is not supported; export one frame")
     try:
         pixels = dataset.pixel_array
     except (NotImplementedError, RuntimeError) as exc:
-        name = getattr(syntax, "name", str(syntax))
+        compression = _compression(dataset)
+        if not compression:
+            raise ImageError("cannot decode DICOM pixel data (unknown or corrupt transfer syntax)") from None
         raise ImageError(
-            f"cannot decode DICOM pixel data compressed as {name}: install a decoder "
+            f"cannot decode DICOM pixel data compressed as {compression}: install a decoder "
             f"(pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg) ({type(exc).__name__})"
         ) from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on corrupt pixel data
         raise ImageError(f"cannot decode DICOM pixel data ({type(exc).__name__})") from None
     photometric = str(getattr(dataset, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    values = np.empty(pixels.shape[:2], np.float32)  # filled block by block: no float64 copy
     if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or pixels.ndim == 3:
         if pixels.ndim != 3 or pixels.shape[-1] != 3:
-            raise ImageError(f"unsupported DICOM pixel layout {pixels.shape}")
-        grey = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-        return Image.fromarray(grey, mode="F")
+            raise ImageError("unsupported DICOM pixel layout")
+        weights = np.array([0.299, 0.587, 0.114], np.float32)
+        for block in _row_blocks(pixels.shape):
+            values[block] = pixels[block].astype(np.float32) @ weights
+        return Image.fromarray(values, mode="F")
     if pixels.ndim != 2:
-        raise ImageError(f"unsupported DICOM pixel layout {pixels.shape}")
+        raise ImageError("unsupported DICOM pixel layout")
     try:
-        values = apply_modality_lut(pixels, dataset)
-        values = apply_voi_lut(values, dataset, index=0)
-        values = np.asarray(values, dtype=np.float32)
+        for block in _row_blocks(pixels.shape):
+            values[block] = apply_voi_lut(apply_modality_lut(pixels[block], dataset), dataset, index=0)
     except Exception as exc:  # noqa: BLE001 - bad LUT/window values; never quote them (patient data)
         raise ImageError(f"invalid DICOM rescale, LUT or window values ({type(exc).__name__})") from None
+    del pixels, dataset
     if photometric == "MONOCHROME1":
-        values = values.max() - values
-    return Image.fromarray(np.nan_to_num(values), mode="F")
+        np.subtract(values.max(), values, out=values)
+    return Image.fromarray(values, mode="F")
+
+
+def _row_blocks(shape: tuple[int, ...]) -> Iterator[slice]:
+    """Slices of about a million pixels: the LUTs work in float64, one block at a time."""
+    step = max(1, 2**20 // max(1, shape[1]))
+    return (slice(top, top + step) for top in range(0, shape[0], step))
+
+
+def _compression(dataset: Any) -> str:
+    """The name of a transfer syntax pydicom knows, from pydicom's own table; ``""`` for any
+    other value (a corrupt header can put anything there, patient data included)."""
+    try:
+        syntax = dataset.file_meta.TransferSyntaxUID
+        name = syntax.name
+        if name != str(syntax) and name.isprintable() and len(name) <= 80:
+            return name
+    except Exception:  # noqa: BLE001 - only a nicety for the message
+        pass
+    return ""

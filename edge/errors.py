@@ -22,3 +22,12 @@ def missing_extra(module: str, extra: str) -> RuntimeMissingError:
     return RuntimeMissingError(
         f"{module} is not installed; install it with: pip install 'capsedge[{extra}]'"
     )
+
+
+def preview(value: object, limit: int = 60) -> str:
+    """A short one-line ``repr`` of a value for a message (metadata can be long or span lines).
+
+    Never used on image files' values: those are never quoted at all.
+    """
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

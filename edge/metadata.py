@@ -14,11 +14,19 @@ import io
 import json
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import ModelError
+from .errors import ModelError, preview
+from .limits import (
+    MAX_LABEL_LENGTH,
+    MAX_LABELS,
+    MAX_METADATA_BYTES,
+    MAX_METADATA_DEPTH,
+    MAX_NAME_LENGTH,
+)
 from .preprocess import Preprocessing
 from .trust import Trust
 
@@ -51,8 +59,18 @@ class ModelMetadata:
     trust: Trust | None = None
 
     def __post_init__(self) -> None:
-        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"labels must be at least two distinct names, got {self.labels!r}")
+        _check_text("name", self.name, MAX_NAME_LENGTH)
+        _check_text("version", self.version, MAX_NAME_LENGTH)
+        if not isinstance(self.labels, tuple) or not 2 <= len(self.labels) <= MAX_LABELS:
+            raise ValueError(f"labels must be 2 to {MAX_LABELS} names, got {preview(self.labels)}")
+        for label in self.labels:
+            _check_text("each label", label, MAX_LABEL_LENGTH)
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be distinct names, got {preview(self.labels)}")
+        if not isinstance(self.preprocessing, Preprocessing):
+            raise ValueError("preprocessing must be a Preprocessing")
+        if not isinstance(self.provenance, dict):
+            raise ValueError(f"provenance must be an object, got {preview(self.provenance)}")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form."""
@@ -80,24 +98,40 @@ class ModelMetadata:
         """
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ModelError("metadata is not capsedge model metadata")
-        if data.get("format_version") != FORMAT_VERSION:
+        version = data.get("format_version")
+        if type(version) is not int or version != FORMAT_VERSION:
             raise ModelError(
-                f"metadata format version {data.get('format_version')!r} is not supported "
+                f"metadata format version {preview(version)} is not supported "
                 f"(this capsedge reads version {FORMAT_VERSION})"
             )
         if not isinstance(data.get("labels"), list):
-            raise ModelError(f"invalid model metadata: labels must be a list, got {data.get('labels')!r}")
+            labels = preview(data.get("labels"))
+            raise ModelError(f"invalid model metadata: labels must be a list, got {labels}")
+        if not isinstance(data.get("preprocessing"), dict):
+            raise ModelError("invalid model metadata: preprocessing must be an object")
         try:
             return cls(
-                name=str(data["name"]),
-                version=str(data["version"]),
-                labels=tuple(str(label) for label in data["labels"]),
-                preprocessing=Preprocessing.from_dict(dict(data["preprocessing"])),
-                provenance=dict(data.get("provenance", {})),
+                name=data["name"],
+                version=data["version"],
+                labels=tuple(data["labels"]),
+                preprocessing=Preprocessing.from_dict(data["preprocessing"]),
+                provenance=data.get("provenance", {}),
                 trust=Trust.from_dict(data["trust"]) if "trust" in data else None,
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"invalid model metadata ({type(exc).__name__}: {exc})") from None
+        except KeyError as exc:
+            raise ModelError(f"invalid model metadata: {exc.args[0]!r} is missing") from None
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"invalid model metadata: {exc}") from None
+
+
+def _check_text(what: str, value: object, max_length: int) -> None:
+    """A non-empty single-line string of printable characters, at most ``max_length`` long."""
+    if not (isinstance(value, str) and value.strip() == value and 0 < len(value) <= max_length
+            and value.isprintable()):
+        raise ValueError(
+            f"{what} must be a non-empty single-line string of at most {max_length} printable "
+            f"characters, without surrounding spaces; got {preview(value)}"
+        )
 
 
 def sidecar_path(model_path: str | Path) -> Path:
@@ -138,10 +172,18 @@ def read_embedded(model_path: str | Path) -> ModelMetadata | None:
             return None
         return None if text is None else ModelMetadata.from_dict(_parse_json(text, "embedded metadata"))
     try:
-        with zipfile.ZipFile(model_path) as zf:
-            text = zf.read(EMBEDDED_NAME).decode("utf-8")
-    except (zipfile.BadZipFile, KeyError, OSError, UnicodeDecodeError):
+        with zipfile.ZipFile(model_path) as zf, zf.open(EMBEDDED_NAME) as member:
+            # Bounded by what is inflated, not by the sizes the archive claims (zip bombs).
+            data = member.read(MAX_METADATA_BYTES + 1)
+    except (zipfile.BadZipFile, KeyError, OSError, EOFError, ValueError, NotImplementedError,
+            RuntimeError, zlib.error):
         return None
+    if len(data) > MAX_METADATA_BYTES:
+        raise ModelError(f"embedded metadata is too large (over {MAX_METADATA_BYTES // 1024} KiB inflated)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ModelError("embedded metadata is not UTF-8 text") from None
     return ModelMetadata.from_dict(_parse_json(text, "embedded metadata"))
 
 
@@ -176,6 +218,9 @@ def read_onnx_metadata_props(model_path: str | Path) -> dict[str, str]:
                 if stream.tell() + length > size:
                     raise ModelError("not a valid ONNX model (truncated field)")
                 if field_number == _ONNX_METADATA_PROPS:
+                    if length > MAX_METADATA_BYTES:
+                        limit = MAX_METADATA_BYTES // 1024
+                        raise ModelError(f"model metadata is too large (over {limit} KiB)")
                     name, value = _string_pair(stream.read(length))
                     properties[name] = value
                 else:
@@ -219,17 +264,43 @@ def read_sidecar(model_path: str | Path) -> ModelMetadata | None:
     if not path.is_file():
         return None
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelError(f"cannot read {path.name} ({exc})") from None
+        with path.open("rb") as handle:
+            data = handle.read(MAX_METADATA_BYTES + 1)
+    except OSError as exc:
+        raise ModelError(f"cannot read {path.name} ({exc.strerror or type(exc).__name__})") from None
+    if len(data) > MAX_METADATA_BYTES:
+        raise ModelError(f"{path.name} is too large (over {MAX_METADATA_BYTES // 1024} KiB)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ModelError(f"{path.name} is not UTF-8 text") from None
     return ModelMetadata.from_dict(_parse_json(text, path.name))
 
 
 def _parse_json(text: str, what: str) -> dict[str, Any]:
+    too_deep = ModelError(f"{what} is nested too deeply (over {MAX_METADATA_DEPTH} levels)")
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ModelError(f"{what} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except RecursionError:
+        raise too_deep from None
+    if _depth(data) > MAX_METADATA_DEPTH:
+        raise too_deep
+    return data
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_METADATA_DEPTH:
+                children = item.values() if isinstance(item, dict) else item
+                stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def read_metadata(model_path: str | Path) -> ModelMetadata:

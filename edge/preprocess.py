@@ -12,6 +12,10 @@ frame) becomes a ``(size, size, 1)`` float32 tensor in ``[0, 1]``:
    12-bit and 16-bit radiographs all look alike to the network);
 5. letterbox: centre on a black square of ``size`` x ``size``.
 
+An image with NaN or infinite pixel values is refused (``ImageError``): no
+stretch of such values means anything. Sizes are checked against
+:mod:`capsedge.limits` before a file is read.
+
 The parameters live in :class:`Preprocessing`, which is stored in every
 exported model so that the runtime reads them instead of assuming them.
 """
@@ -20,26 +24,28 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
 from .dicom import looks_like_dicom, read_dicom
-from .errors import ImageError
+from .errors import CapsedgeError, ImageError, preview
+from .limits import MAX_IMAGE_BYTES, MAX_PIXELS
 
-ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray
 
 #: File name suffixes taken as images when a folder is read (by classify, training, export).
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm", ".dicom"}
 )
 
-#: Images with more pixels than this are refused (decompression bombs).
-MAX_PIXELS = 64_000_000
+#: Why an image with NaN or infinite pixel values is refused (README, "Reliability").
+NON_FINITE = "image has non-finite pixel values (NaN or infinity)"
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
@@ -65,8 +71,8 @@ class Preprocessing:
     letterbox: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.input_size, int) or not 8 <= self.input_size <= 1024:
-            raise ValueError(f"input_size must be an integer in [8, 1024], got {self.input_size!r}")
+        if type(self.input_size) is not int or not 8 <= self.input_size <= 1024:
+            raise ValueError(f"input_size must be an integer in [8, 1024], got {preview(self.input_size)}")
         for name, value, valid in (
             ("channels", self.channels, (1,)),
             ("layout", self.layout, ("NHWC",)),
@@ -74,8 +80,9 @@ class Preprocessing:
             ("resample", self.resample, ("bilinear",)),
             ("letterbox", self.letterbox, (True,)),
         ):
-            if value not in valid:
-                raise ValueError(f"{name} must be one of {valid}, got {value!r}")
+            # type() too: True == 1 and 1 == True, but neither is the other in a model's metadata.
+            if type(value) is not type(valid[0]) or value not in valid:
+                raise ValueError(f"{name} must be one of {valid}, got {preview(value)}")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form stored in model metadata."""
@@ -84,10 +91,13 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
         """Rebuild from :meth:`to_dict`; unknown keys are an error, not ignored."""
+        if not isinstance(data, dict):
+            raise ValueError(f"preprocessing must be an object, got {preview(data)}")
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown preprocessing keys {sorted(unknown)}; valid: {sorted(known)}")
+            names = preview(sorted(unknown))
+            raise ValueError(f"unknown preprocessing keys {names}; valid: {sorted(known)}")
         return cls(**data)
 
     @property
@@ -106,63 +116,147 @@ def is_image_file(path: Path, *, allow_no_suffix: bool = False) -> bool:
 
 
 def image_files(folder: str | Path, *, allow_no_suffix: bool = False) -> list[Path]:
-    """The images under ``folder``, at any depth, sorted; hidden files and folders are skipped."""
+    """The images under ``folder``, at any depth, sorted; hidden files and folders are skipped,
+    and so are folders that cannot be read (:func:`walk_images` says which)."""
     root = Path(folder)
     if not root.is_dir():
         return []
-    return sorted(
-        path for path in root.rglob("*")
-        if not any(part.startswith(".") for part in path.relative_to(root).parts[:-1])
-        and is_image_file(path, allow_no_suffix=allow_no_suffix)
-    )
+    return walk_images(root, allow_no_suffix=allow_no_suffix)[0]
+
+
+def walk_images(folder: str | Path, *, allow_no_suffix: bool = False
+                ) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The images under ``folder`` (as :func:`image_files`), and each folder or entry that
+    could not be read with the reason; the walk goes on past them.
+
+    Symbolic links to folders are not followed (no loops); links to files are taken.
+    """
+    files: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    pending = [Path(folder)]
+    while pending:
+        current = pending.pop()
+        try:
+            with os.scandir(current) as listing:
+                entries = list(listing)
+        except OSError as exc:
+            problems.append((current, f"cannot read folder ({_reason(exc)})"))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(path)
+                elif is_image_file(path, allow_no_suffix=allow_no_suffix):
+                    files.append(path)
+            except OSError as exc:  # an entry of a folder we may list but not enter
+                problems.append((path, f"cannot read ({_reason(exc)})"))
+    return sorted(files), sorted(problems)
+
+
+def _reason(exc: OSError) -> str:
+    return "permission denied" if isinstance(exc, PermissionError) else exc.strerror or type(exc).__name__
 
 
 def open_image(source: ImageSource) -> Image.Image:
-    """Open a path, bytes, PIL image or array as a PIL image (not yet decoded).
+    """Open a path, bytes, binary file, PIL image or array as a PIL image (not yet decoded).
+
+    Nothing larger than :data:`~capsedge.limits.MAX_IMAGE_BYTES` is read: a file's size
+    is checked before it is opened, bytes by their length, a file object by reading at
+    most one byte more than the limit.
 
     Raises:
-        ImageError: the file is missing, unreadable, empty, not an image, or too large.
+        ImageError: the file is missing, unreadable, empty, not an image, too large, or
+            the source is of a type that is not an image.
     """
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, np.ndarray):
         return _array_to_image(source)
-    name = ""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        if len(source) == 0:
-            raise ImageError("empty image data")
-        data = bytes(source)
-    else:
-        path = Path(source)
-        if not str(source):
-            raise ImageError("empty path")
+        if memoryview(source).nbytes > MAX_IMAGE_BYTES:
+            raise _too_large()
+        return _open_bytes(_bounded(bytes(source)))
+    if isinstance(source, (str, os.PathLike)):
+        return _open_path(source)
+    if callable(getattr(source, "read", None)):
         try:
-            if not path.exists():
-                raise ImageError("no such file")
-            if path.is_dir():
-                raise ImageError("is a directory, not an image")
-            if path.stat().st_size == 0:
-                raise ImageError("empty file")
-            data = path.read_bytes()
-        except PermissionError:
-            raise ImageError("permission denied") from None
-        except OSError as exc:
-            raise ImageError(f"cannot read file ({exc.strerror or type(exc).__name__})") from None
-        name = path.name
+            data = source.read(MAX_IMAGE_BYTES + 1)
+        except Exception as exc:  # noqa: BLE001 - any file-like object: its read is not ours
+            raise ImageError(f"cannot read from the file object ({type(exc).__name__})") from None
+        if not isinstance(data, (bytes, bytearray)):
+            raise ImageError("a file object must be opened in binary mode ('rb')")
+        return _open_bytes(_bounded(bytes(data)))
+    raise ImageError(
+        f"cannot classify an object of type {type(source).__name__}: give a path, bytes, "
+        "a binary file, a PIL image or a numpy array"
+    )
+
+
+def _too_large() -> ImageError:
+    return ImageError(f"file too large (over {MAX_IMAGE_BYTES // 2**20} MiB)")
+
+
+def _bounded(data: bytes) -> bytes:
+    if not data:
+        raise ImageError("empty image data")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise _too_large()
+    return data
+
+
+def _open_path(source: str | os.PathLike) -> Image.Image:
+    try:
+        name = os.fsdecode(os.fspath(source))
+    except (TypeError, ValueError):
+        raise ImageError("invalid path") from None
+    if not name:
+        raise ImageError("empty path")
+    path = Path(name)
+    try:
+        status = path.stat()
+        if stat.S_ISDIR(status.st_mode):
+            raise ImageError("is a directory, not an image")
+        if not stat.S_ISREG(status.st_mode):
+            raise ImageError("not a regular file")
+        if status.st_size == 0:
+            raise ImageError("empty file")
+        if status.st_size > MAX_IMAGE_BYTES:
+            raise _too_large()
+        with path.open("rb") as handle:
+            header = handle.read(132)
+            if looks_like_dicom(header, path.name):
+                data = None  # pydicom reads the file itself: no second copy of the pixel data
+            else:
+                data = header + handle.read(MAX_IMAGE_BYTES + 1 - len(header))
+    except FileNotFoundError:
+        raise ImageError("no such file") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except ValueError:  # an embedded NUL character
+        raise ImageError("invalid path") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read file ({exc.strerror or type(exc).__name__})") from None
+    if data is None:
+        return read_dicom(path)
+    return _open_bytes(_bounded(data), path.name)
+
+
+def _open_bytes(data: bytes, name: str = "") -> Image.Image:
     if looks_like_dicom(data[:132], name):
         return read_dicom(data)
-    stream = io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(stream)
+            return Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"image too large (over {MAX_PIXELS:,} pixels)") from None
     except UnidentifiedImageError:
         raise ImageError("not a readable image") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"not a readable image ({exc})") from None
-    return image
+    except Exception as exc:  # noqa: BLE001 - Pillow's messages can quote the file's bytes
+        raise ImageError(f"not a readable image ({type(exc).__name__})") from None
 
 
 def _array_to_image(array: np.ndarray) -> Image.Image:
@@ -174,6 +268,8 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim == 3 and array.shape[-1] in (3, 4):
+        if array.shape[0] * array.shape[1] > MAX_PIXELS:
+            raise ImageError(f"image too large (over {MAX_PIXELS:,} pixels)")
         grey = array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
         if array.shape[-1] == 4:
             alpha = array[..., 3].astype(np.float32)
@@ -181,7 +277,12 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
         array = grey
     if array.ndim != 2:
         raise ImageError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, got {array.shape}")
-    return Image.fromarray(np.nan_to_num(array.astype(np.float32)), mode="F")
+    if array.size > MAX_PIXELS:
+        raise ImageError(f"image too large (over {MAX_PIXELS:,} pixels)")
+    array = array.astype(np.float32, copy=False)
+    if not np.isfinite(array).all():
+        raise ImageError(NON_FINITE)
+    return Image.fromarray(array, mode="F")
 
 
 def _to_grey(image: Image.Image) -> Image.Image:
@@ -191,13 +292,13 @@ def _to_grey(image: Image.Image) -> Image.Image:
         return image
     if mode in _SIXTEEN_BIT_MODES:
         return image.convert("I")
-    if mode == "P" and "transparency" in image.info:
+    if mode == "P" and "transparency" in image.info or mode == "PA":
         image = image.convert("RGBA")
         mode = "RGBA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(black, rgba).convert("L")
+    if mode in ("RGBA", "LA"):
+        # Grey times alpha is the image composited onto black; two single-channel
+        # images instead of two more full-size RGBA copies (alpha_composite's way).
+        return ImageChops.multiply(image.convert("L"), image.getchannel("A"))
     return image.convert("L")
 
 
@@ -205,41 +306,57 @@ def load_grey(source: ImageSource, size_hint: int = 0) -> Image.Image:
     """Decode an image to one upright greyscale channel.
 
     Args:
-        source: a path, encoded bytes, a PIL image or a numpy array.
+        source: a path, encoded bytes, a binary file, a PIL image or a numpy array.
         size_hint: the final size; large JPEGs are decoded at a reduced scale
             no smaller than twice this.
 
     Raises:
-        ImageError: the image cannot be decoded.
+        ImageError: the image cannot be read or decoded (whatever the decoder
+            raised: the message names the problem, never the file's content).
     """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's warnings on corrupt files would reach stderr
+            return _load_grey(source, size_hint)
+    except CapsedgeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow and pydicom raise many kinds on corrupt data
+        raise ImageError(f"cannot decode image ({type(exc).__name__})") from None
+
+
+def _load_grey(source: ImageSource, size_hint: int) -> Image.Image:
     image = open_image(source)
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageError("image has no pixels")
     if width * height > MAX_PIXELS:
-        raise ImageError(f"image too large ({width}x{height} pixels, limit {MAX_PIXELS:,})")
-    try:
-        if size_hint and image.format == "JPEG" and min(width, height) > 4 * size_hint:
-            image.draft(image.mode, (2 * size_hint, 2 * size_hint))
-        image.seek(0)
-        image = ImageOps.exif_transpose(image) or image
-        image.load()
-        return _to_grey(image)
-    except ImageError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds on corrupt data
-        raise ImageError(f"cannot decode image ({type(exc).__name__}: {exc})") from None
+        raise ImageError(f"image too large (over {MAX_PIXELS:,} pixels)")
+    if size_hint and image.format == "JPEG" and min(width, height) > 4 * size_hint:
+        image.draft(image.mode, (2 * size_hint, 2 * size_hint))
+    image.seek(0)
+    image = ImageOps.exif_transpose(image) or image
+    image.load()
+    return _to_grey(image)
 
 
 def to_model_input(grey: Image.Image, config: Preprocessing) -> np.ndarray:
-    """Resize, stretch and letterbox a greyscale image into a ``(H, W, 1)`` float32 tensor."""
+    """Resize, stretch and letterbox a greyscale image into a ``(H, W, 1)`` float32 tensor.
+
+    Raises:
+        ImageError: the image has NaN or infinite pixel values.
+    """
     size = config.input_size
+    if grey.mode == "F" and not all(np.isfinite(grey.getextrema())):
+        raise ImageError(NON_FINITE)
     factor = _reduction(grey.size, size)
     if factor > 1:  # cheap box reduction first; the bilinear pass below antialiases the rest
         grey = grey.reduce(factor)
     top, left, new_h, new_w = content_box(grey.size, size)
     resized = grey.convert("F").resize((new_w, new_h), Image.Resampling.BILINEAR)
-    pixels = np.asarray(resized, dtype=np.float32)
+    # float64 on the small resized image: no overflow however wide the range.
+    pixels = np.asarray(resized, dtype=np.float64)
+    if not np.isfinite(pixels).all():  # a NaN that the extrema skipped
+        raise ImageError(NON_FINITE)
     low, high = float(pixels.min()), float(pixels.max())
     pixels = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
     canvas = np.zeros((size, size), dtype=np.float32)

@@ -82,7 +82,7 @@ class Calibration:
             raise ValueError(f"uncertain_below must be in [0, 1], got {self.uncertain_below!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class OutlierModel:
     """The training images' feature statistics: standardisation, PCA and a distance threshold.
 
@@ -113,6 +113,15 @@ class OutlierModel:
             raise ValueError("outlier statistics must be finite, with positive scales and variances")
         if not (self.residual_variance > 0 and self.threshold > 0):
             raise ValueError("outlier residual variance and threshold must be positive")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, OutlierModel):
+            return NotImplemented
+        arrays = ("mean", "scale", "components", "variances")
+        return all(np.array_equal(getattr(self, a), getattr(other, a)) for a in arrays) and (
+            self.residual_variance, self.threshold) == (other.residual_variance, other.threshold)
+
+    __hash__ = None  # type: ignore[assignment]
 
     @property
     def feature_dim(self) -> int:

@@ -1,0 +1,30 @@
+"""Every limit on what capsedge reads, defined once (README, "Reliability").
+
+Inputs are checked against these before they are read or decoded, so that a
+hostile or broken file costs a one-line error, never the machine's memory.
+"""
+
+from __future__ import annotations
+
+#: Images with more pixels than this are refused (decompression bombs), DICOM included.
+MAX_PIXELS = 64_000_000
+
+#: Image files (and bytes or file-like inputs) larger than this are refused before reading.
+#: A 64-megapixel 16-bit DICOM (128 MiB of pixel data) fits with room for its header.
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
+
+#: Model files larger than this are refused before reading (the bundled one is 3.3 MiB).
+MAX_MODEL_BYTES = 256 * 1024 * 1024
+
+#: Model metadata (sidecar JSON, or embedded, once inflated) larger than this is refused.
+MAX_METADATA_BYTES = 1024 * 1024
+
+#: Deepest nesting of arrays and objects accepted in metadata JSON.
+MAX_METADATA_DEPTH = 32
+
+#: Most class labels a model may have, and the longest label, in characters.
+MAX_LABELS = 1000
+MAX_LABEL_LENGTH = 64
+
+#: Longest model name or version string, in characters.
+MAX_NAME_LENGTH = 128
