@@ -21,7 +21,8 @@ class Axes:
     """A plot area mapping data coordinates to pixels, with a frame, ticks and a title."""
 
     def __init__(self, draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int],
-                 x_range: tuple[float, float], y_range: tuple[float, float], title: str) -> None:
+                 x_range: tuple[float, float], y_range: tuple[float, float], title: str,
+                 x_ticks: bool = True) -> None:
         self.draw, self.box = draw, box
         self.x_range, self.y_range = x_range, y_range
         left, top, right, bottom = box
@@ -32,10 +33,11 @@ class Axes:
             py = self.y(y)
             draw.line((left - 4, py, left, py), fill="black")
             draw.text((left - 34, py - 5), f"{y:.2g}", fill="black")
-            x = x_range[0] + fraction * (x_range[1] - x_range[0])
-            px = self.x(x)
-            draw.line((px, bottom, px, bottom + 4), fill="black")
-            draw.text((px - 8, bottom + 6), f"{x:.3g}", fill="black")
+            if x_ticks:
+                x = x_range[0] + fraction * (x_range[1] - x_range[0])
+                px = self.x(x)
+                draw.line((px, bottom, px, bottom + 4), fill="black")
+                draw.text((px - 8, bottom + 6), f"{x:.3g}", fill="black")
 
     def x(self, value: float) -> float:
         """Pixel column of ``value``."""
@@ -139,7 +141,7 @@ def save_per_class_png(report: dict, path: Path) -> None:
     image = Image.new("RGB", (100 + 110 * len(classes), 300), "white")
     draw = ImageDraw.Draw(image)
     axes = Axes(draw, (60, 30, 60 + 110 * len(classes), 250), (0, len(classes)), (0.0, 1.0),
-                "precision and recall per class")
+                "precision and recall per class", x_ticks=False)
     for i, name in enumerate(classes):
         figures = report["per_class"][name]
         for j, (key, colour) in enumerate((("precision", TRAIN_COLOUR), ("recall", SECOND_COLOUR))):
