@@ -207,7 +207,7 @@ def export_run(
         provenance=run.provenance,
     )
     with_features = None
-    if trust is not None:
+    if trust is not None and trust.outliers is not None:
         from capsedge.export.trust_fit import with_features as add_features
 
         with_features = add_features(run.classifier)
@@ -229,7 +229,7 @@ def export_run(
             provenance["calibration"] = {"folder": str(calibration), "images": len(list(images()))}
         model = run.classifier
         stamped = replace(metadata, provenance=provenance)
-        if trust is not None and fmt.needs_calibration:
+        if trust is not None and (fmt.needs_calibration or with_features is None):
             # One int8 scale cannot serve probabilities and features: calibration only.
             stamped = replace(stamped, trust=replace(trust, outliers=None))
         elif trust is not None:
@@ -283,17 +283,17 @@ def export(
 
 def fit_run_trust(run: TrainedRun, cross_validation: str | Path | None, train_data: str | Path | None,
                   out_dir: str | Path) -> Trust | None:
-    """The ``trust`` section when both folders are given (its figures also go to
-    ``out_dir/trust.json``); ``None`` when neither is.
+    """The ``trust`` section when ``train_data`` is given (its figures also go to
+    ``out_dir/trust.json``); ``None`` without it.
 
     Raises:
-        CapsedgeError: only one of the two is given.
+        CapsedgeError: ``train_data`` without ``cross_validation``.
     """
-    if train_data is None and cross_validation is None:
+    if train_data is None:
         return None
-    if train_data is None or cross_validation is None:
-        raise CapsedgeError("calibration and outlier statistics need both --cross-validation DIR and "
-                            "--train-data DIR (the images the run was trained on)")
+    if cross_validation is None:
+        raise CapsedgeError("--train-data needs --cross-validation DIR: the calibration is fitted on "
+                            "its out-of-fold predictions")
     from capsedge.export.trust_fit import fit_trust
 
     fitted = fit_trust(run.classifier, run.labels, cross_validation, train_data, run.preprocessing)

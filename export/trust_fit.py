@@ -166,7 +166,8 @@ class TrustFit:
 def fit_trust(classifier: Any, labels: tuple[str, ...], cross_validation: str | Path,
               train_data: str | Path, preprocessing: Any) -> TrustFit:
     """Fit calibration (from ``cross_validation``'s out-of-fold predictions) and outlier
-    statistics (from the features of ``train_data``'s images under ``classifier``).
+    statistics (from the features of ``train_data``'s images under ``classifier``; none for a
+    model without an EfficientNet-Lite0 trunk).
 
     Raises:
         CapsedgeError: the data's classes differ from the model's, or the folds do not match it.
@@ -183,10 +184,15 @@ def fit_trust(classifier: Any, labels: tuple[str, ...], cross_validation: str | 
     calibrated = calibrate(raw, temperature)
     threshold = choose_threshold(calibrated, targets_oof)
 
-    images = load_images(dataset, preprocessing)
-    features = np.asarray(with_features(classifier).predict(images, batch_size=16, verbose=0))
-    features = features[:, len(labels):]
-    outliers = fit_outliers(features)
+    try:
+        feature_model = with_features(classifier)
+    except CapsedgeError:  # no EfficientNet-Lite0 trunk: calibration only
+        feature_model = None
+    outliers, features = None, np.zeros((0, 0))
+    if feature_model is not None:
+        images = load_images(dataset, preprocessing)
+        features = np.asarray(feature_model.predict(images, batch_size=16, verbose=0))[:, len(labels):]
+        outliers = fit_outliers(features)
     report = {
         "out_of_fold_images": int(len(targets_oof)),
         "accuracy": float((raw.argmax(1) == targets_oof).mean()),
@@ -198,16 +204,17 @@ def fit_trust(classifier: Any, labels: tuple[str, ...], cross_validation: str | 
         "coverage": coverage_table(calibrated, targets_oof),
         "reliability_before": reliability_bins(raw, targets_oof),
         "reliability_after": reliability_bins(calibrated, targets_oof),
-        "outlier_feature": f"mean of the EfficientNet-Lite0 stage-{OUTLIER_STAGE} map",
-        "outlier_components": OUTLIER_COMPONENTS,
-        "outlier_quantile": OUTLIER_QUANTILE,
-        "outlier_false_alarms_cv": outlier_false_alarms(features),
-        "feature_images": int(len(features)),
     }
-    provenance = {k: report[k] for k in ("out_of_fold_images", "temperature", "ece_before", "ece_after",
-                                         "uncertain_below", "target_accuracy", "outlier_feature",
-                                         "outlier_components", "outlier_quantile",
-                                         "outlier_false_alarms_cv", "feature_images")}
+    if outliers is not None:
+        report |= {
+            "outlier_feature": f"mean of the EfficientNet-Lite0 stage-{OUTLIER_STAGE} map",
+            "outlier_components": OUTLIER_COMPONENTS,
+            "outlier_quantile": OUTLIER_QUANTILE,
+            "outlier_false_alarms_cv": outlier_false_alarms(features),
+            "feature_images": int(len(features)),
+        }
+    provenance = {k: v for k, v in report.items() if k not in ("coverage", "reliability_before",
+                                                               "reliability_after", "accuracy")}
     provenance["coverage"] = report["coverage"]
     trust = Trust(Calibration(temperature, threshold), outliers, provenance)
     return TrustFit(trust, report, calibrated, raw, targets_oof)

@@ -338,6 +338,9 @@ def test_cli_cross_validation_goes_into_the_exported_provenance(tiny_run: Path, 
     result = invoke("--model", str(tiny_run), "--out", str(tmp_path / "o2"), "--formats", "tflite-f32",
                     "--no-verify", "--cross-validation", str(other))
     assert_one_line_error(result, "cross-validated another recipe than the model's (epochs 3 vs None)")
+    result = invoke("--model", str(tiny_run), "--out", str(tmp_path / "o3"), "--formats", "tflite-f32",
+                    "--no-verify", "--train-data", str(tmp_path))
+    assert_one_line_error(result, "--train-data needs --cross-validation DIR")
 
 
 @pytest.mark.slow

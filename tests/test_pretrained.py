@@ -200,3 +200,22 @@ def test_cross_validation_above_a_frozen_trunk_computes_its_maps_once(
     final = json.loads((tmp_path / "cv" / "final" / "metrics.json").read_text())
     assert final["train_images"] == 12 and "holdout" not in final
     assert (tmp_path / "cv" / "final" / "classifier.keras").is_file()
+    check_export_with_trust(tmp_path / "cv", tiny_data, tmp_path / "exported")
+
+
+def check_export_with_trust(cv: Path, data: Path, out: Path) -> None:
+    """Exported with --train-data: calibration from the folds, the stage-5 features after the
+    probabilities, and the runtime applies both."""
+    from capsedge import Classifier
+    from capsedge.export.quantize import export
+
+    written = export(cv / "final", out, ["tflite-f32"], cross_validation=cv, train_data=data)
+    classifier = Classifier.load(written["tflite-f32"])
+    trust = classifier.metadata.trust
+    assert classifier.backend.num_outputs == 2 + 112 and trust.outliers.feature_dim == 112
+    assert trust.provenance["out_of_fold_images"] == 12
+    assert json.loads((out / "trust.json").read_text())["feature_images"] == 12
+    prediction = classifier.classify(data / "Depuy.0.png")
+    assert prediction.threshold == trust.calibration.uncertain_below
+    assert prediction.out_of_distribution in (True, False)
+    assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-5)

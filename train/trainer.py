@@ -521,8 +521,16 @@ def read_history(path: Path) -> dict[str, list[float]]:
     for row in rows:
         for key, value in row.items():
             if key != "epoch":
-                columns.setdefault(key, []).append(float(value) if value not in ("", None) else float("nan"))
+                columns.setdefault(key, []).append(_number_or_nan(value))
     return columns
+
+
+def _number_or_nan(text: str | None) -> float:
+    """A CSVLogger cell: a number, or NaN for what it writes when there is none (``NA``)."""
+    try:
+        return float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def _jsonable(value: Any) -> Any:
