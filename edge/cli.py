@@ -170,19 +170,20 @@ def serve(host: str, port: int, model_path: Path | None, workers: int, token: st
         sys.exit(EXIT_FAILED)
     from .classifier import Classifier
 
-    # Several copies share the cores rather than each taking all of them.
-    threads = None if workers == 1 else max(1, (os.cpu_count() or 1) // workers)
-    try:
-        classifiers = [Classifier.load(model_path, threads=threads) for _ in range(workers)]
-    except CapsedgeError as exc:
-        fail(str(exc))
-        sys.exit(EXIT_FAILED)
-    app = server.create_app(classifiers, token=token, max_upload_bytes=max_upload_mb * server.MIB)
     try:
         sock = server.listen(host, port)
     except OSError as exc:
         fail(f"cannot listen on {host} port {port} ({exc.strerror or type(exc).__name__})")
         sys.exit(EXIT_FAILED)
+    # Several copies share the cores rather than each taking all of them.
+    threads = None if workers == 1 else max(1, (os.cpu_count() or 1) // workers)
+    try:
+        classifiers = [Classifier.load(model_path, threads=threads) for _ in range(workers)]
+    except CapsedgeError as exc:
+        sock.close()
+        fail(str(exc))
+        sys.exit(EXIT_FAILED)
+    app = server.create_app(classifiers, token=token, max_upload_bytes=max_upload_mb * server.MIB)
     address = sock.getsockname()
     shown = f"[{address[0]}]" if ":" in address[0] else address[0]
     click.echo(f"capsedge: serving {classifiers[0].metadata.version} on http://{shown}:{address[1]}/ "

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
+import anyio
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
@@ -74,6 +75,7 @@ class ClassifierPool:
         if not classifiers:
             raise ValueError("at least one classifier is needed")
         self.first = classifiers[0]
+        self.size = len(classifiers)
         self._free: queue.SimpleQueue[Classifier] = queue.SimpleQueue()
         for classifier in classifiers:
             self._free.put(classifier)
@@ -183,6 +185,7 @@ def create_app(
         max_upload_bytes: largest accepted image file; larger uploads get 413.
     """
     pool = ClassifierPool([classifier] if isinstance(classifier, Classifier) else list(classifier))
+    slots = anyio.Semaphore(pool.size)
     expected = token.encode() if token is not None else None
     page = {
         path: (resources.files("capsedge").joinpath("static", name).read_bytes(), media_type)
@@ -208,7 +211,10 @@ def create_app(
     async def classify(request: Request) -> JSONResponse:
         check_token(request)
         data = await read_upload(request, max_upload_bytes)
-        prediction = await run_in_threadpool(pool.classify, data)
+        # Queue on the event loop, first come first served (a thread lock is not fair), and
+        # hand a thread only as many requests as there are classifiers.
+        async with slots:
+            prediction = await run_in_threadpool(pool.classify, data)
         return JSONResponse(prediction.to_dict())
 
     async def static(request: Request) -> Response:
