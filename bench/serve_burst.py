@@ -36,10 +36,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 def start_server(*args: str, log: IO[bytes], timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
     """Start ``capsedge serve --port 0 ARGS``, wait until it is healthy; return it and its URL.
 
-    The server's stderr (its messages and access log) goes to ``log``.
+    The server's output (its messages and uvicorn's access log) goes to ``log``.
     """
     command = [sys.executable, "-m", "capsedge.cli", "serve", "--port", "0", *args]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+    process = subprocess.Popen(command, stdout=log, stderr=log)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:

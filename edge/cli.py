@@ -164,9 +164,10 @@ def serve(host: str, port: int, model_path: Path | None, workers: int, token: st
     try:
         from . import serve as server
     except ImportError as exc:
-        if exc.name not in SERVE_PACKAGES:
+        package = (exc.name or "").split(".")[0]
+        if package not in SERVE_PACKAGES:
             raise
-        fail(f"'capsedge serve' needs {exc.name}: pip install 'capsedge[serve]'")
+        fail(f"'capsedge serve' needs {package}: pip install 'capsedge[serve]'")
         sys.exit(EXIT_FAILED)
     from .classifier import Classifier
 
