@@ -1,9 +1,10 @@
 """``capsedge serve``: the bedside service, an HTTP API and one page over :class:`Classifier`.
 
 Starlette on uvicorn rather than FastAPI: the service has three routes and one
-multipart field, so FastAPI's extra layer (pydantic and pydantic-core, about
-7 MB more to install on a device) buys nothing here; Starlette, uvicorn and
-python-multipart are pure Python and small.
+multipart field, so FastAPI's validation layer (pydantic and its compiled
+core, more to install on a device than this whole extra) buys nothing here;
+Starlette, uvicorn, python-multipart, anyio and h11 are pure Python, 3.8 MB
+installed.
 
 Uploads are read from the request stream under a byte bound and parsed by
 python-multipart's streaming parser into memory: Starlette's ``request.form()``
