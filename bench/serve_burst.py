@@ -1,0 +1,174 @@
+"""A burst against ``capsedge serve``: requests/s, p50/p99 latency, the server's peak memory.
+
+Starts ``capsedge serve`` on a free loopback port, sends two warm-up requests,
+then REQUESTS uploads of one X-ray from CLIENTS threads at once, and reads the
+server's peak resident memory (VmHWM in /proc/<pid>/status) before stopping it::
+
+    python bench/serve_burst.py --image ../shared/data/shoulder-implants/Depuy.5.jpg
+    python bench/serve_burst.py --image X --screenshot docs/serve.png   # also the README's picture
+
+tests/test_serve.py runs the same server and burst (and checks every answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any
+
+#: Chromium as root in a container: no sandbox, no GPU, nothing phoned home.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def start_server(*args: str, log: IO[bytes], timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+    """Start ``capsedge serve --port 0 ARGS``, wait until it is healthy; return it and its URL.
+
+    The server's output (its messages and uvicorn's access log) goes to ``log``.
+    """
+    command = [sys.executable, "-m", "capsedge.cli", "serve", "--port", "0", *args]
+    process = subprocess.Popen(command, stdout=log, stderr=log)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"capsedge serve exited with status {process.returncode}")
+            found = re.search(rb" on (http://\S+/) ", Path(log.name).read_bytes())
+            if found:
+                url = found.group(1).decode()
+                status, _ = request(url, "GET", "api/health", timeout=5)
+                if status == 200:
+                    return process, url
+            time.sleep(0.1)
+        raise RuntimeError(f"capsedge serve not healthy after {timeout:.0f} s")
+    except BaseException:
+        stop_server(process)
+        raise
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """Terminate the server (SIGTERM, then SIGKILL after 10 s)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def request(url: str, method: str, path: str, body: bytes | None = None,
+            headers: dict[str, str] | None = None, timeout: float = 60.0) -> tuple[int, Any]:
+    """One HTTP request to the server (loopback); the status and the decoded JSON answer."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        connection.request(method, "/" + path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        data = response.read()
+    except OSError:
+        return 0, None
+    finally:
+        connection.close()
+    try:
+        return response.status, json.loads(data)
+    except ValueError:
+        return response.status, None
+
+
+def post_image(url: str, data: bytes, filename: str = "xray.jpg", timeout: float = 60.0,
+               headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """``POST /api/classify`` with ``data`` as the multipart field ``file``."""
+    boundary = uuid.uuid4().hex
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n")
+    body = head.encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    all_headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", **(headers or {})}
+    return request(url, "POST", "api/classify", body, all_headers, timeout)
+
+
+def burst(url: str, data: bytes, requests: int = 40, clients: int = 8,
+          filename: str = "xray.jpg") -> tuple[float, list[tuple[float, int, Any]]]:
+    """Send ``requests`` uploads from ``clients`` threads at once.
+
+    Returns the wall time of the whole burst and, per request, (seconds, status, answer).
+    """
+
+    def one(_: int) -> tuple[float, int, Any]:
+        start = time.perf_counter()
+        status, answer = post_image(url, data, filename)
+        return time.perf_counter() - start, status, answer
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one, range(requests)))
+    return time.perf_counter() - start, results
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Peak resident memory of a process (VmHWM), in MiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) / 1024
+
+
+def screenshot(url: str, image: Path, out: Path) -> None:
+    """Load the page in headless Chromium, classify ``image``, save a PNG of the page."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 960, "height": 620})
+            page.goto(url)
+            page.set_input_files("#file", str(image))
+            page.wait_for_selector("#result[data-state=done]", timeout=30_000)
+            page.screenshot(path=str(out), full_page=True)
+        finally:
+            browser.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--image", type=Path, required=True, help="The X-ray to send.")
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=1, help="capsedge serve --workers.")
+    parser.add_argument("--screenshot", type=Path, default=None, help="Also save a picture of the page.")
+    args = parser.parse_args()
+
+    data = args.image.read_bytes()
+    with tempfile.NamedTemporaryFile(suffix=".log") as log:
+        process, url = start_server("--workers", str(args.workers), log=log)
+        try:
+            for _ in range(2):
+                post_image(url, data)
+            wall, results = burst(url, data, args.requests, args.clients)
+            peak = peak_rss_mib(process.pid)
+            if args.screenshot is not None:
+                screenshot(url, args.image, args.screenshot)
+        finally:
+            stop_server(process)
+    latencies = sorted(1000 * seconds for seconds, _, _ in results)
+    failed = sum(status != 200 for _, status, _ in results)
+    p99 = statistics.quantiles(latencies, n=100, method="inclusive")[98]
+    print(f"{args.requests} requests from {args.clients} clients, --workers {args.workers}: "
+          f"{args.requests / wall:.1f} requests/s, p50 {statistics.median(latencies):.0f} ms, "
+          f"p99 {p99:.0f} ms, failed {failed}, server peak RSS {peak:.0f} MiB")
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
