@@ -77,7 +77,7 @@ def build_int8_models(run: Path, calib: Path, out: Path) -> tuple[Path, Path, in
     import keras
 
     from capsedge.export.quantization import Quantization
-    from capsedge.export.quantize import calibration_images, load_run
+    from capsedge.export.run import calibration_images, load_run
     from capsedge.export.tflite_format import convert_to_tflite
 
     trained = load_run(run)

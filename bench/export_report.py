@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--formats", default=",".join(ALL_FORMATS))
     args = parser.parse_args()
 
-    from capsedge.export.quantize import export_and_verify
+    from capsedge.export.writer import export_and_verify
     from capsedge.train.data import read_dataset
     from capsedge.train.metrics import stratified_split
 

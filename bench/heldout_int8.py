@@ -33,7 +33,7 @@ def main() -> None:
 
     from capsedge.backends import LiteRTBackend
     from capsedge.export.quantization import Quantization
-    from capsedge.export.quantize import load_run
+    from capsedge.export.run import load_run
     from capsedge.export.tflite_format import convert_to_tflite
     from capsedge.preprocess import preprocess
     from capsedge.train.data import read_dataset

@@ -132,12 +132,12 @@ def main() -> None:
     import keras
 
     from capsedge.export.quantization import Quantization
-    from capsedge.export.quantize import _calibration_files, calibration_images, load_run
+    from capsedge.export.run import calibration_files, calibration_images, load_run
     from capsedge.export.tflite_format import convert_to_tflite
     from capsedge.preprocess import preprocess
 
     run = load_run(args.run)
-    files = sorted(_calibration_files(args.data))
+    files = sorted(calibration_files(args.data))
     images = np.stack([preprocess(path, run.preprocessing) for path in files])
     int8 = Quantization.for_int8(calibration_images(args.data, run.preprocessing))
     float32 = Quantization.for_float32()

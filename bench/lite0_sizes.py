@@ -54,7 +54,7 @@ def build_int8(name: str, calib: Path, out: Path) -> Path:
     import keras
 
     from capsedge.export.quantization import Quantization
-    from capsedge.export.quantize import calibration_images
+    from capsedge.export.run import calibration_images
     from capsedge.export.tflite_format import convert_to_tflite
     from capsedge.models import build_model, get_model_config
     from capsedge.models.efficientnet_lite import load_lite0_weights

@@ -13,10 +13,23 @@ and are never imported from here.
 
 __version__ = "0.3.0"
 
-from .classifier import Classifier, Prediction, default_model_path
-from .errors import CapsedgeError, ImageError, ModelError, RuntimeMissingError
-from .metadata import ModelMetadata, read_metadata
-from .preprocess import Preprocessing, preprocess
+from typing import TYPE_CHECKING, Any
+
+#: Public name -> the module that defines it. Imported on first use (PEP 562), so that
+#: ``import capsedge.models`` (or ``capsedge.errors``) loads nothing of the runtime.
+_EXPORTS = {
+    "Classifier": "classifier",
+    "Prediction": "classifier",
+    "default_model_path": "classifier",
+    "CapsedgeError": "errors",
+    "ImageError": "errors",
+    "ModelError": "errors",
+    "RuntimeMissingError": "errors",
+    "ModelMetadata": "metadata",
+    "read_metadata": "metadata",
+    "Preprocessing": "preprocess",
+    "preprocess": "preprocess",
+}
 
 __all__ = [
     "CapsedgeError",
@@ -32,3 +45,25 @@ __all__ = [
     "preprocess",
     "read_metadata",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'capsedge' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:
+    from .classifier import Classifier, Prediction, default_model_path
+    from .errors import CapsedgeError, ImageError, ModelError, RuntimeMissingError
+    from .metadata import ModelMetadata, read_metadata
+    from .preprocess import Preprocessing, preprocess

@@ -51,7 +51,7 @@ class LazyGroup(click.Group):
 
     lazy = {
         "train": ("capsedge.train.cli", "command", "Train a model on labelled X-rays [train extra]."),
-        "export": ("capsedge.export.quantize", "command", "Export a trained model [export extra]."),
+        "export": ("capsedge.export.cli", "command", "Export a trained model [export extra]."),
         "capsules": ("capsedge.train.capsule_view", "command",
                      "Perturb the winning capsule's dimensions through the decoder [train extra]."),
     }

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from capsedge.errors import CapsedgeError
+from capsedge.export.graph import tflite_graph
 from capsedge.export.quantization import Quantization
 from capsedge.export.tflite_format import export_tflite
 from capsedge.metadata import ModelMetadata, embed_in_tflite, sidecar_path
@@ -207,7 +208,6 @@ def _from_compiler_log(log: Path) -> EdgeTpuMapping:
 
 def predict_mapping(path: str | Path) -> EdgeTpuMapping:
     """Predict the mapping of an int8 ``.tflite`` from its operations and tensor types."""
-    from capsedge.export.verify import tflite_graph
 
     ops, tensors, inputs = tflite_graph(path)
     # Activations are the model's input and what some op produces; the rest are weights.

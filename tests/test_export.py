@@ -26,8 +26,8 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("tensorflow")
 
 from capsedge.export import formats as formats_module  # noqa: E402
-from capsedge.export.quantize import command, export_and_verify  # noqa: E402
-from capsedge.export.verify import (  # noqa: E402
+from capsedge.export.cli import command  # noqa: E402
+from capsedge.export.graph import (  # noqa: E402
     FORBIDDEN_ONNX,
     FORBIDDEN_TFLITE,
     forbidden_ops,
@@ -36,6 +36,7 @@ from capsedge.export.verify import (  # noqa: E402
     op_counts,
     tflite_graph,
 )
+from capsedge.export.writer import export_and_verify  # noqa: E402
 
 LABELS = ("Cofield", "Depuy", "Tornier", "Zimmer")
 SIZE = 32
@@ -96,7 +97,7 @@ def exported(tiny_run: Path, images: Path, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="session")
 def reference(tiny_run: Path, images: Path) -> tuple[np.ndarray, np.ndarray]:
     """Preprocessed images and the Keras model's probabilities for them."""
-    from capsedge.export.quantize import load_run
+    from capsedge.export.run import load_run
     from capsedge.export.verify import load_evaluation_set
 
     run = load_run(tiny_run)
@@ -303,7 +304,7 @@ def write_cv_summary(folder: Path, recipe: dict) -> Path:
 
 def test_cross_validation_summary_records_the_figures_of_the_same_recipe(tmp_path: Path) -> None:
     from capsedge.errors import CapsedgeError
-    from capsedge.export.quantize import cross_validation_summary
+    from capsedge.export.run import cross_validation_summary
 
     recipe = {"model": "m", "epochs": 60, "beta": 0.99, "holdout": 0.2}
     folder = write_cv_summary(tmp_path / "cv", recipe)
@@ -393,7 +394,7 @@ def test_a_run_saved_with_the_ncps_cfc_layer_is_exported_with_the_current_graph(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from capsedge.errors import ModelError
-    from capsedge.export.quantize import load_run
+    from capsedge.export.run import load_run
     from capsedge.models import get_model_config
 
     config = get_model_config("effcaps_ncp_implant_lite")

@@ -34,3 +34,38 @@ print("SERVER", server)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout, done.stdout
     assert "SERVER []" in done.stdout, done.stdout
+
+
+#: The floors, bottom up: the ground (errors), the runtime, the networks; training and export on top.
+GROUND = {"capsedge", "capsedge.errors"}
+RUNTIME_MODULES = {"capsedge.classifier", "capsedge.backends", "capsedge.preprocess", "capsedge.metadata",
+                   "capsedge.dicom", "capsedge.cli", "capsedge.trust", "capsedge.limits"}
+
+
+def capsedge_modules_after(statement: str) -> set[str]:
+    """The ``capsedge`` modules a fresh interpreter has loaded after running ``statement``."""
+    script = (f"import sys\n{statement}\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'capsedge'))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return set(eval(done.stdout.strip().splitlines()[-1]))  # noqa: S307 - our own printed list
+
+
+def test_the_ground_floor_loads_nothing_else() -> None:
+    assert capsedge_modules_after("import capsedge.errors") == GROUND
+    assert capsedge_modules_after("import capsedge") == {"capsedge"}
+
+
+def test_models_load_no_runtime() -> None:
+    loaded = capsedge_modules_after("import capsedge.models")
+    assert not loaded & RUNTIME_MODULES, loaded & RUNTIME_MODULES
+    assert all(m in GROUND or m.startswith("capsedge.models") for m in loaded), loaded
+
+
+def test_train_and_export_load_only_the_floors_below() -> None:
+    for floor, sibling in (("train", "export"), ("export", "train")):
+        loaded = capsedge_modules_after(f"import capsedge.{floor}.cli" if floor == "train"
+                                        else "import capsedge.export.cli")
+        assert not any(m.startswith(f"capsedge.{sibling}") for m in loaded), (floor, loaded)
+        assert all(m in GROUND | RUNTIME_MODULES or m.startswith(("capsedge.models", f"capsedge.{floor}"))
+                   for m in loaded), (floor, loaded)

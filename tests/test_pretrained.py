@@ -207,7 +207,7 @@ def check_export_with_trust(cv: Path, data: Path, out: Path) -> None:
     """Exported with --train-data: calibration from the folds, the stage-5 features after the
     probabilities, and the runtime applies both."""
     from capsedge import Classifier
-    from capsedge.export.quantize import export
+    from capsedge.export.writer import export
 
     written = export(cv / "final", out, ["tflite-f32"], cross_validation=cv, train_data=data)
     classifier = Classifier.load(written["tflite-f32"])

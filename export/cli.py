@@ -1,0 +1,80 @@
+"""``capsedge export`` (also ``python export/quantize.py``): options in, files and a report out."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from capsedge.errors import CapsedgeError
+from capsedge.export.formats import FORMATS
+from capsedge.export.writer import export, export_and_verify
+
+
+def _cli() -> Any:
+    import click
+
+    @click.command(name="export", context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option("--model", "model", required=True, type=click.Path(path_type=Path),
+                  help="A run folder from 'capsedge train', or its classifier.keras.")
+    @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+                  help="Folder for the exported files and report.json / report.md.")
+    @click.option("--formats", default="tflite-f32", show_default=True,
+                  help=f"Comma-separated: {', '.join(FORMATS)}.")
+    @click.option("--calib", type=click.Path(path_type=Path), default=None,
+                  help="Folder of images for int8 calibration (any layout).")
+    @click.option("--calib-limit", type=click.IntRange(1), default=200, show_default=True,
+                  help="Calibration images used at most.")
+    @click.option("--eval", "eval_dir", type=click.Path(path_type=Path), default=None,
+                  help="Folder of images to verify on (Maker.N.jpg or Maker/...). Default: --calib.")
+    @click.option("--eval-limit", type=click.IntRange(1), default=None,
+                  help="Verify on the first N evaluation images only.")
+    @click.option("--version", "version", default=None, help="Model version to record.")
+    @click.option("--cross-validation", "cv_dir", type=click.Path(path_type=Path), default=None,
+                  help="A 'capsedge train --folds K' folder of the same recipe: its figures go "
+                       "into the model's provenance.")
+    @click.option("--train-data", "train_data", type=click.Path(path_type=Path), default=None,
+                  help="The images the run was trained on: with --cross-validation, the files get "
+                       "calibrated confidence, an 'uncertain' threshold and outlier statistics.")
+    @click.option("--no-verify", is_flag=True, help="Write the files only; no report.")
+    @click.option("--allow-fail", is_flag=True,
+                  help="Exit 0 even when a verification check fails (the report still says which).")
+    def command(model: Path, out_dir: Path, formats: str, calib: Path | None, calib_limit: int,
+                eval_dir: Path | None, eval_limit: int | None, version: str | None, cv_dir: Path | None,
+                train_data: Path | None, no_verify: bool, allow_fail: bool) -> None:
+        """Export a trained model to TFLite / ONNX / Edge TPU files and verify them."""
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        names = [f.strip() for f in formats.split(",") if f.strip()]
+        try:
+            if no_verify:
+                written, report = export(model, out_dir, names, calib, version, cv_dir, train_data), None
+            else:
+                written, report = export_and_verify(model, out_dir, names, calib, eval_dir,
+                                                    eval_limit=eval_limit, calibration_limit=calib_limit,
+                                                    version=version, cross_validation=cv_dir,
+                                                    train_data=train_data)
+        except CapsedgeError as exc:
+            click.echo(f"capsedge: error: {exc}", err=True)
+            raise SystemExit(1) from None
+        except OSError as exc:
+            click.echo(f"capsedge: error: {exc.filename or out_dir}: {exc.strerror or type(exc).__name__}",
+                       err=True)
+            raise SystemExit(1) from None
+        for name, path in written.items():
+            click.echo(f"{name}: {path} ({path.stat().st_size / 1024:.1f} KiB)")
+        if report is None:
+            return
+        click.echo(f"report: {Path(out_dir) / 'report.md'}")
+        if report.passed:
+            click.echo(f"verification: all {len(report.checks)} checks passed")
+            return
+        failures = "; ".join(f"{c.artifact} {c.name} = {c.value} (goal {c.goal})" for c in report.failed)
+        click.echo(f"capsedge: {'warning' if allow_fail else 'error'}: verification failed: {failures}",
+                   err=True)
+        if not allow_fail:
+            raise SystemExit(1)
+
+    return command
+
+
+command = _cli()

@@ -1,0 +1,184 @@
+"""Export a trained run to device artifacts and verify them.
+
+Each format (see ``capsedge.export.formats.FORMATS``) writes one model file with its
+metadata embedded and a sidecar ``<stem>.json``; then every file is run on real images and
+compared with the Keras model, and ``report.json`` and ``report.md`` are written beside them.
+The command is :mod:`capsedge.export.cli` (``capsedge export``, ``python export/quantize.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from capsedge import __version__
+from capsedge.errors import CapsedgeError, ModelError
+from capsedge.export.formats import ExportFormat, check_requirements, parse_formats
+from capsedge.export.quantization import Quantization
+from capsedge.export.run import TrainedRun, calibration_files, calibration_images, load_run
+from capsedge.metadata import ModelMetadata
+from capsedge.preprocess import image_files
+from capsedge.trust import Trust
+
+
+def export_run(
+    run: TrainedRun,
+    out_dir: str | Path,
+    formats: Sequence[ExportFormat],
+    calibration: str | Path | None = None,
+    version: str | None = None,
+    calibration_limit: int = 200,
+    trust: Trust | None = None,
+) -> dict[str, Path]:
+    """Write each format of a loaded run into ``out_dir``.
+
+    With ``trust`` (see :func:`capsedge.export.trust_fit.fit_trust`), float and dynamic-range
+    files also output the outlier features and carry the whole section; int8 files carry the
+    calibration only.
+
+    Returns:
+        Format name to the file written.
+    """
+    metadata = ModelMetadata(
+        name=run.name,
+        version=version or f"{run.name}-{__version__}",
+        labels=run.labels,
+        preprocessing=run.preprocessing,
+        provenance=run.provenance,
+    )
+    with_features = None
+    if trust is not None and trust.outliers is not None:
+        from capsedge.export.trust_fit import with_features as add_features
+
+        with_features = add_features(run.classifier)
+    images = None
+    if any(fmt.needs_calibration for fmt in formats):
+        if calibration is None:
+            needing = ", ".join(f.name for f in formats if f.needs_calibration)
+            raise CapsedgeError(f"{needing} need calibration images: pass --calib DIR")
+        images = calibration_images(calibration, run.preprocessing, calibration_limit)
+    out = Path(out_dir)
+    written = {}
+    for fmt in formats:
+        if fmt.needs_calibration:
+            quantization = Quantization.for_int8(images)
+        else:
+            quantization = Quantization(fmt.quantization)
+        provenance = {**metadata.provenance, "format": fmt.name, "exporter": f"capsedge {__version__}"}
+        if fmt.needs_calibration:
+            provenance["calibration"] = {"folder": str(calibration), "images": len(list(images()))}
+        model = run.classifier
+        stamped = replace(metadata, provenance=provenance)
+        if trust is not None and (fmt.needs_calibration or with_features is None):
+            # One int8 scale cannot serve probabilities and features: calibration only.
+            stamped = replace(stamped, trust=replace(trust, outliers=None))
+        elif trust is not None:
+            model, stamped = with_features, replace(stamped, trust=trust)
+        path = out / f"{run.name}_{fmt.name.replace('-', '_')}{fmt.suffix}"
+        written[fmt.name] = fmt.load_exporter()(model, path, stamped, quantization=quantization)
+    return written
+
+
+def _prepare(formats: Iterable[str], calibration: str | Path | None, model: str | Path) -> list[ExportFormat]:
+    """Everything that can fail cheaply, before TensorFlow is imported."""
+    chosen = parse_formats(formats)
+    check_requirements(chosen)
+    needs_calibration = [f.name for f in chosen if f.needs_calibration]
+    if needs_calibration and calibration is None:
+        verb = "needs" if len(needs_calibration) == 1 else "need"
+        raise CapsedgeError(f"{', '.join(needs_calibration)} {verb} calibration images: pass --calib DIR")
+    if not Path(model).exists():
+        raise ModelError(f"no trained model at {model}")
+    if needs_calibration:
+        calibration_files(calibration)
+    return chosen
+
+
+def export(
+    model: str | Path,
+    out_dir: str | Path,
+    formats: Iterable[str] = ("tflite-f32",),
+    calibration: str | Path | None = None,
+    version: str | None = None,
+    cross_validation: str | Path | None = None,
+    train_data: str | Path | None = None,
+) -> dict[str, Path]:
+    """Export a trained run (folder or ``classifier.keras``) to each of ``formats`` in ``out_dir``.
+
+    ``cross_validation``: see :func:`load_run`; with ``train_data`` (the run's training
+    images) too, the files carry calibration and outlier statistics (:func:`fit_run_trust`).
+
+    Returns:
+        Format name to the file written.
+
+    Raises:
+        CapsedgeError: unknown format, missing tool, missing calibration data, or a model
+            that cannot load.
+    """
+    chosen = _prepare(formats, calibration, model)
+    run = load_run(model, cross_validation)
+    trust = fit_run_trust(run, cross_validation, train_data, out_dir)
+    return export_run(run, out_dir, chosen, calibration, version, trust=trust)
+
+
+def fit_run_trust(run: TrainedRun, cross_validation: str | Path | None, train_data: str | Path | None,
+                  out_dir: str | Path) -> Trust | None:
+    """The ``trust`` section when ``train_data`` is given (its figures also go to
+    ``out_dir/trust.json``); ``None`` without it.
+
+    Raises:
+        CapsedgeError: ``train_data`` without ``cross_validation``.
+    """
+    if train_data is None:
+        return None
+    if cross_validation is None:
+        raise CapsedgeError("--train-data needs --cross-validation DIR: the calibration is fitted on "
+                            "its out-of-fold predictions")
+    from capsedge.export.trust_fit import fit_trust
+
+    fitted = fit_trust(run.classifier, run.labels, cross_validation, train_data, run.preprocessing)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "trust.json").write_text(json.dumps(fitted.report, indent=2) + "\n", encoding="utf-8")
+    return fitted.trust
+
+
+def export_and_verify(
+    model: str | Path,
+    out_dir: str | Path,
+    formats: Iterable[str],
+    calibration: str | Path | None = None,
+    evaluation: str | Path | None = None,
+    *,
+    eval_limit: int | None = None,
+    calibration_limit: int = 200,
+    version: str | None = None,
+    cross_validation: str | Path | None = None,
+    train_data: str | Path | None = None,
+) -> tuple[dict[str, Path], Any]:
+    """Export, then verify every file on ``evaluation`` (default: the calibration folder).
+
+    ``cross_validation``, ``train_data``: see :func:`export`.
+
+    Returns:
+        The files written, and the :class:`~capsedge.export.report.VerificationReport`
+        (also written to ``report.json`` and ``report.md`` in ``out_dir``).
+    """
+    from capsedge.export import verify
+    from capsedge.export.report import write_report
+
+    chosen = _prepare(formats, calibration, model)
+    evaluation = evaluation if evaluation is not None else calibration
+    if evaluation is None:
+        raise CapsedgeError("verification needs images: pass --eval DIR (or --calib DIR), or --no-verify")
+    if not image_files(evaluation):
+        raise CapsedgeError(f"no evaluation images found in {evaluation}")
+    run = load_run(model, cross_validation)
+    eval_set = verify.load_evaluation_set(evaluation, run.preprocessing, run.labels, eval_limit)
+    trust = fit_run_trust(run, cross_validation, train_data, out_dir)
+    written = export_run(run, out_dir, chosen, calibration, version, calibration_limit, trust=trust)
+    report = verify.verify_exports(run.classifier, written, eval_set, name=run.name, labels=run.labels)
+    write_report(report, out_dir)
+    return written, report
