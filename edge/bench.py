@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .classifier import Classifier
+from .errors import UsageError
 from .preprocess import ImageSource, preprocess
 
 
@@ -90,7 +91,7 @@ def benchmark(
         CapsedgeError: the model or image cannot be used.
     """
     if runs < 1 or warmup < 0:
-        raise ValueError(f"runs must be >= 1 and warmup >= 0, got {runs!r} and {warmup!r}")
+        raise UsageError(f"runs must be >= 1 and warmup >= 0, got {runs!r} and {warmup!r}")
     start = time.perf_counter()
     classifier = Classifier.load(model_path, backend=backend, threads=threads)
     load_ms = (time.perf_counter() - start) * 1000

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import Backend, open_backend
-from .errors import ModelError
+from .errors import ModelError, UsageError
 from .metadata import ModelMetadata, read_metadata
 from .preprocess import ImageSource, preprocess
 from .trust import calibrate
@@ -125,7 +125,7 @@ class Classifier:
         """
         model_path = Path(path) if path is not None else default_model_path()
         if threads is not None and (not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS):
-            raise ValueError(f"threads must be an integer from 1 to {MAX_THREADS}, got {threads!r}")
+            raise UsageError(f"threads must be an integer from 1 to {MAX_THREADS}, got {threads!r}")
         runtime = open_backend(model_path, backend, threads)
         classifier = cls(runtime, read_metadata(model_path), model_path)
         if warm_up:

@@ -14,25 +14,11 @@ from typing import TYPE_CHECKING
 import click
 
 from . import __version__
+from .boundary import EXIT_FAILED, error_boundary, fail, fail_and_exit, printable
 from .errors import CapsedgeError, ImageError
 
 if TYPE_CHECKING:
     from .classifier import Prediction
-
-EXIT_FAILED = 1
-
-
-def printable(text: str) -> str:
-    """``text`` with control and other non-printable characters escaped (``\\n``, ``\\x1b``):
-    a file name cannot forge a line of output or drive the terminal."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
-def fail(message: str) -> None:
-    """Print a one-line error on stderr."""
-    click.echo(f"capsedge: error: {printable(message)}", err=True)
 
 
 def format_text(path: str, prediction: Prediction) -> str:
@@ -109,12 +95,10 @@ def bench(model_path: Path | None, image: Path | None, backends: str, thread_cou
     except ValueError:
         threads = []
     if not threads or not all(1 <= t <= 64 for t in threads):
-        fail(f"--threads must be comma-separated integers from 1 to 64, got {thread_counts!r}")
-        sys.exit(EXIT_FAILED)
+        fail_and_exit(f"--threads must be comma-separated integers from 1 to 64, got {thread_counts!r}")
     names = [b.strip() for b in backends.split(",") if b.strip()]
     if not names:
-        fail(f"--backend must name at least one backend, got {backends!r}")
-        sys.exit(EXIT_FAILED)
+        fail_and_exit(f"--backend must name at least one backend, got {backends!r}")
     header = f"{'backend':8s} {'threads':>7s} {'load ms':>8s} {'prep ms':>8s} {'median ms':>9s} " \
              f"{'p90 ms':>7s} {'p99 ms':>7s} {'per s':>8s} {'peak MiB':>8s}"
     if not as_json:
@@ -173,12 +157,11 @@ def serve(host: str, port: int, model_path: Path | None, workers: int, token: st
     """Serve the classifier over HTTP: a JSON API and a page for the browser [serve extra]."""
     if token is not None and (len(token) < MIN_TOKEN_LENGTH or not token.isascii()
                               or not token.isprintable() or " " in token):
-        fail(f"--token must be at least {MIN_TOKEN_LENGTH} printable ASCII characters without spaces")
-        sys.exit(EXIT_FAILED)
+        fail_and_exit(f"--token must be at least {MIN_TOKEN_LENGTH} printable ASCII characters "
+                      "without spaces")
     if not is_loopback(host):
         if token is None:
-            fail(f"refusing to listen on {host} without --token: other machines could reach it")
-            sys.exit(EXIT_FAILED)
+            fail_and_exit(f"refusing to listen on {host} without --token: other machines could reach it")
         click.echo(f"capsedge: warning: listening on {host}, reachable from the network over plain HTTP; "
                    "every API call needs the token", err=True)
     try:
@@ -187,23 +170,20 @@ def serve(host: str, port: int, model_path: Path | None, workers: int, token: st
         package = (exc.name or "").split(".")[0]
         if package not in SERVE_PACKAGES:
             raise
-        fail(f"'capsedge serve' needs {package}: pip install 'capsedge[serve]'")
-        sys.exit(EXIT_FAILED)
+        fail_and_exit(f"'capsedge serve' needs {package}: pip install 'capsedge[serve]'")
     from .classifier import Classifier
 
     try:
         sock = server.listen(host, port)
     except OSError as exc:
-        fail(f"cannot listen on {host} port {port} ({exc.strerror or type(exc).__name__})")
-        sys.exit(EXIT_FAILED)
+        fail_and_exit(f"cannot listen on {host} port {port} ({exc.strerror or type(exc).__name__})")
     # Several copies share the cores rather than each taking all of them.
     threads = None if workers == 1 else max(1, (os.cpu_count() or 1) // workers)
     try:
         classifiers = [Classifier.load(model_path, threads=threads) for _ in range(workers)]
     except CapsedgeError as exc:
         sock.close()
-        fail(str(exc))
-        sys.exit(EXIT_FAILED)
+        fail_and_exit(str(exc))
     app = server.create_app(classifiers, token=token, max_upload_bytes=max_upload_mb * server.MIB)
     address = sock.getsockname()
     shown = f"[{address[0]}]" if ":" in address[0] else address[0]
@@ -274,19 +254,14 @@ def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, ba
     """Classify X-ray images (PNG, JPEG, TIFF, BMP, DICOM, ...) or folders of them."""
     from .classifier import Classifier
 
-    try:
+    with error_boundary():
         classifier = Classifier.load(model_path, backend=backend, threads=threads)
-    except CapsedgeError as exc:
-        fail(str(exc))
-        sys.exit(EXIT_FAILED)
 
     files = expand_inputs(images)
     if not files:
-        fail("no images found in " + ", ".join(images))
-        sys.exit(EXIT_FAILED)
+        fail_and_exit("no images found in " + ", ".join(images))
     if csv_path is not None and _same_file(csv_path, [path for path, _ in files] + [classifier.model_path]):
-        fail(f"--csv {csv_path} is one of the inputs or the model; refusing to overwrite it")
-        sys.exit(EXIT_FAILED)
+        fail_and_exit(f"--csv {csv_path} is one of the inputs or the model; refusing to overwrite it")
     rows: list[dict[str, object]] = []
     failed = 0
     for image, problem in files:
@@ -311,8 +286,7 @@ def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, ba
         try:
             write_csv(csv_path, rows, classifier.labels)
         except OSError as exc:
-            fail(f"cannot write {csv_path} ({exc.strerror or type(exc).__name__})")
-            sys.exit(EXIT_FAILED)
+            fail_and_exit(f"cannot write {csv_path} ({exc.strerror or type(exc).__name__})")
     if failed:
         if len(files) > 1:
             fail(f"{failed} of {len(files)} images failed")
@@ -338,20 +312,19 @@ def explain(image: str, out_path: Path | None, model_path: Path | None, backend:
     from .progress import ProgressBar
 
     out = out_path if out_path is not None else Path(Path(image).name + ".explain.png")
+    with error_boundary():
+        classifier = Classifier.load(model_path, backend=backend, threads=threads)
     bar = ProgressBar("explain")
     try:
-        classifier = Classifier.load(model_path, backend=backend, threads=threads)
         explanation = occlusion_map(classifier, image, grid, progress=bar.update)
     except CapsedgeError as exc:
         bar.close()
-        fail(f"{printable(image)}: {exc}")
-        sys.exit(EXIT_FAILED)
+        fail_and_exit(f"{printable(image)}: {exc}")
     bar.close()
     try:
         render_overlay(explanation).save(out, format="PNG")
     except OSError as exc:
-        fail(f"cannot write {out} ({exc.strerror or type(exc).__name__})")
-        sys.exit(EXIT_FAILED)
+        fail_and_exit(f"cannot write {out} ({exc.strerror or type(exc).__name__})")
     if as_json:
         click.echo(json.dumps({"path": image, "overlay": str(out), **explanation.to_dict()}))
     else:

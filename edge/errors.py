@@ -13,6 +13,10 @@ class ModelError(CapsedgeError):
     """A model file is missing, corrupt, or its metadata does not match it."""
 
 
+class UsageError(CapsedgeError, ValueError):
+    """An argument or setting is out of range or inconsistent (also a ``ValueError``)."""
+
+
 class RuntimeMissingError(CapsedgeError):
     """An optional runtime or extra is not installed."""
 

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .classifier import Classifier
+from .errors import UsageError
 from .preprocess import ImageSource, content_box, load_grey, to_model_input
 
 #: Default tiling: 8 x 8 squares of the image (65 inferences).
@@ -69,11 +70,11 @@ def occlusion_map(classifier: Classifier, image: ImageSource, grid: int = DEFAUL
         progress: called as ``progress(done, total)`` after each inference.
 
     Raises:
-        ValueError: ``grid`` out of range.
+        UsageError: ``grid`` out of range.
         ImageError: the image cannot be read.
     """
     if isinstance(grid, bool) or not isinstance(grid, int) or not 2 <= grid <= 32:
-        raise ValueError(f"grid must be an integer from 2 to 32, got {grid!r}")
+        raise UsageError(f"grid must be an integer from 2 to 32, got {grid!r}")
     start = time.perf_counter()
     config = classifier.metadata.preprocessing
     grey = load_grey(image, config.input_size)

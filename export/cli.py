@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from capsedge.errors import CapsedgeError
+from capsedge.boundary import error_boundary
 from capsedge.export.formats import FORMATS
 from capsedge.export.writer import export, export_and_verify
 
@@ -45,7 +45,7 @@ def _cli() -> Any:
         """Export a trained model to TFLite / ONNX / Edge TPU files and verify them."""
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         names = [f.strip() for f in formats.split(",") if f.strip()]
-        try:
+        with error_boundary(extra="export"):
             if no_verify:
                 written, report = export(model, out_dir, names, calib, version, cv_dir, train_data), None
             else:
@@ -53,13 +53,6 @@ def _cli() -> Any:
                                                     eval_limit=eval_limit, calibration_limit=calib_limit,
                                                     version=version, cross_validation=cv_dir,
                                                     train_data=train_data)
-        except CapsedgeError as exc:
-            click.echo(f"capsedge: error: {exc}", err=True)
-            raise SystemExit(1) from None
-        except OSError as exc:
-            click.echo(f"capsedge: error: {exc.filename or out_dir}: {exc.strerror or type(exc).__name__}",
-                       err=True)
-            raise SystemExit(1) from None
         for name, path in written.items():
             click.echo(f"{name}: {path} ({path.stat().st_size / 1024:.1f} KiB)")
         if report is None:

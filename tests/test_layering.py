@@ -39,7 +39,7 @@ print("SERVER", server)
 #: The floors, bottom up: the ground (errors), the runtime, the networks; training and export on top.
 GROUND = {"capsedge", "capsedge.errors"}
 RUNTIME_MODULES = {"capsedge.classifier", "capsedge.backends", "capsedge.preprocess", "capsedge.metadata",
-                   "capsedge.dicom", "capsedge.cli", "capsedge.trust", "capsedge.limits"}
+                   "capsedge.dicom", "capsedge.cli", "capsedge.trust", "capsedge.limits", "capsedge.boundary"}
 
 
 def capsedge_modules_after(statement: str) -> set[str]:

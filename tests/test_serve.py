@@ -301,13 +301,16 @@ def test_page_in_a_real_browser(server: tuple[str, Path], depuy: Path) -> None:
                                              args=serve_burst.CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1024, "height": 700})
+            page.set_default_timeout(60_000)  # a loaded 2-core CI machine
             page.goto(url)
             page.wait_for_function("document.getElementById('model').textContent.includes('Model')")
             page.set_input_files("#file", str(depuy))
             page.wait_for_selector("#result[data-state=done]", timeout=30_000)
             assert page.text_content("#label") == answer["label"] == "Depuy"
             assert page.locator("#bars li").count() == 4
-            assert page.is_hidden("#uncertain") and page.is_hidden("#ood") and page.is_hidden("#explanation")
+            assert page.is_visible("#uncertain") == answer["uncertain"]
+            assert page.is_visible("#ood") == answer["out_of_distribution"] is True
+            assert page.is_hidden("#explanation")
             assert page.is_visible("#preview")
             picture = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"))
             assert picture.std() > 20 and len(np.unique(picture.reshape(-1, 3), axis=0)) > 50

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from capsedge.errors import CapsedgeError, ModelError
+from capsedge.boundary import error_boundary, printable
+from capsedge.errors import ModelError
 from capsedge.preprocess import Preprocessing, preprocess
 
 #: Shifts added to a dimension, as in Sabour et al. 2017, Fig. 4.
@@ -132,18 +133,11 @@ def _cli() -> Any:
     def command(image: str, run_dir: Path, out_path: Path) -> None:
         """Decode the winning class capsule with each dimension perturbed, as a grid PNG."""
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        try:
+        with error_boundary(extra="train"):
             classifier, decoder, labels, preprocessing = load_run_decoder(run_dir)
             grid = capsule_grid(classifier, decoder, labels, preprocess(image, preprocessing))
             render_grid(grid).save(out_path, format="PNG")
-        except CapsedgeError as exc:
-            click.echo(f"capsedge: error: {exc}", err=True)
-            raise SystemExit(1) from None
-        except OSError as exc:
-            click.echo(f"capsedge: error: cannot write {out_path} ({exc.strerror or type(exc).__name__})",
-                       err=True)
-            raise SystemExit(1) from None
-        click.echo(f"{image}: {grid.label} capsule, {grid.images.shape[0]} dimensions x "
+        click.echo(f"{printable(image)}: {grid.label} capsule, {grid.images.shape[0]} dimensions x "
                    f"{len(DELTAS)} shifts; grid {out_path}")
 
     return command

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from capsedge.errors import CapsedgeError, missing_extra
+from capsedge.boundary import error_boundary
 from capsedge.train.augment import AUGMENTATIONS
 from capsedge.train.trainer import INITS, TrainConfig
 
@@ -70,7 +70,7 @@ def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int,
     """Train a capsule network on labelled X-rays."""
     from capsedge.train.trainer import TrainConfig, cross_validate, train
 
-    try:
+    with error_boundary(extra="train"):
         config = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                              beta=beta, reconstruction_weight=reconstruction_weight,
                              ncp_weight=ncp_weight, holdout=holdout, augment=augment, seed=seed,
@@ -88,16 +88,6 @@ def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int,
                 click.echo(f"final run written to {Path(run_dir) / 'final'}")
             return
         result = train(data, run_dir, config, resume=resume, workers=workers)
-    except ImportError as exc:
-        click.echo(f"capsedge: error: {missing_extra(exc.name or 'tensorflow', 'train')}", err=True)
-        raise SystemExit(1) from None
-    except (CapsedgeError, ValueError) as exc:
-        click.echo(f"capsedge: error: {exc}", err=True)
-        raise SystemExit(1) from None
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        click.echo(f"capsedge: error: {exc.filename or run_dir}: {reason}", err=True)
-        raise SystemExit(1) from None
     held = result.metrics.get("holdout")
     if held:
         click.echo(f"held-out accuracy {held['accuracy']:.3f}, macro-F1 {held['macro_f1']:.3f}")

@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from capsedge.errors import UsageError
+
 
 def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts, rows = true class, columns = predicted class."""
@@ -53,7 +55,7 @@ def stratified_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices of a stratified (train, held-out) split; ``fraction`` of each class is held out."""
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+        raise UsageError(f"fraction must be in (0, 1), got {fraction!r}")
     rng = np.random.default_rng(seed)
     held_out = []
     for cls in np.unique(targets):
@@ -67,7 +69,7 @@ def stratified_split(
 def stratified_folds(targets: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """``folds`` stratified (train, validation) index pairs covering every sample once."""
     if folds < 2:
-        raise ValueError(f"folds must be >= 2, got {folds!r}")
+        raise UsageError(f"folds must be >= 2, got {folds!r}")
     rng = np.random.default_rng(seed)
     fold_of = np.empty(len(targets), dtype=np.int64)
     for cls in np.unique(targets):

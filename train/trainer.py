@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from capsedge.errors import UsageError
 from capsedge.preprocess import Preprocessing
 
 from .augment import get_augmentation
@@ -89,26 +90,26 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise UsageError(f"{name} must be a positive integer, got {value!r}")
         if not 0.0 <= self.holdout < 1.0:
-            raise ValueError(f"holdout must be in [0, 1), got {self.holdout!r}")
+            raise UsageError(f"holdout must be in [0, 1), got {self.holdout!r}")
         get_augmentation(self.augment)  # raises for an unknown name
         if self.mixup < 0:
-            raise ValueError(f"mixup must be >= 0, got {self.mixup!r}")
+            raise UsageError(f"mixup must be >= 0, got {self.mixup!r}")
         if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"ema must be in [0, 1), got {self.ema!r}")
+            raise UsageError(f"ema must be in [0, 1), got {self.ema!r}")
         if not 0.0 <= self.beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {self.beta!r}")
+            raise UsageError(f"beta must be in [0, 1), got {self.beta!r}")
         if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+            raise UsageError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"warmup must be in [0, 1), got {self.warmup!r}")
+            raise UsageError(f"warmup must be in [0, 1), got {self.warmup!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+            raise UsageError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if self.init not in INITS:
-            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+            raise UsageError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if not isinstance(self.freeze_stages, int) or not 0 <= self.freeze_stages <= 7:
-            raise ValueError(f"freeze_stages must be an integer in [0, 7], got {self.freeze_stages!r}")
+            raise UsageError(f"freeze_stages must be an integer in [0, 7], got {self.freeze_stages!r}")
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ def _distribution(devices: list[str] | None) -> Any | None:
 
     if keras.backend.backend() != "tensorflow":
         if devices:
-            raise ValueError("devices need the TensorFlow backend (KERAS_BACKEND=tensorflow)")
+            raise UsageError("devices need the TensorFlow backend (KERAS_BACKEND=tensorflow)")
         return None
     import tensorflow as tf
 
@@ -286,7 +287,7 @@ def train(
 
     Raises:
         DatasetError: the data cannot be used.
-        ValueError: ``resume`` without a run to resume, or a fresh run over an old one.
+        UsageError: ``resume`` without a run to resume, or a fresh run over an old one.
     """
     import keras
 
@@ -302,9 +303,9 @@ def train(
     run_dir = Path(run_dir)
     backup = run_dir / "backup"
     if resume and not backup.is_dir():
-        raise ValueError(f"nothing to resume in {run_dir} (no backup/ folder)")
+        raise UsageError(f"nothing to resume in {run_dir} (no backup/ folder)")
     if not resume and backup.is_dir():
-        raise ValueError(f"{run_dir} holds an interrupted run: pass --resume, or choose another --out")
+        raise UsageError(f"{run_dir} holds an interrupted run: pass --resume, or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
 
     keras.utils.set_random_seed(config.seed)
@@ -430,11 +431,11 @@ def cross_validate(
     settings_file = run_dir / "cv_settings.json"
     if resume:
         if not settings_file.is_file():
-            raise ValueError(f"nothing to resume in {run_dir} (no cv_settings.json)")
+            raise UsageError(f"nothing to resume in {run_dir} (no cv_settings.json)")
         if json.loads(settings_file.read_text()) != settings:
-            raise ValueError(f"{run_dir} holds a cross-validation with other settings; choose another --out")
+            raise UsageError(f"{run_dir} holds a cross-validation with other settings; choose another --out")
     elif run_dir.is_dir() and any(run_dir.glob("fold-*")):
-        raise ValueError(f"{run_dir} already holds a cross-validation: pass --resume or another --out")
+        raise UsageError(f"{run_dir} already holds a cross-validation: pass --resume or another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(settings_file, settings)
     images = load_images(dataset, preprocessing)

@@ -1,0 +1,54 @@
+"""The one error boundary of every ``capsedge`` command: a user's mistake becomes one line
+on stderr and exit status 1, never a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import NoReturn
+
+import click
+
+from .errors import CapsedgeError, missing_extra
+
+EXIT_FAILED = 1
+
+
+def printable(text: str) -> str:
+    """``text`` with control and other non-printable characters escaped (``\\n``, ``\\x1b``):
+    a file name cannot forge a line of output or drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def fail(message: str) -> None:
+    """Print a one-line error on stderr (the command goes on)."""
+    click.echo(f"capsedge: error: {printable(message)}", err=True)
+
+
+def fail_and_exit(message: str) -> NoReturn:
+    """Print a one-line error on stderr and end the command with status 1."""
+    fail(message)
+    sys.exit(EXIT_FAILED)
+
+
+@contextlib.contextmanager
+def error_boundary(extra: str | None = None) -> Iterator[None]:
+    """Turn what a user can cause into one line and exit status 1.
+
+    ``CapsedgeError`` (its message), ``OSError`` (the file and the system's reason) and, for
+    commands of an optional ``extra``, ``ImportError`` (what to install).
+    """
+    try:
+        yield
+    except CapsedgeError as exc:
+        fail_and_exit(str(exc))
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        fail_and_exit(f"{exc.filename}: {reason}" if exc.filename else reason)
+    except ImportError as exc:
+        if extra is None:
+            raise
+        fail_and_exit(str(missing_extra(exc.name or "a required package", extra)))
