@@ -309,7 +309,7 @@ def test_page_in_a_real_browser(server: tuple[str, Path], depuy: Path) -> None:
             assert page.text_content("#label") == answer["label"] == "Depuy"
             assert page.locator("#bars li").count() == 4
             assert page.is_visible("#uncertain") == answer["uncertain"]
-            assert page.is_visible("#ood") == answer["out_of_distribution"] is True
+            assert page.is_visible("#ood") == (answer["out_of_distribution"] is True)
             assert page.is_hidden("#explanation")
             assert page.is_visible("#preview")
             picture = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"))
