@@ -303,7 +303,8 @@ def test_page_in_a_real_browser(server: tuple[str, Path], depuy: Path) -> None:
             page = browser.new_page(viewport={"width": 1024, "height": 700})
             page.set_default_timeout(60_000)  # a loaded 2-core CI machine
             page.goto(url)
-            page.wait_for_function("document.getElementById('model').textContent.includes('Model')")
+            # A selector, not wait_for_function: the page's CSP forbids the eval its polling needs.
+            page.wait_for_selector("#model:has-text('Model')")
             page.set_input_files("#file", str(depuy))
             page.wait_for_selector("#result[data-state=done]", timeout=30_000)
             assert page.text_content("#label") == answer["label"] == "Depuy"
