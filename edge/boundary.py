@@ -52,3 +52,37 @@ def error_boundary(extra: str | None = None) -> Iterator[None]:
         if extra is None:
             raise
         fail_and_exit(str(missing_extra(exc.name or "a required package", extra)))
+
+
+@contextlib.contextmanager
+def quiet_native_logs(verbose: bool = False) -> Iterator[None]:
+    """Around the first import of a native library (TensorFlow): no start-up chatter.
+
+    TensorFlow's C++ start-up lines (oneDNN notes, "Could not find cuda drivers" on a CPU-only
+    machine, absl's warning) go to file descriptor 2 whatever its log level, so they are
+    dropped there; ``TF_CPP_MIN_LOG_LEVEL=3`` keeps later C++ logging to errors. With
+    ``verbose`` nothing is hidden.
+    """
+    if verbose:
+        yield
+        return
+    import os
+
+    from .backends import native_stderr_silenced
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with native_stderr_silenced():
+        yield
+
+
+def import_tensorflow_quietly(verbose: bool = False) -> None:
+    """Import TensorFlow and Keras now, under :func:`quiet_native_logs`, and keep their Python
+    loggers to errors (unless ``verbose``)."""
+    import logging
+
+    with quiet_native_logs(verbose):
+        import keras  # noqa: F401
+        import tensorflow as tf
+    if not verbose:
+        tf.get_logger().setLevel(logging.ERROR)
+        logging.getLogger("absl").setLevel(logging.ERROR)

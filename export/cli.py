@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from capsedge.boundary import error_boundary
+from capsedge.boundary import error_boundary, import_tensorflow_quietly
 from capsedge.export.formats import FORMATS
-from capsedge.export.writer import export, export_and_verify
+from capsedge.export.writer import check_arguments, export, export_and_verify
 
 
 def _cli() -> Any:
@@ -37,15 +36,17 @@ def _cli() -> Any:
                   help="The images the run was trained on: with --cross-validation, the files get "
                        "calibrated confidence, an 'uncertain' threshold and outlier statistics.")
     @click.option("--no-verify", is_flag=True, help="Write the files only; no report.")
+    @click.option("--verbose", is_flag=True, help="Show TensorFlow's own start-up and log lines.")
     @click.option("--allow-fail", is_flag=True,
                   help="Exit 0 even when a verification check fails (the report still says which).")
     def command(model: Path, out_dir: Path, formats: str, calib: Path | None, calib_limit: int,
                 eval_dir: Path | None, eval_limit: int | None, version: str | None, cv_dir: Path | None,
-                train_data: Path | None, no_verify: bool, allow_fail: bool) -> None:
+                train_data: Path | None, no_verify: bool, allow_fail: bool, verbose: bool) -> None:
         """Export a trained model to TFLite / ONNX / Edge TPU files and verify them."""
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         names = [f.strip() for f in formats.split(",") if f.strip()]
         with error_boundary(extra="export"):
+            check_arguments(names, calib, model)
+            import_tensorflow_quietly(verbose)
             if no_verify:
                 written, report = export(model, out_dir, names, calib, version, cv_dir, train_data), None
             else:

@@ -82,8 +82,11 @@ def export_run(
     return written
 
 
-def _prepare(formats: Iterable[str], calibration: str | Path | None, model: str | Path) -> list[ExportFormat]:
-    """Everything that can fail cheaply, before TensorFlow is imported."""
+def check_arguments(
+    formats: Iterable[str], calibration: str | Path | None, model: str | Path
+) -> list[ExportFormat]:
+    """Everything that can fail cheaply, before TensorFlow is imported: the formats and their
+    tools, the calibration folder, the model path. Returns the formats chosen."""
     chosen = parse_formats(formats)
     check_requirements(chosen)
     needs_calibration = [f.name for f in chosen if f.needs_calibration]
@@ -118,7 +121,7 @@ def export(
         CapsedgeError: unknown format, missing tool, missing calibration data, or a model
             that cannot load.
     """
-    chosen = _prepare(formats, calibration, model)
+    chosen = check_arguments(formats, calibration, model)
     run = load_run(model, cross_validation)
     trust = fit_run_trust(run, cross_validation, train_data, out_dir)
     return export_run(run, out_dir, chosen, calibration, version, trust=trust)
@@ -169,7 +172,7 @@ def export_and_verify(
     from capsedge.export import verify
     from capsedge.export.report import write_report
 
-    chosen = _prepare(formats, calibration, model)
+    chosen = check_arguments(formats, calibration, model)
     evaluation = evaluation if evaluation is not None else calibration
     if evaluation is None:
         raise CapsedgeError("verification needs images: pass --eval DIR (or --calib DIR), or --no-verify")

@@ -69,3 +69,30 @@ def test_train_and_export_load_only_the_floors_below() -> None:
         assert not any(m.startswith(f"capsedge.{sibling}") for m in loaded), (floor, loaded)
         assert all(m in GROUND | RUNTIME_MODULES or m.startswith(("capsedge.models", f"capsedge.{floor}"))
                    for m in loaded), (floor, loaded)
+
+
+def test_train_checks_its_arguments_before_importing_tensorflow(tmp_path: Path) -> None:
+    script = f"""
+import sys
+from click.testing import CliRunner
+from capsedge.cli import main
+result = CliRunner().invoke(main, ["train", "--data", {str(tmp_path / "none")!r}, "--out", {str(tmp_path)!r}])
+assert result.exit_code == 1 and "data not found" in result.stderr, result.output
+print("HEAVY", sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout
+
+
+def test_tensorflow_commands_print_one_line_not_its_start_up_noise(tmp_path: Path) -> None:
+    """`capsedge capsules` imports TensorFlow, then fails on a folder that is no run: stderr
+    holds the one error line (no oneDNN, CUDA or absl lines from TensorFlow's C++ start-up)."""
+    image = tmp_path / "x.png"
+    Image.fromarray(synthetic_xray()).save(image)
+    command = [sys.executable, "-m", "capsedge.cli", "capsules", str(image), "--run", str(tmp_path),
+               "--out", str(tmp_path / "g.png")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [f"capsedge: error: {tmp_path} is not a training run "
+                                        "(no classifier.keras, config.json)"]

@@ -8,7 +8,6 @@ capsules masked), one row per dimension. Needs the run's ``decoder.keras`` (writ
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from capsedge.boundary import error_boundary, printable
+from capsedge.boundary import error_boundary, import_tensorflow_quietly, printable
 from capsedge.errors import ModelError
 from capsedge.preprocess import Preprocessing, preprocess
 
@@ -132,8 +131,8 @@ def _cli() -> Any:
                   help="The grid PNG to write.")
     def command(image: str, run_dir: Path, out_path: Path) -> None:
         """Decode the winning class capsule with each dimension perturbed, as a grid PNG."""
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         with error_boundary(extra="train"):
+            import_tensorflow_quietly()
             classifier, decoder, labels, preprocessing = load_run_decoder(run_dir)
             grid = capsule_grid(classifier, decoder, labels, preprocess(image, preprocessing))
             render_grid(grid).save(out_path, format="PNG")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from capsedge.boundary import error_boundary
+from capsedge.boundary import error_boundary, import_tensorflow_quietly
 from capsedge.train.augment import AUGMENTATIONS
 from capsedge.train.trainer import INITS, TrainConfig
 
@@ -62,22 +62,27 @@ DEFAULT = TrainConfig()  # the bundled model's recipe: one source for the option
               help="Threads that augment batches (results do not depend on it).")
 @click.option("--seed", type=int, default=DEFAULT.seed, show_default=True, help="Makes a run repeatable.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--verbose", is_flag=True, help="Show TensorFlow's own start-up and log lines.")
 def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int, learning_rate: float,
             beta: float, reconstruction_weight: float, ncp_weight: float, holdout: float, folds: int | None,
             final: bool, augment: str, mixup: float, ema: float, weight_decay: float, warmup: float,
             label_smoothing: float, init: str, freeze_stages: int, workers: int, seed: int,
-            resume: bool) -> None:
+            resume: bool, verbose: bool) -> None:
     """Train a capsule network on labelled X-rays."""
+    from capsedge.train.data import read_dataset
     from capsedge.train.trainer import TrainConfig, cross_validate, train
 
     with error_boundary(extra="train"):
+        # What can be checked without TensorFlow is checked first.
+        dataset = read_dataset(data)
         config = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                              beta=beta, reconstruction_weight=reconstruction_weight,
                              ncp_weight=ncp_weight, holdout=holdout, augment=augment, seed=seed,
                              mixup=mixup, ema=ema, weight_decay=weight_decay, warmup=warmup,
                              label_smoothing=label_smoothing, init=init, freeze_stages=freeze_stages)
+        import_tensorflow_quietly(verbose)
         if folds:
-            summary = cross_validate(data, run_dir, config, folds=folds, resume=resume, workers=workers,
+            summary = cross_validate(dataset, run_dir, config, folds=folds, resume=resume, workers=workers,
                                      final=final)
             click.echo(
                 f"{folds}-fold accuracy {summary['accuracy_mean']:.3f} ± {summary['accuracy_std']:.3f}, "
@@ -87,7 +92,7 @@ def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int,
             if final:
                 click.echo(f"final run written to {Path(run_dir) / 'final'}")
             return
-        result = train(data, run_dir, config, resume=resume, workers=workers)
+        result = train(dataset, run_dir, config, resume=resume, workers=workers)
     held = result.metrics.get("holdout")
     if held:
         click.echo(f"held-out accuracy {held['accuracy']:.3f}, macro-F1 {held['macro_f1']:.3f}")

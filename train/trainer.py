@@ -359,9 +359,10 @@ def train(
         validation = FrozenViewBatches(frozen_maps[held_idx], images[held_idx], onehot[held_idx], outputs,
                                        32, config.seed, reconstruction_size, random_views=False)
     # A bar with time left within each epoch on a terminal; one line per epoch in a log.
-    verbose = (1 if sys.stdout.isatty() else 2) if progress else 0
-    fitted.fit(batches, epochs=config.epochs, verbose=verbose, callbacks=callbacks,
-               validation_data=validation)
+    verbose = (1 if sys.stderr.isatty() else 2) if progress else 0
+    with contextlib.redirect_stdout(sys.stderr):  # progress on stderr, results on stdout
+        fitted.fit(batches, epochs=config.epochs, verbose=verbose, callbacks=callbacks,
+                   validation_data=validation)
     seconds = time.perf_counter() - start
 
     metrics: dict[str, Any] = {
@@ -449,7 +450,8 @@ def cross_validate(
         done = resume and (fold_dir / "metrics.json").is_file() and not (fold_dir / "backup").is_dir()
         if not done:
             if progress:
-                print(f"fold {k + 1}/{folds}: {len(train_idx)} training, {len(val_idx)} validation images")
+                print(f"fold {k + 1}/{folds}: {len(train_idx)} training, {len(val_idx)} validation images",
+                      file=sys.stderr)
             train(dataset, fold_dir, config, split=(train_idx, val_idx), images=images,
                   resume=resume and (fold_dir / "backup").is_dir(), progress=progress, workers=workers,
                   frozen_maps=maps)
@@ -494,7 +496,7 @@ def cross_validate(
     finished = (final_dir / "metrics.json").is_file() and not (final_dir / "backup").is_dir()
     if final and not (resume and finished):
         if progress:
-            print(f"final: all {len(targets)} images")
+            print(f"final: all {len(targets)} images", file=sys.stderr)
         train(dataset, final_dir, replace(config, holdout=0.0), images=images, progress=progress,
               resume=resume and (final_dir / "backup").is_dir(), workers=workers, frozen_maps=maps)
     return summary
