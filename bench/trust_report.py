@@ -25,7 +25,7 @@ import numpy as np
 
 from capsedge import Classifier
 from capsedge.export.trust_fit import choose_threshold, coverage_table, fit_temperature, out_of_fold
-from capsedge.preprocess import image_files
+from capsedge.preprocess import image_files, label_from_name
 from capsedge.trust import calibrate, expected_calibration_error, reliability_bins
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -117,7 +117,7 @@ def main() -> None:
     calibration = classifier.metadata.trust.calibration
     files = sorted(image_files(DATA / "shoulder-implants"))
     labels = classifier.labels
-    targets = np.array([labels.index(f.name.split(".")[0]) for f in files])
+    targets = np.array([labels.index(label_from_name(f)) for f in files])
     indices, raw = out_of_fold(args.cv, len(files))
     targets = targets[indices]
     calibrated = calibrate(raw, calibration.temperature)

@@ -115,6 +115,12 @@ def is_image_file(path: Path, *, allow_no_suffix: bool = False) -> bool:
     return named and path.is_file()
 
 
+def label_from_name(path: str | os.PathLike) -> str:
+    """The label a file's name gives in the public archive's flat layout: the first
+    dot-separated token (``Depuy.7.jpg`` -> ``Depuy``). The one statement of that rule."""
+    return Path(path).name.split(".")[0]
+
+
 def image_files(folder: str | Path, *, allow_no_suffix: bool = False) -> list[Path]:
     """The images under ``folder``, at any depth, sorted; hidden files and folders are skipped,
     and so are folders that cannot be read (:func:`walk_images` says which)."""

@@ -30,7 +30,7 @@ from capsedge.export.graph import (
 )
 from capsedge.export.report import WARM_UP_RUNS, ArtifactReport, Check, Goals, VerificationReport
 from capsedge.metadata import read_metadata
-from capsedge.preprocess import Preprocessing, image_files, preprocess
+from capsedge.preprocess import Preprocessing, image_files, label_from_name, preprocess
 
 MIN_TIMED_RUNS = 20
 
@@ -51,7 +51,7 @@ class EvaluationSet:
 
 def label_of(path: Path, labels: tuple[str, ...]) -> int:
     """Class id from a folder-per-class parent or a ``Label.N.jpg`` name; -1 when neither."""
-    for candidate in (path.parent.name, path.name.split(".")[0]):
+    for candidate in (path.parent.name, label_from_name(path)):
         if candidate in labels:
             return labels.index(candidate)
     return -1
@@ -104,14 +104,23 @@ def accuracy(probabilities: np.ndarray, targets: np.ndarray) -> float | None:
     return float(np.mean(probabilities[known].argmax(1) == targets[known]))
 
 
+def metadata_fits(path: Path, labels: tuple[str, ...], graph_input: list[int]) -> bool:
+    """The file's metadata is readable, names ``labels``, and its preprocessing makes tensors of
+    the shape the graph takes (the input size is stated in the metadata and in the graph:
+    here the two are compared)."""
+    try:
+        metadata = read_metadata(path)
+    except CapsedgeError:
+        return False
+    return metadata.labels == labels and graph_input == [1, *metadata.preprocessing.input_shape]
+
+
 def measure(fmt: ExportFormat, path: Path, reference: np.ndarray, evaluation: EvaluationSet,
             labels: tuple[str, ...]) -> ArtifactReport:
     """Run one artifact over the evaluation set and collect its figures."""
     counts = op_counts(path)
-    try:
-        metadata_ok = read_metadata(path).labels == labels
-    except CapsedgeError:
-        metadata_ok = False
+    graph_input = input_shape(path)
+    metadata_ok = metadata_fits(path, labels, graph_input)
     edgetpu = None
     if fmt.name == "edgetpu":
         from capsedge.export.edgetpu_format import edgetpu_mapping
@@ -123,7 +132,7 @@ def measure(fmt: ExportFormat, path: Path, reference: np.ndarray, evaluation: Ev
         "bytes": path.stat().st_size,
         "constant_bytes": constant_bytes(path),
         "ops": dict(counts.most_common()),
-        "input_shape": input_shape(path),
+        "input_shape": graph_input,
         "forbidden_ops": forbidden_ops(counts, path.suffix.lower()),
         "metadata_ok": metadata_ok,
         "edgetpu": edgetpu,
@@ -155,7 +164,7 @@ def checks_for(report: ArtifactReport, others: dict[str, ArtifactReport], keras_
               "none of " + ", ".join(sorted(FORBIDDEN_ONNX if fmt.suffix == ".onnx" else FORBIDDEN_TFLITE))),
         Check("static batch-1 input", name, static, report.input_shape, "[1, H, W, C], all fixed"),
         Check("metadata readable", name, report.metadata_ok, report.metadata_ok,
-              "embedded or sidecar labels match"),
+              "embedded or sidecar; labels match; its preprocessing fits the graph's input"),
         Check("runs on every evaluation image", name, report.error is None, report.error or "yes",
               "no runtime error"),
     ]

@@ -499,3 +499,24 @@ def test_onnx_calibration_is_thinned_to_its_memory_budget(exported: tuple, monke
     fed = [int(image[0, 0, 0]) for image in onnx_format.thin_evenly(images, 4)]
     assert fed == [0, 3, 6, 9]
     assert onnx_format.thin_evenly(images, 12) == images
+
+
+def test_metadata_must_fit_the_graph_input(tmp_path: Path) -> None:
+    """A file whose stored preprocessing makes 256 px tensors for a 512 px graph fails the check."""
+    import dataclasses
+    import shutil
+
+    from capsedge.classifier import default_model_path
+    from capsedge.export.verify import metadata_fits
+    from capsedge.metadata import embed_in_tflite, read_metadata
+
+    model = tmp_path / "m.tflite"
+    shutil.copy(default_model_path(), model)
+    labels = ("Cofield", "Depuy", "Tornier", "Zimmer")
+    assert metadata_fits(model, labels, input_shape(model))
+    assert not metadata_fits(model, ("a", "b", "c", "d"), input_shape(model))
+    metadata = read_metadata(model)
+    smaller = dataclasses.replace(metadata.preprocessing, input_size=256)
+    embed_in_tflite(model, dataclasses.replace(metadata, preprocessing=smaller))
+    assert read_metadata(model).preprocessing.input_size == 256
+    assert not metadata_fits(model, labels, input_shape(model))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from capsedge.errors import CapsedgeError
-from capsedge.preprocess import IMAGE_SUFFIXES, Preprocessing, is_image_file, preprocess
+from capsedge.preprocess import IMAGE_SUFFIXES, Preprocessing, is_image_file, label_from_name, preprocess
 
 UCI_SHOULDER_IMPLANTS = (
     "Shoulder Implant X-Ray Manufacturer Classification, UCI Machine Learning Repository, "
@@ -100,7 +100,7 @@ def read_dataset(source: str | Path) -> Dataset:
         if foldered:
             pairs, layout = foldered, "folders"
         else:
-            pairs = [(f, f.name.split(".")[0]) for f in sorted(root.iterdir()) if is_image_file(f)]
+            pairs = [(f, label_from_name(f)) for f in sorted(root.iterdir()) if is_image_file(f)]
             layout = "flat"
     if not pairs:
         raise DatasetError(f"no images found in {root} ({', '.join(sorted(IMAGE_SUFFIXES))})")
