@@ -51,7 +51,7 @@ def main() -> None:
 
     result = {"images": len(held), "float_accuracy": float(np.mean(float_answers == truth))}
     quantizations = {"int8": Quantization.for_int8(lambda: iter(calibration)),
-                     "dynamic": Quantization.for_dynamic()}
+                     "dynamic": Quantization("dynamic")}
     with tempfile.TemporaryDirectory(prefix="capsedge-heldout-") as folder:
         for name, quantization in quantizations.items():
             path = Path(folder) / f"{name}.tflite"

@@ -12,7 +12,9 @@ MODES = ("float32", "float16", "dynamic", "int8")
 
 @dataclass(frozen=True)
 class Quantization:
-    """How weights and activations are stored. Build with the named constructors."""
+    """How weights and activations are stored: ``Quantization(mode)`` for ``"float32"``,
+    ``"float16"`` (float16 weights) and ``"dynamic"`` (int8 weights, float activations);
+    :meth:`for_int8` for full integer, which needs calibration images."""
 
     mode: str
     calibration: Callable[[], Iterable[np.ndarray]] | None = None
@@ -27,16 +29,6 @@ class Quantization:
     def for_float32(cls) -> Quantization:
         """No quantization."""
         return cls("float32")
-
-    @classmethod
-    def for_float16(cls) -> Quantization:
-        """float16 weights, float32 arithmetic."""
-        return cls("float16")
-
-    @classmethod
-    def for_dynamic(cls) -> Quantization:
-        """int8 weights, float activations."""
-        return cls("dynamic")
 
     @classmethod
     def for_int8(cls, calibration: Callable[[], Iterable[np.ndarray]]) -> Quantization:
