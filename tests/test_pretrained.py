@@ -28,8 +28,9 @@ from capsedge.models.decoder import lean_decoder  # noqa: E402
 from capsedge.models.losses import weighted_categorical_crossentropy  # noqa: E402
 from capsedge.train.augment import dihedral_view  # noqa: E402
 from capsedge.train.batches import average_pool  # noqa: E402
+from capsedge.train.config import TrainConfig  # noqa: E402
 from capsedge.train.frozen import FrozenViewBatches, frozen_split, frozen_views  # noqa: E402
-from capsedge.train.trainer import TrainConfig, cross_validate, train  # noqa: E402
+from capsedge.train.trainer import cross_validate, train  # noqa: E402
 
 # A 64x64 member of the family: the whole trunk (a 2x2 map), 16 primary capsules, decoder at 32.
 TINY = dataclasses.replace(

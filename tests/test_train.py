@@ -16,7 +16,8 @@ from conftest import synthetic_xray
 
 pytest.importorskip("tensorflow")
 
-from capsedge.train.trainer import TrainConfig, cross_validate, train  # noqa: E402
+from capsedge.train.config import TrainConfig  # noqa: E402
+from capsedge.train.trainer import cross_validate, train  # noqa: E402
 
 FAST = TrainConfig(model="effcaps_mnist", epochs=1, batch_size=4, holdout=0.25)
 
@@ -156,7 +157,8 @@ import json, sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from capsedge.train.trainer import TrainConfig, train
+from capsedge.train.config import TrainConfig
+from capsedge.train.trainer import train
 config = TrainConfig(model="effcaps_mnist", epochs=1, batch_size=4, holdout=0.25)
 result = train(sys.argv[1], sys.argv[2], config, devices=["/cpu:0", "/cpu:1"], progress=False)
 print(json.dumps(result.metrics["devices"]))

@@ -8,7 +8,7 @@ import click
 
 from capsedge.boundary import error_boundary, import_tensorflow_quietly
 from capsedge.train.augment import AUGMENTATIONS
-from capsedge.train.trainer import INITS, TrainConfig
+from capsedge.train.config import INITS, TrainConfig
 
 DEFAULT = TrainConfig()  # the bundled model's recipe: one source for the options' defaults
 
@@ -70,7 +70,7 @@ def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int,
             resume: bool, verbose: bool) -> None:
     """Train a capsule network on labelled X-rays."""
     from capsedge.train.data import read_dataset
-    from capsedge.train.trainer import TrainConfig, cross_validate, train
+    from capsedge.train.trainer import cross_validate, train
 
     with error_boundary(extra="train"):
         # What can be checked without TensorFlow is checked first.

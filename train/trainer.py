@@ -8,7 +8,6 @@ is under way, ``backup/`` holds what ``--resume`` needs.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import sys
 import time
@@ -22,94 +21,11 @@ from capsedge.errors import UsageError
 from capsedge.preprocess import Preprocessing
 
 from .augment import get_augmentation
+from .config import TrainConfig
 from .data import Dataset, DatasetError, load_images, read_dataset
-from .figures import (
-    TRAIN_COLOUR,
-    save_confusion_png,
-    save_learning_curves_png,
-    save_per_class_png,
-    save_reliability_png,
-)
+from .evaluation import predict_flip_average, predict_probabilities, read_history, save_evaluation_pngs
+from .figures import save_learning_curves_png
 from .metrics import classification_report, stratified_folds, stratified_split
-
-#: Where a pretrained trunk's weights start (see ``TrainConfig.init``).
-INITS = ("imagenet", "none")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training hyper-parameters; model architecture lives in the model registry.
-
-    The defaults are the recipe of the bundled model (see the README, "Accuracy").
-
-    Attributes:
-        model: registry name of the model configuration.
-        epochs: passes over the training images.
-        batch_size: images per step.
-        learning_rate: initial Adam learning rate (cosine-decayed to 1 % of it).
-        beta: class-balanced loss beta (Cui et al. 2019); 0 disables reweighting.
-        reconstruction_weight: weight of the decoder's reconstruction loss.
-        ncp_weight: weight of the NCP head's cross-entropy.
-        holdout: fraction of each class held out for evaluation (0: train on everything).
-        augment: on-the-fly augmentation, a name in
-            :data:`capsedge.train.augment.AUGMENTATIONS` (``"dihedral"``, the default: the
-            eight flips and quarter turns; ``"d4"``, ``"d4-strong"``, ``"full"``, ``"none"``).
-        seed: makes splits, initialisation and augmentation repeatable on one machine.
-        mixup: Beta parameter of mixup between training images (0: none; 0.2 is usual).
-        ema: momentum of an exponential moving average of the weights that replaces them
-            when training ends (Keras' ``use_ema``), e.g. 0.99; 0 keeps the last weights.
-        weight_decay: decoupled weight decay (AdamW, Loshchilov & Hutter 2019); 0: Adam.
-        warmup: fraction of the steps over which the learning rate rises linearly from 1 %
-            to ``learning_rate`` before the cosine decay.
-        label_smoothing: of the cross-entropy heads (NCP, linear).
-        init: ``"imagenet"`` starts a pretrained trunk from its ImageNet weights, ``"none"``
-            from random ones; networks without a trunk ignore it.
-        freeze_stages: keep the trunk's stem and first N stages fixed (their batch norm too):
-            cheaper steps for CPU training.
-    """
-
-    model: str = "effcaps_ncp_lite0_512"
-    epochs: int = 30
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    beta: float = 0.999
-    reconstruction_weight: float = 0.5
-    ncp_weight: float = 1.0
-    holdout: float = 0.2
-    augment: str = "dihedral"
-    seed: int = 0
-    mixup: float = 0.0
-    ema: float = 0.0
-    weight_decay: float = 0.05
-    warmup: float = 0.1
-    label_smoothing: float = 0.1
-    init: str = "imagenet"
-    freeze_stages: int = 5
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise UsageError(f"{name} must be a positive integer, got {value!r}")
-        if not 0.0 <= self.holdout < 1.0:
-            raise UsageError(f"holdout must be in [0, 1), got {self.holdout!r}")
-        get_augmentation(self.augment)  # raises for an unknown name
-        if self.mixup < 0:
-            raise UsageError(f"mixup must be >= 0, got {self.mixup!r}")
-        if not 0.0 <= self.ema < 1.0:
-            raise UsageError(f"ema must be in [0, 1), got {self.ema!r}")
-        if not 0.0 <= self.beta < 1.0:
-            raise UsageError(f"beta must be in [0, 1), got {self.beta!r}")
-        if self.weight_decay < 0:
-            raise UsageError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise UsageError(f"warmup must be in [0, 1), got {self.warmup!r}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise UsageError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if self.init not in INITS:
-            raise UsageError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
-        if not isinstance(self.freeze_stages, int) or not 0 <= self.freeze_stages <= 7:
-            raise UsageError(f"freeze_stages must be an integer in [0, 7], got {self.freeze_stages!r}")
 
 
 @dataclass(frozen=True)
@@ -232,18 +148,6 @@ def _distribution(devices: list[str] | None) -> Any | None:
         gpus = tf.config.list_logical_devices("GPU")
         devices = [gpu.name for gpu in gpus] if len(gpus) > 1 else None
     return tf.distribute.MirroredStrategy(devices) if devices else None
-
-
-def predict_probabilities(classifier: Any, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Class probabilities of the Keras classifier for preprocessed images."""
-    return np.asarray(classifier.predict(images, batch_size=batch_size, verbose=0))
-
-
-def predict_flip_average(classifier: Any, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Test-time augmentation: the probabilities averaged over the four flips of each image."""
-    views = (images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1])
-    return np.mean([predict_probabilities(classifier, np.ascontiguousarray(v), batch_size) for v in views],
-                   axis=0)
 
 
 def _prepare(data: str | Path | Dataset, config: TrainConfig) -> tuple[Dataset, Any, Preprocessing]:
@@ -500,40 +404,6 @@ def cross_validate(
         train(dataset, final_dir, replace(config, holdout=0.0), images=images, progress=progress,
               resume=resume and (final_dir / "backup").is_dir(), workers=workers, frozen_maps=maps)
     return summary
-
-
-def save_evaluation_pngs(probabilities: np.ndarray, targets: np.ndarray, classes: tuple[str, ...],
-                         run_dir: Path) -> None:
-    """``confusion.png``, ``per_class.png`` and ``reliability.png`` for held-out predictions."""
-    from capsedge.trust import reliability_bins
-
-    report = classification_report(targets, probabilities.argmax(1), classes)
-    save_confusion_png(np.array(report["confusion_matrix"]), classes, run_dir / "confusion.png")
-    save_per_class_png(report, run_dir / "per_class.png")
-    save_reliability_png([("held-out", reliability_bins(probabilities, targets), TRAIN_COLOUR)],
-                         run_dir / "reliability.png")
-
-
-def read_history(path: Path) -> dict[str, list[float]]:
-    """The ``CSVLogger`` file as columns (empty when there is none)."""
-    if not path.is_file():
-        return {}
-    with path.open(encoding="utf-8", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    columns: dict[str, list[float]] = {}
-    for row in rows:
-        for key, value in row.items():
-            if key != "epoch":
-                columns.setdefault(key, []).append(_number_or_nan(value))
-    return columns
-
-
-def _number_or_nan(text: str | None) -> float:
-    """A CSVLogger cell: a number, or NaN for what it writes when there is none (``NA``)."""
-    try:
-        return float(text)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return float("nan")
 
 
 def _jsonable(value: Any) -> Any:
