@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from capsedge import Classifier, ModelError, ModelMetadata, Preprocessing, RuntimeMissingError
-from capsedge.backends import BACKENDS, OnnxBackend, open_backend
+from capsedge.backends import OnnxBackend, open_backend
 from capsedge.classifier import default_model_path
 from capsedge.metadata import (
     ONNX_METADATA_KEY,
@@ -57,8 +58,24 @@ def tiny_onnx(path: Path, embedded: ModelMetadata | None = None, batch: int | st
     return path
 
 
-def test_onnx_suffix_is_registered() -> None:
-    assert BACKENDS["onnxruntime"] == (OnnxBackend, (".onnx",))
+def test_the_backend_is_chosen_by_the_suffix_or_by_name_and_aliases(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    onnx_file = tiny_onnx(tmp_path / "m.onnx")
+    shouting = tmp_path / "M.ONNX"
+    shouting.write_bytes(onnx_file.read_bytes())
+    bundled = default_model_path()
+    assert isinstance(open_backend(onnx_file), OnnxBackend)
+    assert open_backend(shouting).name == "onnxruntime"  # the suffix in any case
+    assert open_backend(onnx_file, "onnx").name == "onnxruntime"
+    assert open_backend(bundled).name == open_backend(bundled, "tflite").name == "litert"
+    other = tmp_path / "m.pb"
+    other.write_bytes(b"not a model")
+    with pytest.raises(ModelError, match=re.escape("unknown model file type '.pb'; expected one of "
+                                                   "['.onnx', '.tflite']")):
+        open_backend(other)
+    choices = "['auto', 'litert', 'edgetpu', 'onnxruntime', 'onnx', 'tflite']"
+    with pytest.raises(ModelError, match=re.escape(f"unknown backend 'tensorrt'; choose from {choices}")):
+        open_backend(onnx_file, "tensorrt")
 
 
 def test_onnx_metadata_props_parsed_without_onnxruntime_match_onnxruntime(tmp_path: Path) -> None:

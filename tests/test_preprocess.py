@@ -167,18 +167,44 @@ def test_preprocessing_round_trips_and_validates() -> None:
         Preprocessing.from_dict({**config.to_dict(), "mean": 0.5})
 
 
-def test_training_pipeline_and_runtime_make_the_same_tensor(tmp_path: Path) -> None:
+def test_training_pipeline_and_runtime_make_the_tensor_worked_out_by_hand(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images already ``size`` pixels on their longer side are not resampled, so every value
+    of the expected tensor follows from the definition: the grey levels stretched from
+    [min, max] to [0, 1], centred on a black square."""
     from capsedge import Classifier
     from capsedge.train.data import load_images, read_dataset
 
-    for i, maker in enumerate(("Cofield", "Depuy", "Depuy")):
-        Image.fromarray(synthetic_xray(seed=i)).save(tmp_path / f"{maker}.{i}.jpg")
-    dataset = read_dataset(tmp_path)
     classifier = Classifier.load()
     config = classifier.metadata.preprocessing
-    batch = load_images(dataset, config)
-    for path, tensor in zip(dataset.paths, batch, strict=True):
-        np.testing.assert_array_equal(tensor, preprocess(path, config))
+    size = config.input_size
+    half, margin = size // 2, (size - size // 2) // 2
+    levels = 40 + 7 * (np.arange(size) % 27)  # 40 to 222
+    stretched = (levels - 40) / (222 - 40)
+    wide = np.tile(levels, (half, 1))  # half x size: black bands above and below
+    tall = np.tile(levels[::-1, np.newaxis], (1, half))  # size x half: black bands left and right
+    expected_wide = np.zeros((size, size, 1))
+    expected_wide[margin : margin + half, :, 0] = stretched
+    expected_tall = np.zeros((size, size, 1))
+    expected_tall[:, margin : margin + half, 0] = stretched[::-1, np.newaxis]
+    expected = {"Cofield.0.png": expected_wide, "Depuy.1.png": expected_tall}
+    Image.fromarray(wide.astype(np.uint8)).save(tmp_path / "Cofield.0.png")
+    Image.fromarray(tall.astype(np.uint8)).save(tmp_path / "Depuy.1.png")
+
+    dataset = read_dataset(tmp_path)
+    fed: list[np.ndarray] = []
+    predict_tensor = classifier.predict_tensor
+
+    def recording(tensor: np.ndarray) -> np.ndarray:
+        fed.append(tensor)
+        return predict_tensor(tensor)
+
+    monkeypatch.setattr(classifier, "predict_tensor", recording)
+    for path, tensor in zip(dataset.paths, load_images(dataset, config), strict=True):
+        classifier.classify(path)
+        for made in (tensor, fed[-1]):  # what training learns from, what the runtime classifies
+            np.testing.assert_allclose(made, expected[path.name], atol=1e-6)
 
 
 def test_real_xrays_preprocess_identically_in_training_and_runtime() -> None:
