@@ -15,7 +15,9 @@ status, never a file name, a header value or the image.
 
 from __future__ import annotations
 
+import base64
 import hmac
+import io
 import queue
 import socket
 from collections.abc import Sequence
@@ -35,7 +37,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .classifier import Classifier, Prediction
+from .classifier import Classifier
 from .errors import CapsedgeError
 
 MIB = 1024 * 1024
@@ -81,11 +83,22 @@ class ClassifierPool:
         for classifier in classifiers:
             self._free.put(classifier)
 
-    def classify(self, data: bytes) -> Prediction:
-        """Classify encoded image bytes with the next free classifier (blocks until one is)."""
+    def classify(self, data: bytes, explain_grid: int = 0) -> dict[str, Any]:
+        """Classify encoded image bytes with the next free classifier (blocks until one is): the
+        prediction's record, with ``explanation`` (an occlusion overlay as a PNG data URL) when
+        ``explain_grid`` squares per side are asked for."""
         classifier = self._free.get()
         try:
-            return classifier.classify(data)
+            record = classifier.classify(data).to_dict()
+            if explain_grid:
+                from .explain import occlusion_map, render_overlay
+
+                explanation = occlusion_map(classifier, data, explain_grid)
+                png = io.BytesIO()
+                render_overlay(explanation).save(png, format="PNG")
+                record["explanation"] = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+                record["explanation_seconds"] = round(explanation.seconds, 3)
+            return record
         finally:
             self._free.put(classifier)
 
@@ -215,8 +228,8 @@ def create_app(
         # Queue on the event loop, first come first served (a thread lock is not fair), and
         # hand a thread only as many requests as there are classifiers.
         async with slots:
-            prediction = await run_in_threadpool(pool.classify, data)
-        return JSONResponse(prediction.to_dict())
+            record = await run_in_threadpool(pool.classify, data, explain_grid(request))
+        return JSONResponse(record)
 
     async def static(request: Request) -> Response:
         body, media_type = page[request.url.path]
@@ -237,6 +250,25 @@ def create_app(
             Exception: internal_error,
         },
     )
+
+
+#: ``?explain=1`` asks for an occlusion overlay with this many squares per side; ``&grid=N``
+#: (2 to 16) for another tiling.
+EXPLAIN_GRID = 8
+
+
+def explain_grid(request: Request) -> int:
+    """Squares per side of the explanation asked for (0: none).
+
+    Raises:
+        HTTPException: 422 for a ``grid`` that is not an integer from 2 to 16.
+    """
+    if request.query_params.get("explain") not in ("1", "true"):
+        return 0
+    grid = request.query_params.get("grid", str(EXPLAIN_GRID))
+    if not grid.isdigit() or not 2 <= int(grid) <= 16:
+        raise HTTPException(422, "grid must be an integer from 2 to 16")
+    return int(grid)
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

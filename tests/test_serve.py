@@ -92,6 +92,26 @@ def test_classify_equals_the_library(client: TestClient, classifier: Classifier,
     assert record["model_version"] == expected["model_version"] and record["latency_ms"] > 0
 
 
+def test_classify_with_an_explanation(client: TestClient, classifier: Classifier, depuy: Path) -> None:
+    """``?explain=1``: the same answer plus the occlusion overlay of ``capsedge explain``."""
+    from capsedge.explain import occlusion_map, render_overlay
+
+    files = {"file": ("x.jpg", depuy.read_bytes(), "image/jpeg")}
+    response = client.post("/api/classify?explain=1&grid=2", files=files)
+    assert response.status_code == 200, response.text
+    record = response.json()
+    assert record["label"] == classifier.classify(depuy).label
+    prefix = "data:image/png;base64,"
+    assert record["explanation"].startswith(prefix) and record["explanation_seconds"] > 0
+    overlay = Image.open(io.BytesIO(base64.b64decode(record["explanation"][len(prefix):])))
+    expected = render_overlay(occlusion_map(classifier, depuy, 2))
+    assert overlay.size == expected.size
+    assert np.array_equal(np.asarray(overlay.convert("RGB")), np.asarray(expected))
+    assert "explanation" not in upload(client, depuy.read_bytes()).json()  # only when asked
+    bad = client.post("/api/classify?explain=1&grid=99", files=files)
+    assert bad.status_code == 422 and bad.json() == {"error": "grid must be an integer from 2 to 16"}
+
+
 def test_classify_dicom(client: TestClient, classifier: Classifier, tmp_path: Path) -> None:
     pytest.importorskip("pydicom")
     from test_dicom import write_dicom

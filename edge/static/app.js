@@ -122,7 +122,8 @@ async function classify(file) {
   form.append("file", file);
   let response;
   try {
-    response = await fetch("/api/classify", { method: "POST", body: form, headers: authHeaders() });
+    const url = $("explain").checked ? "/api/classify?explain=1" : "/api/classify";
+    response = await fetch(url, { method: "POST", body: form, headers: authHeaders() });
   } catch (_) {
     showError("cannot reach the capsedge server");
     return;
