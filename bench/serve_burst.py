@@ -124,7 +124,8 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def screenshot(url: str, image: Path, out: Path) -> None:
-    """Load the page in headless Chromium, classify ``image``, save a PNG of the page."""
+    """Load the page in headless Chromium, classify ``image`` with its explanation, save a PNG
+    of the page."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -132,8 +133,9 @@ def screenshot(url: str, image: Path, out: Path) -> None:
         try:
             page = browser.new_page(viewport={"width": 960, "height": 620})
             page.goto(url)
+            page.check("#explain")  # the picture shows the explanation too
             page.set_input_files("#file", str(image))
-            page.wait_for_selector("#result[data-state=done]", timeout=30_000)
+            page.wait_for_selector("#result[data-state=done]", timeout=120_000)
             page.screenshot(path=str(out), full_page=True)
         finally:
             browser.close()
