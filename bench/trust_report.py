@@ -25,7 +25,7 @@ import numpy as np
 
 from capsedge import Classifier
 from capsedge.export.trust_fit import choose_threshold, coverage_table, fit_temperature, out_of_fold
-from capsedge.preprocess import image_files, label_from_name
+from capsedge.folders import image_files, label_from_name
 from capsedge.trust import calibrate, expected_calibration_error, reliability_bins
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

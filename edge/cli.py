@@ -200,7 +200,7 @@ def expand_inputs(paths: tuple[str, ...]) -> list[tuple[str, str | None]]:
     entry is ``(path, None)``, or ``(path, reason)`` for a folder or entry that
     could not be read (it fails alone; the walk goes on).
     """
-    from .preprocess import walk_images
+    from .folders import walk_images
 
     entries: list[tuple[str, str | None]] = []
     for given in paths:

@@ -13,7 +13,8 @@ import numpy as np
 
 from capsedge.backends import is_readable_file
 from capsedge.errors import CapsedgeError, ImageError, ModelError, missing_extra
-from capsedge.preprocess import Preprocessing, image_files, preprocess
+from capsedge.folders import image_files
+from capsedge.preprocess import Preprocessing, preprocess
 
 
 @dataclass(frozen=True)

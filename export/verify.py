@@ -29,8 +29,9 @@ from capsedge.export.graph import (
     op_counts,
 )
 from capsedge.export.report import WARM_UP_RUNS, ArtifactReport, Check, Goals, VerificationReport
+from capsedge.folders import image_files, label_from_name
 from capsedge.metadata import read_metadata
-from capsedge.preprocess import Preprocessing, image_files, label_from_name, preprocess
+from capsedge.preprocess import Preprocessing, preprocess
 
 MIN_TIMED_RUNS = 20
 

@@ -19,8 +19,8 @@ from capsedge.errors import CapsedgeError, ModelError
 from capsedge.export.formats import ExportFormat, check_requirements, parse_formats
 from capsedge.export.quantization import Quantization
 from capsedge.export.run import TrainedRun, calibration_files, calibration_images, load_run
+from capsedge.folders import image_files
 from capsedge.metadata import ModelMetadata
-from capsedge.preprocess import image_files
 from capsedge.trust import Trust
 
 

@@ -39,7 +39,8 @@ print("SERVER", server)
 #: The floors, bottom up: the ground (errors), the runtime, the networks; training and export on top.
 GROUND = {"capsedge", "capsedge.errors"}
 RUNTIME_MODULES = {"capsedge.classifier", "capsedge.backends", "capsedge.preprocess", "capsedge.metadata",
-                   "capsedge.dicom", "capsedge.cli", "capsedge.trust", "capsedge.limits", "capsedge.boundary"}
+                   "capsedge.dicom", "capsedge.cli", "capsedge.trust", "capsedge.limits", "capsedge.boundary",
+                   "capsedge.folders"}
 
 
 def capsedge_modules_after(statement: str) -> set[str]:

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from capsedge.errors import CapsedgeError
-from capsedge.preprocess import IMAGE_SUFFIXES, Preprocessing, is_image_file, label_from_name, preprocess
+from capsedge.folders import IMAGE_SUFFIXES, is_image_file, label_from_name
+from capsedge.preprocess import Preprocessing, preprocess
 
 UCI_SHOULDER_IMPLANTS = (
     "Shoulder Implant X-Ray Manufacturer Classification, UCI Machine Learning Repository, "
