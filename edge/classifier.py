@@ -90,8 +90,10 @@ class Classifier:
                 f"model input shape {tuple(backend.input_shape)} does not match its metadata "
                 f"(expected {expected})"
             )
-        outliers = metadata.trust.outliers if metadata.trust is not None else None
-        features = outliers.feature_dim if outliers is not None else 0
+        trust = metadata.trust
+        self._calibration = trust.calibration if trust is not None else None
+        self._outliers = trust.outliers if trust is not None else None
+        features = self._outliers.feature_dim if self._outliers is not None else 0
         if backend.num_outputs != len(metadata.labels) + features:
             raise ModelError(
                 f"model has {backend.num_outputs} outputs but its metadata names "
@@ -149,16 +151,14 @@ class Classifier:
         return self._calibrated(self.predict_tensor(tensor)[: len(self.labels)])
 
     def _calibrated(self, raw: np.ndarray) -> np.ndarray:
-        calibration = self.metadata.trust.calibration if self.metadata.trust is not None else None
-        if calibration is None:
+        if self._calibration is None:
             return raw
-        return calibrate(raw, calibration.temperature).astype(np.float32)
+        return calibrate(raw, self._calibration.temperature).astype(np.float32)
 
     def _outlier(self, features: np.ndarray) -> tuple[bool | None, str | None]:
-        outliers = self.metadata.trust.outliers if self.metadata.trust is not None else None
-        if outliers is None:
+        if self._outliers is None:
             return None, None
-        ratio = float(outliers.distance(features)) / outliers.threshold
+        ratio = float(self._outliers.distance(features)) / self._outliers.threshold
         if ratio <= 1.0:
             return False, None
         return True, (f"not like the shoulder-implant X-rays the model was trained on "
@@ -182,8 +182,7 @@ class Classifier:
         out_of_distribution, reason = self._outlier(raw[len(self.labels):])
         latency_ms = (time.perf_counter() - start) * 1000.0
         probabilities = {label: float(p) for label, p in zip(self.labels, scores, strict=True)}
-        calibration = self.metadata.trust.calibration if self.metadata.trust is not None else None
-        threshold = calibration.uncertain_below if calibration is not None else None
+        threshold = self._calibration.uncertain_below if self._calibration is not None else None
         return Prediction(
             label=self.labels[int(np.argmax(scores))],
             probabilities=probabilities,

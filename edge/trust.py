@@ -35,7 +35,7 @@ def calibrate(probabilities: np.ndarray, temperature: float) -> np.ndarray:
 
 def expected_calibration_error(probabilities: np.ndarray, targets: np.ndarray, bins: int = 10) -> float:
     """ECE: the bin-weighted gap between confidence and accuracy, equal-width bins over (0, 1]."""
-    confidence, correct = _confidence_and_correct(probabilities, targets)
+    confidence, correct = confidence_and_correct(probabilities, targets)
     edges = np.linspace(0.0, 1.0, bins + 1)
     total = 0.0
     for low, high in zip(edges[:-1], edges[1:], strict=True):
@@ -50,7 +50,7 @@ def reliability_bins(
 ) -> list[dict[str, float | None]]:
     """Per confidence bin: its range, how many answers, their mean confidence and accuracy
     (``None`` for an empty bin)."""
-    confidence, correct = _confidence_and_correct(probabilities, targets)
+    confidence, correct = confidence_and_correct(probabilities, targets)
     edges = np.linspace(0.0, 1.0, bins + 1)
     rows = []
     for low, high in zip(edges[:-1], edges[1:], strict=True):
@@ -63,7 +63,8 @@ def reliability_bins(
     return rows
 
 
-def _confidence_and_correct(probabilities: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def confidence_and_correct(probabilities: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each answer's top probability, and whether its top class is the target."""
     probabilities = np.asarray(probabilities, np.float64)
     return probabilities.max(axis=1), probabilities.argmax(axis=1) == np.asarray(targets)
 

@@ -23,6 +23,7 @@ from capsedge.trust import (
     OutlierModel,
     Trust,
     calibrate,
+    confidence_and_correct,
     expected_calibration_error,
     reliability_bins,
 )
@@ -62,8 +63,7 @@ def choose_threshold(probabilities: np.ndarray, targets: np.ndarray, target_accu
                      min_count: int = MIN_CONFIDENT) -> float:
     """The lowest confidence ``t`` whose answers at or above it are at least ``target_accuracy``
     right (at least ``min_count`` of them); 1.0 (every answer uncertain) when none is."""
-    confidence = np.asarray(probabilities).max(axis=1)
-    correct = np.asarray(probabilities).argmax(axis=1) == np.asarray(targets)
+    confidence, correct = confidence_and_correct(probabilities, targets)
     order = np.argsort(-confidence)
     right = np.cumsum(correct[order])
     count = np.arange(1, len(order) + 1)
@@ -76,8 +76,7 @@ def choose_threshold(probabilities: np.ndarray, targets: np.ndarray, target_accu
 def coverage_table(probabilities: np.ndarray, targets: np.ndarray,
                    thresholds: tuple[float, ...] = TABLE_THRESHOLDS) -> list[dict[str, float]]:
     """For each threshold: the share of answers at or above it, and how often those are right."""
-    confidence = np.asarray(probabilities).max(axis=1)
-    correct = np.asarray(probabilities).argmax(axis=1) == np.asarray(targets)
+    confidence, correct = confidence_and_correct(probabilities, targets)
     rows = []
     for threshold in thresholds:
         kept = confidence >= threshold
