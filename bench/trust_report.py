@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from capsedge import Classifier
-from capsedge.export.trust_fit import choose_threshold, coverage_table, fit_temperature, out_of_fold
+from capsedge.export.trust_fit import choose_threshold, coverage_table, fit_temperature
 from capsedge.folders import image_files, label_from_name
+from capsedge.train.evaluation import out_of_fold
 from capsedge.trust import calibrate, expected_calibration_error, reliability_bins
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -115,28 +115,6 @@ def outlier_false_alarms(features: np.ndarray, folds: int = 5, seed: int = 0) ->
     return flagged / len(features)
 
 
-def out_of_fold(cross_validation: str | Path, images: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(indices, probabilities)`` of every image from a ``--folds K`` folder's held-out folds.
-
-    Raises:
-        CapsedgeError: a fold is missing its held-out predictions, or they do not cover
-            ``images`` images exactly once.
-    """
-    folds = sorted(Path(cross_validation).glob("fold-*"))
-    if not folds:
-        raise CapsedgeError(f"no fold-* folders in {cross_validation}")
-    try:
-        indices = np.concatenate([np.load(f / "holdout_indices.npy") for f in folds])
-        probabilities = np.concatenate([np.load(f / "holdout_probabilities.npy") for f in folds])
-    except (OSError, ValueError) as exc:
-        raise CapsedgeError(f"cannot read the held-out predictions in {cross_validation} "
-                            f"({type(exc).__name__})") from None
-    if sorted(indices.tolist()) != list(range(images)):
-        raise CapsedgeError(f"the folds of {cross_validation} do not cover the {images} training images "
-                            "exactly once: was it trained on other data?")
-    return indices, probabilities
-
-
 def with_features(classifier: Any, stage: int = OUTLIER_STAGE) -> Any:
     """A Keras model ``image -> [probabilities, mean of the trunk's stage-``stage`` map]``,
     concatenated into one vector (the runtime splits it by the metadata's label count)."""
@@ -172,6 +150,7 @@ def fit_trust(classifier: Any, labels: tuple[str, ...], cross_validation: str | 
         CapsedgeError: the data's classes differ from the model's, or the folds do not match it.
     """
     from capsedge.train.data import load_images, read_dataset
+    from capsedge.train.evaluation import out_of_fold
 
     dataset = read_dataset(train_data)
     if tuple(dataset.classes) != tuple(labels):

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from capsedge.errors import CapsedgeError
+
 from .figures import TRAIN_COLOUR, save_confusion_png, save_per_class_png, save_reliability_png
 from .metrics import classification_report
 
@@ -57,3 +59,25 @@ def _number_or_nan(text: str | None) -> float:
         return float(text)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return float("nan")
+
+
+def out_of_fold(cross_validation: str | Path, images: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices, probabilities)`` of every image from a ``--folds K`` folder's held-out folds.
+
+    Raises:
+        CapsedgeError: a fold is missing its held-out predictions, or they do not cover
+            ``images`` images exactly once.
+    """
+    folds = sorted(Path(cross_validation).glob("fold-*"))
+    if not folds:
+        raise CapsedgeError(f"no fold-* folders in {cross_validation}")
+    try:
+        indices = np.concatenate([np.load(f / "holdout_indices.npy") for f in folds])
+        probabilities = np.concatenate([np.load(f / "holdout_probabilities.npy") for f in folds])
+    except (OSError, ValueError) as exc:
+        raise CapsedgeError(f"cannot read the held-out predictions in {cross_validation} "
+                            f"({type(exc).__name__})") from None
+    if sorted(indices.tolist()) != list(range(images)):
+        raise CapsedgeError(f"the folds of {cross_validation} do not cover the {images} training images "
+                            "exactly once: was it trained on other data?")
+    return indices, probabilities

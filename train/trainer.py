@@ -23,7 +23,13 @@ from capsedge.preprocess import Preprocessing
 from .augment import get_augmentation
 from .config import TrainConfig
 from .data import Dataset, DatasetError, load_images, read_dataset
-from .evaluation import predict_flip_average, predict_probabilities, read_history, save_evaluation_pngs
+from .evaluation import (
+    out_of_fold,
+    predict_flip_average,
+    predict_probabilities,
+    read_history,
+    save_evaluation_pngs,
+)
 from .figures import save_learning_curves_png
 from .metrics import classification_report, stratified_folds, stratified_split
 
@@ -391,11 +397,8 @@ def cross_validate(
             "macro_f1_std": float(flip_f1.std(ddof=1)) if folds > 1 else 0.0,
         }
     _write_json(run_dir / "cv_summary.json", summary)
-    oof = np.zeros((len(targets), len(dataset.classes)))
-    for fold in range(folds):
-        fold_dir = run_dir / f"fold-{fold}"
-        oof[np.load(fold_dir / "holdout_indices.npy")] = np.load(fold_dir / "holdout_probabilities.npy")
-    save_evaluation_pngs(oof, targets, dataset.classes, run_dir)
+    indices, probabilities = out_of_fold(run_dir, len(targets))
+    save_evaluation_pngs(probabilities, targets[indices], dataset.classes, run_dir)
     final_dir = run_dir / "final"
     finished = (final_dir / "metrics.json").is_file() and not (final_dir / "backup").is_dir()
     if final and not (resume and finished):
