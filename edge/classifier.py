@@ -15,6 +15,7 @@ from .errors import ModelError, UsageError
 from .metadata import ModelMetadata, read_metadata
 from .preprocess import ImageSource, preprocess
 from .trust import calibrate
+from .views import VIEW_COUNTS, orientations
 
 DEFAULT_MODEL_NAME = "default.tflite"
 MAX_THREADS = 64
@@ -139,16 +140,34 @@ class Classifier:
         """Class names in output order."""
         return self.metadata.labels
 
+    @property
+    def test_time_views(self) -> int:
+        """How many orientations of each image are run and averaged (the model's metadata)."""
+        return self.metadata.test_time_views
+
     def predict_tensor(self, tensor: np.ndarray) -> np.ndarray:
-        """The model's raw output for one preprocessed ``(H, W, C)`` tensor: its class
-        probabilities, then (for a model with outlier statistics) its feature vector."""
+        """The model's raw output for one preprocessed ``(H, W, C)`` tensor, one view only: its
+        class probabilities, then (for a model with outlier statistics) its feature vector."""
         batch = np.ascontiguousarray(tensor[np.newaxis], dtype=np.float32)
         with self._lock:
             return self.backend.run(batch)
 
-    def probabilities(self, tensor: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities for one preprocessed tensor."""
-        return self._calibrated(self.predict_tensor(tensor)[: len(self.labels)])
+    def predict_views(self, tensor: np.ndarray, views: int | None = None) -> np.ndarray:
+        """The raw output with its class probabilities averaged over ``views`` orientations
+        (default: the model's :attr:`test_time_views`); the features are the image's own."""
+        count = self.test_time_views if views is None else views
+        if type(count) is not int or count not in VIEW_COUNTS:
+            raise UsageError(f"views must be one of {VIEW_COUNTS}, got {count!r}")
+        outputs = [self.predict_tensor(view) for view in orientations(tensor, count)]
+        raw = outputs[0].copy()
+        classes = len(self.labels)
+        raw[:classes] = np.mean([output[:classes] for output in outputs], axis=0)
+        return raw
+
+    def probabilities(self, tensor: np.ndarray, views: int | None = None) -> np.ndarray:
+        """Calibrated class probabilities for one preprocessed tensor, averaged over ``views``
+        orientations (default: the model's; the calibration was fitted for that many)."""
+        return self._calibrated(self.predict_views(tensor, views)[: len(self.labels)])
 
     def _calibrated(self, raw: np.ndarray) -> np.ndarray:
         if self._calibration is None:
@@ -175,7 +194,7 @@ class Classifier:
         """
         start = time.perf_counter()
         tensor = preprocess(image, self.metadata.preprocessing)
-        raw = self.predict_tensor(tensor)
+        raw = self.predict_views(tensor)
         if not np.isfinite(raw).all():  # never NaN in a result (nor invalid JSON downstream)
             raise ModelError("the model returned non-finite outputs for this image")
         scores = self._calibrated(raw[: len(self.labels)])

@@ -3,7 +3,10 @@
 Each square of a ``grid`` x ``grid`` tiling of the image is blacked out in turn (black is
 what an X-ray shows where there is nothing) and the model run again; the square's heat is
 how much the calibrated probability of the predicted label falls. Works on every backend
-(it only runs the model), without TensorFlow: ``grid**2 + 1`` inferences.
+(it only runs the model), without TensorFlow. The label and its confidence are the ones
+``classify`` gives (averaged over the model's test-time views); the occlusions are run on
+the image as given, one view each: ``grid**2 + 1`` inferences for a one-view model,
+``grid**2 + views + 1`` otherwise.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from .classifier import Classifier
 from .errors import UsageError
 from .preprocess import ImageSource, content_box, load_grey, to_model_input
 
-#: Default tiling: 8 x 8 squares of the image (65 inferences).
+#: Default tiling: 8 x 8 squares of the image (65 inferences, plus the test-time views).
 DEFAULT_GRID = 8
 #: The overlay's longer image side, in pixels.
 OVERLAY_SIDE = 512
@@ -35,8 +38,9 @@ class Explanation:
     Attributes:
         label: the predicted label.
         confidence: its calibrated probability on the whole image.
-        heat: ``(grid, grid)`` fall of that probability when each square is hidden (negative:
-            hiding it raised the probability), rows top to bottom over the image itself.
+        heat: ``(grid, grid)`` fall of that label's probability (one view) when each square is
+            hidden (negative: hiding it raised the probability), rows top to bottom over the
+            image itself.
         grey: the image as read (greyscale), for drawing.
         seconds: time taken.
         inferences: model runs made.
@@ -80,22 +84,25 @@ def occlusion_map(classifier: Classifier, image: ImageSource, grid: int = DEFAUL
     grey = load_grey(image, config.input_size)
     tensor = to_model_input(grey, config)
     top, left, height, width = content_box(grey.size, config.input_size)
-    base = classifier.probabilities(tensor)
-    target = int(np.argmax(base))
+    views = classifier.test_time_views
+    answer = classifier.probabilities(tensor)
+    target = int(np.argmax(answer))
+    base = answer if views == 1 else classifier.probabilities(tensor, views=1)
+    first = views + (views > 1)  # inferences before the occlusions
     rows = np.linspace(top, top + height, grid + 1).round().astype(int)
     cols = np.linspace(left, left + width, grid + 1).round().astype(int)
     heat = np.zeros((grid, grid), np.float32)
-    total = grid * grid + 1
+    total = first + grid * grid
     if progress is not None:
-        progress(1, total)
+        progress(first, total)
     for i in range(grid):
         for j in range(grid):
             hidden = tensor.copy()
             hidden[rows[i]:rows[i + 1], cols[j]:cols[j + 1]] = 0.0
-            heat[i, j] = base[target] - classifier.probabilities(hidden)[target]
+            heat[i, j] = base[target] - classifier.probabilities(hidden, views=1)[target]
             if progress is not None:
-                progress(2 + i * grid + j, total)
-    return Explanation(classifier.labels[target], float(base[target]), heat, grey,
+                progress(first + 1 + i * grid + j, total)
+    return Explanation(classifier.labels[target], float(answer[target]), heat, grey,
                        time.perf_counter() - start, total)
 
 

@@ -29,6 +29,7 @@ from .limits import (
 )
 from .preprocess import Preprocessing
 from .trust import Trust
+from .views import VIEW_COUNTS
 
 FORMAT = "capsedge-model"
 FORMAT_VERSION = 1
@@ -49,6 +50,9 @@ class ModelMetadata:
             recipe, metrics, quantization, exporter versions.
         trust: calibration and out-of-distribution statistics (see :mod:`capsedge.trust`);
             ``None`` for a model exported without them.
+        test_time_views: how many orientations of an image the runtime averages the
+            probabilities over (1, 4 or 8; see :mod:`capsedge.views`); the calibration in
+            ``trust`` was fitted for that average.
     """
 
     name: str
@@ -57,6 +61,7 @@ class ModelMetadata:
     preprocessing: Preprocessing
     provenance: dict[str, Any] = field(default_factory=dict)
     trust: Trust | None = None
+    test_time_views: int = 1
 
     def __post_init__(self) -> None:
         _check_text("name", self.name, MAX_NAME_LENGTH)
@@ -71,6 +76,9 @@ class ModelMetadata:
             raise ValueError("preprocessing must be a Preprocessing")
         if not isinstance(self.provenance, dict):
             raise ValueError(f"provenance must be an object, got {preview(self.provenance)}")
+        if type(self.test_time_views) is not int or self.test_time_views not in VIEW_COUNTS:
+            views = preview(self.test_time_views)
+            raise ValueError(f"test_time_views must be one of {VIEW_COUNTS}, got {views}")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form."""
@@ -79,6 +87,7 @@ class ModelMetadata:
             "version": self.version,
             "labels": list(self.labels),
             "preprocessing": self.preprocessing.to_dict(),
+            "test_time_views": self.test_time_views,
             "provenance": self.provenance,
         }
         if self.trust is not None:
@@ -117,6 +126,7 @@ class ModelMetadata:
                 preprocessing=Preprocessing.from_dict(data["preprocessing"]),
                 provenance=data.get("provenance", {}),
                 trust=Trust.from_dict(data["trust"]) if "trust" in data else None,
+                test_time_views=data.get("test_time_views", 1),
             )
         except KeyError as exc:
             raise ModelError(f"invalid model metadata: {exc.args[0]!r} is missing") from None

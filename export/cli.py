@@ -35,25 +35,33 @@ def _cli() -> Any:
     @click.option("--train-data", "train_data", type=click.Path(path_type=Path), default=None,
                   help="The images the run was trained on: with --cross-validation, the files get "
                        "calibrated confidence, an 'uncertain' threshold and outlier statistics.")
+    @click.option("--test-time-views", "test_time_views", type=click.Choice(["1", "4", "8"]), default="1",
+                  show_default=True,
+                  help="Orientations of each image the runtime averages (4: the flips, 8: flips and "
+                       "transposes); with --train-data the calibration is fitted for that average.")
     @click.option("--no-verify", is_flag=True, help="Write the files only; no report.")
     @click.option("--verbose", is_flag=True, help="Show TensorFlow's own start-up and log lines.")
     @click.option("--allow-fail", is_flag=True,
                   help="Exit 0 even when a verification check fails (the report still says which).")
     def command(model: Path, out_dir: Path, formats: str, calib: Path | None, calib_limit: int,
                 eval_dir: Path | None, eval_limit: int | None, version: str | None, cv_dir: Path | None,
-                train_data: Path | None, no_verify: bool, allow_fail: bool, verbose: bool) -> None:
+                train_data: Path | None, test_time_views: str, no_verify: bool, allow_fail: bool,
+                verbose: bool) -> None:
         """Export a trained model to TFLite / ONNX / Edge TPU files and verify them."""
         names = [f.strip() for f in formats.split(",") if f.strip()]
         with error_boundary(extra="export"):
             check_arguments(names, calib, model)
             import_tensorflow_quietly(verbose)
             if no_verify:
-                written, report = export(model, out_dir, names, calib, version, cv_dir, train_data), None
+                written = export(model, out_dir, names, calib, version, cv_dir, train_data,
+                                 int(test_time_views))
+                report = None
             else:
                 written, report = export_and_verify(model, out_dir, names, calib, eval_dir,
                                                     eval_limit=eval_limit, calibration_limit=calib_limit,
                                                     version=version, cross_validation=cv_dir,
-                                                    train_data=train_data)
+                                                    train_data=train_data,
+                                                    test_time_views=int(test_time_views))
         for name, path in written.items():
             click.echo(f"{name}: {path} ({path.stat().st_size / 1024:.1f} KiB)")
         if report is None:

@@ -141,8 +141,9 @@ class TrustFit:
 
 
 def fit_trust(classifier: Any, labels: tuple[str, ...], cross_validation: str | Path,
-              train_data: str | Path, preprocessing: Any) -> TrustFit:
-    """Fit calibration (from ``cross_validation``'s out-of-fold predictions) and outlier
+              train_data: str | Path, preprocessing: Any, test_time_views: int = 1) -> TrustFit:
+    """Fit calibration (from ``cross_validation``'s out-of-fold predictions, averaged over
+    ``test_time_views`` views as the runtime will) and outlier
     statistics (from the features of ``train_data``'s images under ``classifier``; none for a
     model without an EfficientNet-Lite0 trunk).
 
@@ -156,7 +157,7 @@ def fit_trust(classifier: Any, labels: tuple[str, ...], cross_validation: str | 
     if tuple(dataset.classes) != tuple(labels):
         raise CapsedgeError(f"{train_data} has classes {list(dataset.classes)}, the model {list(labels)}")
     targets = np.array([dataset.classes.index(label) for label in dataset.labels])
-    indices, raw = out_of_fold(cross_validation, len(targets))
+    indices, raw = out_of_fold(cross_validation, len(targets), test_time_views)
     targets_oof = targets[indices]
     temperature = fit_temperature(raw, targets_oof)
     calibrated = calibrate(raw, temperature)
@@ -173,7 +174,8 @@ def fit_trust(classifier: Any, labels: tuple[str, ...], cross_validation: str | 
         outliers = fit_outliers(features)
     report = {
         "out_of_fold_images": int(len(targets_oof)),
-        "accuracy": float((raw.argmax(1) == targets_oof).mean()),
+        "test_time_views": test_time_views,
+        "out_of_fold_accuracy": float((raw.argmax(1) == targets_oof).mean()),
         "temperature": temperature,
         "ece_before": expected_calibration_error(raw, targets_oof),
         "ece_after": expected_calibration_error(calibrated, targets_oof),
@@ -192,7 +194,7 @@ def fit_trust(classifier: Any, labels: tuple[str, ...], cross_validation: str | 
             "feature_images": int(len(features)),
         }
     provenance = {k: v for k, v in report.items() if k not in ("coverage", "reliability_before",
-                                                               "reliability_after", "accuracy")}
+                                                               "reliability_after")}
     provenance["coverage"] = report["coverage"]
     trust = Trust(Calibration(temperature, threshold), outliers, provenance)
     return TrustFit(trust, report, calibrated, raw, targets_oof)

@@ -32,12 +32,14 @@ def export_run(
     version: str | None = None,
     calibration_limit: int = 200,
     trust: Trust | None = None,
+    test_time_views: int = 1,
 ) -> dict[str, Path]:
     """Write each format of a loaded run into ``out_dir``.
 
     With ``trust`` (see :func:`capsedge.export.trust_fit.fit_trust`), float and dynamic-range
     files also output the outlier features and carry the whole section; int8 files carry the
-    calibration only.
+    calibration only. ``test_time_views`` (1, 4 or 8) is recorded for the runtime, which
+    averages that many orientations of each image (the calibration must be fitted for it).
 
     Returns:
         Format name to the file written.
@@ -48,6 +50,7 @@ def export_run(
         labels=run.labels,
         preprocessing=run.preprocessing,
         provenance=run.provenance,
+        test_time_views=test_time_views,
     )
     with_features = None
     if trust is not None and trust.outliers is not None:
@@ -108,11 +111,13 @@ def export(
     version: str | None = None,
     cross_validation: str | Path | None = None,
     train_data: str | Path | None = None,
+    test_time_views: int = 1,
 ) -> dict[str, Path]:
     """Export a trained run (folder or ``classifier.keras``) to each of ``formats`` in ``out_dir``.
 
     ``cross_validation``: see :func:`load_run`; with ``train_data`` (the run's training
-    images) too, the files carry calibration and outlier statistics (:func:`fit_run_trust`).
+    images) too, the files carry calibration and outlier statistics (:func:`fit_run_trust`),
+    fitted for the ``test_time_views`` the runtime will average (see :func:`export_run`).
 
     Returns:
         Format name to the file written.
@@ -123,14 +128,16 @@ def export(
     """
     chosen = check_arguments(formats, calibration, model)
     run = load_run(model, cross_validation)
-    trust = fit_run_trust(run, cross_validation, train_data, out_dir)
-    return export_run(run, out_dir, chosen, calibration, version, trust=trust)
+    trust = fit_run_trust(run, cross_validation, train_data, out_dir, test_time_views)
+    return export_run(run, out_dir, chosen, calibration, version, trust=trust,
+                      test_time_views=test_time_views)
 
 
 def fit_run_trust(run: TrainedRun, cross_validation: str | Path | None, train_data: str | Path | None,
-                  out_dir: str | Path) -> Trust | None:
+                  out_dir: str | Path, test_time_views: int = 1) -> Trust | None:
     """The ``trust`` section when ``train_data`` is given (its figures also go to
-    ``out_dir/trust.json``); ``None`` without it.
+    ``out_dir/trust.json``), calibrated for the average of ``test_time_views``; ``None``
+    without it.
 
     Raises:
         CapsedgeError: ``train_data`` without ``cross_validation``.
@@ -142,7 +149,8 @@ def fit_run_trust(run: TrainedRun, cross_validation: str | Path | None, train_da
                             "its out-of-fold predictions")
     from capsedge.export.trust_fit import fit_trust
 
-    fitted = fit_trust(run.classifier, run.labels, cross_validation, train_data, run.preprocessing)
+    fitted = fit_trust(run.classifier, run.labels, cross_validation, train_data, run.preprocessing,
+                       test_time_views)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "trust.json").write_text(json.dumps(fitted.report, indent=2) + "\n", encoding="utf-8")
     return fitted.trust
@@ -160,10 +168,12 @@ def export_and_verify(
     version: str | None = None,
     cross_validation: str | Path | None = None,
     train_data: str | Path | None = None,
+    test_time_views: int = 1,
 ) -> tuple[dict[str, Path], Any]:
     """Export, then verify every file on ``evaluation`` (default: the calibration folder).
 
-    ``cross_validation``, ``train_data``: see :func:`export`.
+    ``cross_validation``, ``train_data``, ``test_time_views``: see :func:`export`. The checks
+    compare each file's single-view outputs with the Keras model's.
 
     Returns:
         The files written, and the :class:`~capsedge.export.report.VerificationReport`
@@ -180,8 +190,9 @@ def export_and_verify(
         raise CapsedgeError(f"no evaluation images found in {evaluation}")
     run = load_run(model, cross_validation)
     eval_set = verify.load_evaluation_set(evaluation, run.preprocessing, run.labels, eval_limit)
-    trust = fit_run_trust(run, cross_validation, train_data, out_dir)
-    written = export_run(run, out_dir, chosen, calibration, version, calibration_limit, trust=trust)
+    trust = fit_run_trust(run, cross_validation, train_data, out_dir, test_time_views)
+    written = export_run(run, out_dir, chosen, calibration, version, calibration_limit, trust=trust,
+                         test_time_views=test_time_views)
     report = verify.verify_exports(run.classifier, written, eval_set, name=run.name, labels=run.labels)
     write_report(report, out_dir)
     return written, report

@@ -197,7 +197,12 @@ def test_cross_validation_above_a_frozen_trunk_computes_its_maps_once(
     config = TrainConfig(model=TINY_LINEAR.name, epochs=2, batch_size=4, freeze_stages=6, augment="dihedral")
     summary = cross_validate(tiny_data, tmp_path / "cv", config, folds=2, progress=False, final=True)
     assert len(calls) == 1
-    assert sum(map(sum, summary["pooled"]["confusion_matrix"])) == 12 and "flips" in summary
+    assert sum(map(sum, summary["pooled"]["confusion_matrix"])) == 12
+    assert {"flips", "dihedral"} <= summary.keys()
+    views = np.load(tmp_path / "cv" / "fold-0" / "holdout_probabilities_views.npy")
+    assert views.shape == (6, 8, 2)
+    np.testing.assert_allclose(views[:, 0], np.load(tmp_path / "cv" / "fold-0" / "holdout_probabilities.npy"),
+                               atol=1e-5)
     final = json.loads((tmp_path / "cv" / "final" / "metrics.json").read_text())
     assert final["train_images"] == 12 and "holdout" not in final
     assert (tmp_path / "cv" / "final" / "classifier.keras").is_file()
@@ -205,16 +210,25 @@ def test_cross_validation_above_a_frozen_trunk_computes_its_maps_once(
 
 
 def check_export_with_trust(cv: Path, data: Path, out: Path) -> None:
-    """Exported with --train-data: calibration from the folds, the stage-5 features after the
-    probabilities, and the runtime applies both."""
+    """Exported with --train-data and four test-time views: calibration from the folds' four-view
+    averages, the stage-5 features after the probabilities, and the runtime applies all three."""
     from capsedge import Classifier
     from capsedge.export.writer import export
+    from capsedge.preprocess import preprocess
+    from capsedge.trust import calibrate
+    from capsedge.views import orientations
 
-    written = export(cv / "final", out, ["tflite-f32"], cross_validation=cv, train_data=data)
+    written = export(cv / "final", out, ["tflite-f32"], cross_validation=cv, train_data=data,
+                     test_time_views=4)
     classifier = Classifier.load(written["tflite-f32"])
     trust = classifier.metadata.trust
     assert classifier.backend.num_outputs == 2 + 112 and trust.outliers.feature_dim == 112
     assert trust.provenance["out_of_fold_images"] == 12
+    assert classifier.test_time_views == 4 and trust.provenance["test_time_views"] == 4
+    tensor = preprocess(data / "Depuy.0.png", classifier.metadata.preprocessing)
+    raw = np.mean([classifier.backend.run(v[np.newaxis])[:2] for v in orientations(tensor, 4)], axis=0)
+    expected = calibrate(raw, trust.calibration.temperature)
+    assert list(classifier.classify(data / "Depuy.0.png").probabilities.values()) == pytest.approx(expected)
     assert json.loads((out / "trust.json").read_text())["feature_images"] == 12
     prediction = classifier.classify(data / "Depuy.0.png")
     assert prediction.threshold == trust.calibration.uncertain_below

@@ -1,5 +1,5 @@
-"""What a run measures and draws on held-out images: predictions (plain and four-flip
-averaged), the confusion/per-class/reliability pictures, and the learning curves' history."""
+"""What a run measures and draws on held-out images: predictions (one view and every
+test-time view), the confusion/per-class/reliability pictures, and the learning curves' history."""
 
 from __future__ import annotations
 
@@ -10,9 +10,13 @@ from typing import Any
 import numpy as np
 
 from capsedge.errors import CapsedgeError
+from capsedge.views import orientations
 
 from .figures import TRAIN_COLOUR, save_confusion_png, save_per_class_png, save_reliability_png
 from .metrics import classification_report
+
+#: A fold's held-out probabilities in every test-time view, ``(images, 8, classes)``.
+VIEWS_FILE = "holdout_probabilities_views.npy"
 
 
 def predict_probabilities(classifier: Any, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -20,11 +24,18 @@ def predict_probabilities(classifier: Any, images: np.ndarray, batch_size: int =
     return np.asarray(classifier.predict(images, batch_size=batch_size, verbose=0))
 
 
-def predict_flip_average(classifier: Any, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Test-time augmentation: the probabilities averaged over the four flips of each image."""
-    views = (images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1])
-    return np.mean([predict_probabilities(classifier, np.ascontiguousarray(v), batch_size) for v in views],
-                   axis=0)
+def predict_views(classifier: Any, images: np.ndarray, count: int = 8, batch_size: int = 32) -> np.ndarray:
+    """``(N, count, classes)`` probabilities of each image in its first ``count`` test-time views
+    (:func:`capsedge.views.orientations`; all eight by default)."""
+    return np.stack([predict_probabilities(classifier, view, batch_size)
+                     for view in orientations(images, count)], axis=1)
+
+
+def average_views(views: np.ndarray, count: int) -> np.ndarray:
+    """What a runtime averaging the first ``count`` views answers: their mean probabilities."""
+    if views.ndim != 3 or not 1 <= count <= views.shape[1]:
+        raise ValueError(f"cannot average {count} views of predictions shaped {views.shape}")
+    return views[:, :count].mean(axis=1)
 
 
 def save_evaluation_pngs(probabilities: np.ndarray, targets: np.ndarray, classes: tuple[str, ...],
@@ -61,19 +72,27 @@ def _number_or_nan(text: str | None) -> float:
         return float("nan")
 
 
-def out_of_fold(cross_validation: str | Path, images: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(indices, probabilities)`` of every image from a ``--folds K`` folder's held-out folds.
+def out_of_fold(cross_validation: str | Path, images: int, views: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices, probabilities)`` of every image from a ``--folds K`` folder's held-out folds,
+    averaged over ``views`` test-time views (``holdout_probabilities_views.npy``) when more than one.
 
     Raises:
-        CapsedgeError: a fold is missing its held-out predictions, or they do not cover
-            ``images`` images exactly once.
+        CapsedgeError: a fold is missing its held-out predictions (or those views), or they do
+            not cover ``images`` images exactly once.
     """
     folds = sorted(Path(cross_validation).glob("fold-*"))
     if not folds:
         raise CapsedgeError(f"no fold-* folders in {cross_validation}")
+    missing = [f.name for f in folds if views > 1 and not (f / VIEWS_FILE).is_file()]
+    if missing:
+        raise CapsedgeError(f"{cross_validation}/{missing[0]} has no {VIEWS_FILE} for {views} test-time "
+                            "views (runs of capsedge before 0.4 did not write it: python "
+                            "bench/test_time_views.py --cv DIR adds it)")
     try:
         indices = np.concatenate([np.load(f / "holdout_indices.npy") for f in folds])
-        probabilities = np.concatenate([np.load(f / "holdout_probabilities.npy") for f in folds])
+        probabilities = np.concatenate([
+            np.load(f / "holdout_probabilities.npy") if views == 1
+            else average_views(np.load(f / VIEWS_FILE), views) for f in folds])
     except (OSError, ValueError) as exc:
         raise CapsedgeError(f"cannot read the held-out predictions in {cross_validation} "
                             f"({type(exc).__name__})") from None

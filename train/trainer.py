@@ -24,14 +24,19 @@ from .augment import get_augmentation
 from .config import TrainConfig
 from .data import Dataset, DatasetError, load_images, read_dataset
 from .evaluation import (
+    VIEWS_FILE,
+    average_views,
     out_of_fold,
-    predict_flip_average,
     predict_probabilities,
+    predict_views,
     read_history,
     save_evaluation_pngs,
 )
 from .figures import save_learning_curves_png
 from .metrics import classification_report, stratified_folds, stratified_split
+
+#: The test-time averages a cross-validation reports beside one view: name -> views.
+TEST_TIME_VIEWS = {"flips": 4, "dihedral": 8}
 
 
 @dataclass(frozen=True)
@@ -287,11 +292,12 @@ def train(
         probabilities = predict_probabilities(built.classifier, images[held_idx])
         predicted = probabilities.argmax(1)
         metrics["holdout"] = classification_report(targets[held_idx], predicted, dataset.classes)
-        flipped = predict_flip_average(built.classifier, images[held_idx])
-        metrics["holdout_flips"] = classification_report(targets[held_idx], flipped.argmax(1),
-                                                         dataset.classes)
+        views = predict_views(built.classifier, images[held_idx])
+        for name, count in TEST_TIME_VIEWS.items():
+            answers = average_views(views, count).argmax(1)
+            metrics[f"holdout_{name}"] = classification_report(targets[held_idx], answers, dataset.classes)
         np.save(run_dir / "holdout_probabilities.npy", probabilities)
-        np.save(run_dir / "holdout_probabilities_flips.npy", flipped)
+        np.save(run_dir / VIEWS_FILE, views)
         np.save(run_dir / "holdout_indices.npy", np.asarray(held_idx))
         save_evaluation_pngs(probabilities, targets[held_idx], dataset.classes, run_dir)
     save_learning_curves_png(read_history(run_dir / "history.csv"), run_dir / "learning_curves.png")
@@ -370,9 +376,12 @@ def cross_validate(
         pooled_pred.append(probabilities.argmax(1))
         fold_metrics = json.loads((fold_dir / "metrics.json").read_text())
         report = fold_metrics["holdout"]
-        flips = fold_metrics.get("holdout_flips", {})
-        per_fold.append({"fold": k, "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
-                         "accuracy_flips": flips.get("accuracy"), "macro_f1_flips": flips.get("macro_f1")})
+        row = {"fold": k, "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
+        for name in TEST_TIME_VIEWS:
+            averaged = fold_metrics.get(f"holdout_{name}", {})
+            row |= {f"accuracy_{name}": averaged.get("accuracy"),
+                    f"macro_f1_{name}": averaged.get("macro_f1")}
+        per_fold.append(row)
     accuracy = np.array([f["accuracy"] for f in per_fold])
     macro_f1 = np.array([f["macro_f1"] for f in per_fold])
     pooled = classification_report(np.concatenate(pooled_true), np.concatenate(pooled_pred), dataset.classes)
@@ -386,16 +395,17 @@ def cross_validate(
         "pooled": pooled,
         "train": asdict(config),
     }
-    if all(f["accuracy_flips"] is not None for f in per_fold):
-        # Test-time flips (predict_flip_average): what a runtime averaging four views would score.
-        flip_accuracy = np.array([f["accuracy_flips"] for f in per_fold])
-        flip_f1 = np.array([f["macro_f1_flips"] for f in per_fold])
-        summary["flips"] = {
-            "accuracy_mean": float(flip_accuracy.mean()),
-            "accuracy_std": float(flip_accuracy.std(ddof=1)) if folds > 1 else 0.0,
-            "macro_f1_mean": float(flip_f1.mean()),
-            "macro_f1_std": float(flip_f1.std(ddof=1)) if folds > 1 else 0.0,
-        }
+    for name in TEST_TIME_VIEWS:
+        # What a runtime averaging 4 (flips) or 8 (dihedral) test-time views would score.
+        if all(f[f"accuracy_{name}"] is not None for f in per_fold):
+            averaged_accuracy = np.array([f[f"accuracy_{name}"] for f in per_fold])
+            averaged_f1 = np.array([f[f"macro_f1_{name}"] for f in per_fold])
+            summary[name] = {
+                "accuracy_mean": float(averaged_accuracy.mean()),
+                "accuracy_std": float(averaged_accuracy.std(ddof=1)) if folds > 1 else 0.0,
+                "macro_f1_mean": float(averaged_f1.mean()),
+                "macro_f1_std": float(averaged_f1.std(ddof=1)) if folds > 1 else 0.0,
+            }
     _write_json(run_dir / "cv_summary.json", summary)
     indices, probabilities = out_of_fold(run_dir, len(targets))
     save_evaluation_pngs(probabilities, targets[indices], dataset.classes, run_dir)

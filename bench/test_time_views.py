@@ -1,0 +1,105 @@
+"""What averaging over several views at test time adds, measured on a cross-validation's folds.
+
+Each fold's classifier scores its held-out images in all eight orientations (the four
+flips and their quarter turns: the dihedral views it was trained on). The script prints
+the pooled and per-fold accuracy and macro-F1 of one view, of the four flips' average
+and of all eight, averaging probabilities (arithmetic) or log-probabilities (geometric),
+and saves each fold's ``holdout_probabilities_views.npy`` (images x 8 views x classes)
+beside its other out-of-fold files.
+
+Usage:
+    python bench/test_time_views.py --cv runs/cv512f5 [--data DIR] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "shoulder-implants"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cv", type=Path, required=True, help="a capsedge train --folds K folder")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    from capsedge.export.run import load_run
+    from capsedge.preprocess import preprocess
+    from capsedge.train.data import read_dataset
+    from capsedge.train.evaluation import VIEWS_FILE, predict_views
+    dataset = read_dataset(args.data)
+    targets = np.asarray(dataset.targets)
+    folds = sorted(p for p in args.cv.glob("fold-*") if p.is_dir())
+    pooled_views, pooled_targets, per_fold = [], [], []
+    for fold in folds:
+        saved = fold / VIEWS_FILE
+        held = np.load(fold / "holdout_indices.npy")
+        if saved.is_file():
+            views = np.load(saved)
+        else:
+            trained = load_run(fold)
+            images = np.stack([preprocess(dataset.paths[i], trained.preprocessing) for i in held])
+            views = predict_views(trained.classifier, images)
+            np.save(saved, views)
+        identity = np.load(fold / "holdout_probabilities.npy")
+        if not np.allclose(views[:, 0], identity, atol=1e-4):
+            raise SystemExit(f"{fold}: view 0 does not reproduce holdout_probabilities.npy")
+        pooled_views.append(views)
+        pooled_targets.append(targets[held])
+        per_fold.append(_scores(views, targets[held], dataset.classes))
+        accuracies = {name: round(row["accuracy"], 4) for name, row in per_fold[-1].items()}
+        print(fold.name, json.dumps(accuracies), flush=True)
+
+    views = np.concatenate(pooled_views)
+    truth = np.concatenate(pooled_targets)
+    result = {
+        "folds": len(folds),
+        "images": len(truth),
+        "pooled": _scores(views, truth, dataset.classes),
+        "mean_over_folds": {
+            name: {
+                "accuracy": float(np.mean([f[name]["accuracy"] for f in per_fold])),
+                "accuracy_std": float(np.std([f[name]["accuracy"] for f in per_fold], ddof=1)),
+                "macro_f1": float(np.mean([f[name]["macro_f1"] for f in per_fold])),
+            }
+            for name in per_fold[0]
+        },
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n", encoding="utf-8")
+
+
+def _scores(views: np.ndarray, truth: np.ndarray, classes: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    from capsedge.train.metrics import classification_report
+
+    rows = {}
+    choices = (("1 view", 1, False), ("4 flips", 4, False), ("4 flips, geometric", 4, True),
+               ("8 views", 8, False), ("8 views, geometric", 8, True))
+    for name, count, geometric in choices:
+        report = classification_report(truth, _averaged(views, count, geometric).argmax(1), classes)
+        rows[name] = {"accuracy": float(report["accuracy"]), "macro_f1": float(report["macro_f1"])}
+    return rows
+
+
+def _averaged(views: np.ndarray, count: int, geometric: bool) -> np.ndarray:
+    """The runtime's arithmetic mean of the first ``count`` views, or their geometric mean."""
+    from capsedge.train.evaluation import average_views
+
+    if not geometric:
+        return average_views(views, count)
+    logs = np.log(np.clip(views[:, :count], 1e-7, 1.0)).mean(axis=1)
+    weights = np.exp(logs - logs.max(axis=1, keepdims=True))
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+if __name__ == "__main__":
+    main()
