@@ -3,7 +3,8 @@
     python bench/trust_report.py --cv runs/cv512f5 [--model M] [--png docs/reliability.png]
 
 1. Calibration, from the out-of-fold predictions of the cross-validation the model's
-   temperature was fitted on: ECE before and after, the coverage/accuracy table, and a
+   temperature was fitted on (averaged over the model's test-time views, as the runtime
+   averages them): ECE before and after, the coverage/accuracy table, and a
    cross-validated check of the whole rule (temperature and threshold fitted on four folds'
    predictions, scored on the fifth). Writes the reliability diagram.
 2. Out of distribution: the share of non-implant images the model flags (photographs and
@@ -119,10 +120,11 @@ def main() -> None:
     files = sorted(image_files(DATA / "shoulder-implants"))
     labels = classifier.labels
     targets = np.array([labels.index(label_from_name(f)) for f in files])
-    indices, raw = out_of_fold(args.cv, len(files))
+    indices, raw = out_of_fold(args.cv, len(files), classifier.test_time_views)
     targets = targets[indices]
     calibrated = calibrate(raw, calibration.temperature)
     report = {
+        "test_time_views": classifier.test_time_views,
         "temperature": calibration.temperature, "uncertain_below": calibration.uncertain_below,
         "ece_before": expected_calibration_error(raw, targets),
         "ece_after": expected_calibration_error(calibrated, targets),

@@ -28,10 +28,12 @@ class BenchResult:
         threads: CPU threads given to the runtime.
         load_ms: model load, metadata and one warm-up inference.
         preprocess_ms: median time to make the input tensor from the image.
-        median_ms: median inference latency (preprocessed input, after warm-up).
+        views: inferences per classification (the model's test-time views).
+        median_ms: median latency of one classification's inferences, every view
+            (preprocessed input, after warm-up).
         p90_ms: 90th percentile latency.
         p99_ms: 99th percentile latency.
-        throughput: inferences per second, one after another.
+        throughput: classifications per second, one after another.
         peak_rss_mb: the process's peak resident memory so far (it only grows:
             later rows include what earlier rows used).
         runs: timed inferences.
@@ -41,6 +43,7 @@ class BenchResult:
     threads: int
     load_ms: float
     preprocess_ms: float
+    views: int
     median_ms: float
     p90_ms: float
     p99_ms: float
@@ -84,8 +87,8 @@ def benchmark(
         image: the input; ``None`` uses a generated picture.
         backend: runtime name or ``"auto"``.
         threads: CPU threads for the runtime.
-        runs: timed inferences after the warm-up.
-        warmup: untimed inferences first.
+        runs: timed classifications after the warm-up.
+        warmup: untimed classifications first.
 
     Raises:
         CapsedgeError: the model or image cannot be used.
@@ -105,17 +108,18 @@ def benchmark(
         tensor = preprocess(image, config)
         preprocess_times.append((time.perf_counter() - t0) * 1000)
     for _ in range(warmup):
-        classifier.predict_tensor(tensor)
+        classifier.predict_views(tensor)
     latencies = np.empty(runs)
     for i in range(runs):
         t0 = time.perf_counter()
-        classifier.predict_tensor(tensor)
+        classifier.predict_views(tensor)
         latencies[i] = (time.perf_counter() - t0) * 1000
     return BenchResult(
         backend=classifier.backend.name,
         threads=threads,
         load_ms=load_ms,
         preprocess_ms=statistics.median(preprocess_times),
+        views=classifier.test_time_views,
         median_ms=float(np.median(latencies)),
         p90_ms=float(np.percentile(latencies, 90)),
         p99_ms=float(np.percentile(latencies, 99)),

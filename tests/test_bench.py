@@ -13,7 +13,7 @@ from capsedge.cli import main
 
 def test_benchmark_measures_the_bundled_model() -> None:
     result = benchmark(None, runs=20, warmup=2)
-    assert result.backend == "litert" and result.threads == 1 and result.runs == 20
+    assert result.backend == "litert" and result.threads == 1 and result.runs == 20 and result.views == 4
     assert 0 < result.median_ms <= result.p90_ms <= result.p99_ms
     assert result.throughput > 0 and result.load_ms > 0 and result.preprocess_ms > 0
     assert 10 < result.peak_rss_mb < 4096
@@ -26,7 +26,7 @@ def test_bench_command_json_rows_per_thread_count() -> None:
     assert result.exit_code == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["threads"] for row in rows] == [1, 2]
-    assert set(rows[0]) == {"backend", "threads", "load_ms", "preprocess_ms", "median_ms", "p90_ms",
+    assert set(rows[0]) == {"backend", "threads", "load_ms", "preprocess_ms", "views", "median_ms", "p90_ms",
                             "p99_ms", "throughput", "peak_rss_mb", "runs"}
 
 

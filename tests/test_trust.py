@@ -18,6 +18,7 @@ from capsedge.trust import (
     expected_calibration_error,
     reliability_bins,
 )
+from capsedge.views import orientations
 
 from conftest import MNIST, implant_data
 
@@ -121,6 +122,7 @@ def bundled() -> Classifier:
 
 def test_bundled_model_carries_a_fitted_trust_section(bundled: Classifier) -> None:
     trust = bundled.metadata.trust
+    assert bundled.test_time_views == trust.provenance["test_time_views"] == 4
     assert 0.3 < trust.calibration.temperature < 1.0  # the fused probabilities are under-confident
     assert 0.5 < trust.calibration.uncertain_below < 1.0
     assert trust.outliers.feature_dim == 112  # stage-5 channels of EfficientNet-Lite0
@@ -135,7 +137,8 @@ def test_prediction_applies_the_calibration_and_the_threshold(bundled: Classifie
     calibration = bundled.metadata.trust.calibration
     for path in files:
         prediction = bundled.classify(path)
-        raw = bundled.predict_tensor(bundled_tensor(bundled, path))[:4]
+        views = orientations(bundled_tensor(bundled, path), bundled.test_time_views)
+        raw = np.mean([bundled.predict_tensor(view)[:4] for view in views], axis=0)
         expected = calibrate(raw, calibration.temperature)
         assert np.allclose(list(prediction.probabilities.values()), expected, atol=1e-5)
         assert prediction.threshold == calibration.uncertain_below
