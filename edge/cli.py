@@ -302,7 +302,7 @@ def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, ba
               help="An exported model. Default: the bundled model.")
 @click.option("--backend", default="auto", show_default=True, help="auto, litert, onnxruntime or edgetpu.")
 @click.option("--grid", type=click.IntRange(2, 32), default=8, show_default=True,
-              help="Squares per side hidden in turn (grid*grid + 1 inferences).")
+              help="Squares per side hidden in turn (one inference each, after the answer's).")
 @click.option("--threads", type=click.IntRange(1, 64), default=None, help="CPU threads for inference.")
 @click.option("--json", "as_json", is_flag=True, help="Print the heat grid and figures as JSON.")
 def explain(image: str, out_path: Path | None, model_path: Path | None, backend: str, grid: int,

@@ -22,7 +22,7 @@ from .classifier import Classifier
 from .errors import UsageError
 from .preprocess import ImageSource, content_box, load_grey, to_model_input
 
-#: Default tiling: 8 x 8 squares of the image (65 inferences, plus the test-time views).
+#: Default tiling: 8 x 8 squares of the image (64 inferences after the answer's).
 DEFAULT_GRID = 8
 #: The overlay's longer image side, in pixels.
 OVERLAY_SIDE = 512
