@@ -203,6 +203,11 @@ def test_int8_artifacts_are_integer_where_promised(exported: tuple) -> None:
     zero_points = [initializers[n.input[2]] for n in dequantize if len(n.input) > 2]
     assert all(z.dtype == np.int8 and not z.any() for z in zero_points)  # symmetric int8
     assert any(initializers[n.input[1]].size > 1 for n in dequantize)  # per-channel weights
+    producers = {output: node for node in model.graph.node for output in node.output}
+    convolutions = [node for node in model.graph.node if node.op_type == "Conv"]
+    int8_weights = [getattr(producers.get(c.input[1]), "op_type", None) == "DequantizeLinear"
+                    for c in convolutions]
+    assert int8_weights[:2] == [False, False] and all(int8_weights[2:])  # the first two stay float
 
 
 @pytest.mark.slow
