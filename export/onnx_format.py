@@ -21,8 +21,8 @@ The first two convolutions (the stem and, in EfficientNet-Lite0, block 0's
 depthwise one) stay float: they see the raw image, and the int8 errors there
 carry through the whole trunk. On the bundled 512 px model that took top-1
 agreement with the float ONNX file, over the 477 development images, from
-85.1 % to 95.4 % (keeping the first four float: 94.8 %;
-``python bench/onnx_int8_float_first.py``).
+81.6 % to 93.9 % (``python bench/onnx_int8_float_first.py``; figures in
+docs/export.md).
 
 onnxruntime's percentile calibrator keeps every calibrated tensor of every
 image in memory before it builds its histograms (about 100 MB per image for a
