@@ -1,14 +1,16 @@
-"""What int8 costs on images a model has not seen: a cross-validation fold, float against TFLite.
+"""What int8 costs on images a model has not seen: cross-validation folds, float against TFLite.
 
 A fold folder of `capsedge train --folds K` holds the fold's classifier, the indices
-of its held-out images and the float probabilities on them. This converts the
-classifier to full-integer int8 (calibrated on up to 200 of the fold's training
-images, never on the held-out ones) and to dynamic range (int8 weights, float
-activations), runs both with capsedge's LiteRT backend on the held-out images and
-prints each one's accuracy and top-1 agreement with the float model.
+of its held-out images and the float probabilities on them (one view and the eight
+test-time views). This converts each fold's classifier to full-integer int8
+(calibrated on up to 200 of the fold's training images, drawn as `--int8-trunk`
+draws them, never on the held-out ones) and to dynamic range (int8 weights, float
+activations), runs both with capsedge's LiteRT backend on the held-out images, one
+view and the average of the four flips, and prints each one's accuracy and top-1
+agreement with the float model, per fold and pooled over the folds.
 
 Usage:
-    python bench/heldout_int8.py --fold runs/cv512f5/fold-0 [--data DIR]
+    python bench/heldout_int8.py --cv runs/cv512f5 [--folds 0,1] [--data DIR] [--formats int8,dynamic]
 """
 
 from __future__ import annotations
@@ -22,45 +24,77 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "shoulder-implants"
+VIEW_COUNTS = (1, 4)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fold", type=Path, required=True, help="a fold-N folder of a cross-validation")
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--calib-limit", type=int, default=200)
-    args = parser.parse_args()
-
+def measure_fold(fold: Path, dataset: object, formats: list[str]) -> dict[str, object]:
+    """Answers of the float model and of each format on the fold's held-out images."""
     from capsedge.backends import LiteRTBackend
     from capsedge.export.quantization import Quantization
     from capsedge.export.run import load_run
     from capsedge.export.tflite_format import convert_to_tflite
     from capsedge.preprocess import preprocess
-    from capsedge.train.data import read_dataset
+    from capsedge.train.trainer import calibration_indices
+    from capsedge.views import orientations
 
-    trained = load_run(args.fold)
-    dataset = read_dataset(args.data)
-    targets = dataset.targets
-    held = np.load(args.fold / "holdout_indices.npy")
+    trained = load_run(fold)
+    held = np.load(fold / "holdout_indices.npy")
     training = np.setdiff1d(np.arange(len(dataset.paths)), held)
-    chosen = np.random.default_rng(0).permutation(training)[: args.calib_limit]
-    calibration = [preprocess(dataset.paths[i], trained.preprocessing) for i in chosen]
+    calibration = [preprocess(dataset.paths[i], trained.preprocessing) for i in calibration_indices(training)]
     images = [preprocess(dataset.paths[i], trained.preprocessing) for i in held]
-    truth = targets[held]
-    float_answers = np.load(args.fold / "holdout_probabilities.npy").argmax(1)
-
-    result = {"images": len(held), "float_accuracy": float(np.mean(float_answers == truth))}
+    float_views = np.load(fold / "holdout_probabilities_views.npy")
+    answers = {("float", n): float_views[:, :n].mean(1).argmax(1) for n in VIEW_COUNTS}
     quantizations = {"int8": Quantization.for_int8(lambda: iter(calibration)),
                      "dynamic": Quantization("dynamic")}
     with tempfile.TemporaryDirectory(prefix="capsedge-heldout-") as folder:
-        for name, quantization in quantizations.items():
+        for name in formats:
             path = Path(folder) / f"{name}.tflite"
-            path.write_bytes(convert_to_tflite(trained.classifier, quantization))
+            path.write_bytes(convert_to_tflite(trained.classifier, quantizations[name]))
             backend = LiteRTBackend(path)
-            answers = np.array([backend.run(image[np.newaxis]).argmax() for image in images])
-            result[f"{name}_accuracy"] = float(np.mean(answers == truth))
-            result[f"{name}_agreement_with_float"] = float(np.mean(answers == float_answers))
-    print(json.dumps(result, indent=2))
+            views = np.array([[backend.run(view[np.newaxis])[:float_views.shape[2]]
+                               for view in orientations(image, max(VIEW_COUNTS))] for image in images])
+            for n in VIEW_COUNTS:
+                answers[name, n] = views[:, :n].mean(1).argmax(1)
+    return {"truth": dataset.targets[held], "answers": answers}
+
+
+def summary(truth: np.ndarray, answers: dict, formats: list[str]) -> dict[str, float]:
+    result: dict[str, float] = {"images": len(truth)}
+    for n in VIEW_COUNTS:
+        reference = answers["float", n]
+        result[f"float_accuracy_{n}_views"] = round(float(np.mean(reference == truth)), 4)
+        for name in formats:
+            result[f"{name}_accuracy_{n}_views"] = round(float(np.mean(answers[name, n] == truth)), 4)
+            result[f"{name}_agreement_{n}_views"] = round(float(np.mean(answers[name, n] == reference)), 4)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cv", type=Path, required=True, help="a `capsedge train --folds K` folder")
+    parser.add_argument("--folds", help="comma-separated fold numbers (default: all)")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--formats", default="int8,dynamic")
+    args = parser.parse_args()
+
+    from capsedge.train.data import read_dataset
+
+    dataset = read_dataset(args.data)
+    formats = args.formats.split(",")
+    folds = sorted(args.cv.glob("fold-*")) if args.folds is None else [
+        args.cv / f"fold-{k}" for k in args.folds.split(",")]
+    truth, pooled = [], {}
+    report = {"cv": str(args.cv), "folds": {}}
+    for fold in folds:
+        measured = measure_fold(fold, dataset, formats)
+        report["folds"][fold.name] = summary(measured["truth"], measured["answers"], formats)
+        print(json.dumps({fold.name: report["folds"][fold.name]}), flush=True)
+        truth.append(measured["truth"])
+        for key, value in measured["answers"].items():
+            pooled.setdefault(key, []).append(value)
+    answers = {key: np.concatenate(value) for key, value in pooled.items()}
+    report["pooled"] = summary(np.concatenate(truth), answers, formats)
+    print(json.dumps(report["pooled"], indent=2))
 
 
 if __name__ == "__main__":

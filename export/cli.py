@@ -7,6 +7,7 @@ from typing import Any
 
 from capsedge.boundary import error_boundary, import_tensorflow_quietly
 from capsedge.export.formats import FORMATS
+from capsedge.export.quantization import CALIBRATION_IMAGES
 from capsedge.export.writer import check_arguments, export, export_and_verify
 
 
@@ -22,7 +23,7 @@ def _cli() -> Any:
                   help=f"Comma-separated: {', '.join(FORMATS)}.")
     @click.option("--calib", type=click.Path(path_type=Path), default=None,
                   help="Folder of images for int8 calibration (any layout).")
-    @click.option("--calib-limit", type=click.IntRange(1), default=200, show_default=True,
+    @click.option("--calib-limit", type=click.IntRange(1), default=CALIBRATION_IMAGES, show_default=True,
                   help="Calibration images used at most.")
     @click.option("--eval", "eval_dir", type=click.Path(path_type=Path), default=None,
                   help="Folder of images to verify on (Maker.N.jpg or Maker/...). Default: --calib.")

@@ -13,6 +13,7 @@ import numpy as np
 
 from capsedge.backends import is_readable_file
 from capsedge.errors import CapsedgeError, ImageError, ModelError, missing_extra
+from capsedge.export.quantization import CALIBRATION_IMAGES
 from capsedge.folders import image_files
 from capsedge.preprocess import Preprocessing, preprocess
 
@@ -139,7 +140,7 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def calibration_images(
-    source: str | Path, preprocessing: Preprocessing, limit: int = 200, seed: int = 0
+    source: str | Path, preprocessing: Preprocessing, limit: int = CALIBRATION_IMAGES, seed: int = 0
 ) -> Callable[[], Iterable[np.ndarray]]:
     """Up to ``limit`` preprocessed images from a folder (any layout), for int8 calibration.
 

@@ -17,7 +17,7 @@ from typing import Any
 from capsedge import __version__
 from capsedge.errors import CapsedgeError, ModelError
 from capsedge.export.formats import ExportFormat, check_requirements, parse_formats
-from capsedge.export.quantization import Quantization
+from capsedge.export.quantization import CALIBRATION_IMAGES, Quantization
 from capsedge.export.run import TrainedRun, calibration_files, calibration_images, load_run
 from capsedge.folders import image_files
 from capsedge.metadata import ModelMetadata
@@ -30,7 +30,7 @@ def export_run(
     formats: Sequence[ExportFormat],
     calibration: str | Path | None = None,
     version: str | None = None,
-    calibration_limit: int = 200,
+    calibration_limit: int = CALIBRATION_IMAGES,
     trust: Trust | None = None,
     test_time_views: int = 1,
 ) -> dict[str, Path]:
@@ -164,7 +164,7 @@ def export_and_verify(
     evaluation: str | Path | None = None,
     *,
     eval_limit: int | None = None,
-    calibration_limit: int = 200,
+    calibration_limit: int = CALIBRATION_IMAGES,
     version: str | None = None,
     cross_validation: str | Path | None = None,
     train_data: str | Path | None = None,

@@ -29,7 +29,12 @@ from capsedge.models.losses import weighted_categorical_crossentropy  # noqa: E4
 from capsedge.train.augment import dihedral_view  # noqa: E402
 from capsedge.train.batches import average_pool  # noqa: E402
 from capsedge.train.config import TrainConfig  # noqa: E402
-from capsedge.train.frozen import FrozenViewBatches, frozen_split, frozen_views  # noqa: E402
+from capsedge.train.frozen import (  # noqa: E402
+    FrozenViewBatches,
+    frozen_split,
+    frozen_views,
+    int8_frozen_views,
+)
 from capsedge.train.trainer import cross_validate, train  # noqa: E402
 
 # A 64x64 member of the family: the whole trunk (a 2x2 map), 16 primary capsules, decoder at 32.
@@ -134,6 +139,59 @@ def test_frozen_view_batches_repeat_per_seed_and_epoch() -> None:
     np.testing.assert_array_equal(plain[2][0][0], maps[8:10, 0].astype("float32"))
 
 
+def test_frozen_view_batches_mix_in_int8_maps_at_the_given_fraction() -> None:
+    rng = np.random.default_rng(2)
+    images = rng.random((200, 8, 8, 1), dtype=np.float32)
+    maps = np.zeros((200, 8, 1, 1, 2), np.float16)
+    int8_maps = np.ones_like(maps)
+    onehot = np.eye(2, dtype="float32")[rng.integers(2, size=200)]
+    outputs = {"caps_length"}
+
+    def int8_share(fraction: float, epoch: int = 0) -> float:
+        batches = FrozenViewBatches(maps, images, onehot, outputs, 50, seed=3, int8_maps=int8_maps,
+                                    int8_fraction=fraction)
+        batches.epoch = epoch
+        taken = np.concatenate([batches[i][0][0] for i in range(len(batches))])
+        assert set(np.unique(taken)) <= {0.0, 1.0}
+        return float(taken[:, 0, 0, 0].mean())
+
+    assert int8_share(0.0) == 0.0 and int8_share(1.0) == 1.0
+    assert 0.4 < int8_share(0.5) < 0.6 and int8_share(0.5) == int8_share(0.5)
+    assert int8_share(0.5, epoch=1) != int8_share(0.5)  # drawn again each epoch
+    with pytest.raises(ValueError, match="int8 maps"):
+        FrozenViewBatches(maps, images, onehot, outputs, 50, seed=3, int8_fraction=0.5)
+
+
+def test_int8_frozen_views_are_the_float_maps_rounded_by_an_int8_trunk() -> None:
+    from capsedge.models.efficientnet_lite import load_lite0_weights
+
+    built = build_model(TINY)
+    load_lite0_weights(built.classifier)
+    frozen, _ = frozen_split(built, 2)
+    images = np.stack([synthetic_xray((64, 64), seed=i)[..., None] / 255.0 for i in range(6)]).astype("float32")
+    reference = frozen_views(frozen, images).astype("float32")
+    quantized = int8_frozen_views(frozen, images[:3], images).astype("float32")
+    assert quantized.shape == (3, *reference.shape[1:]) and quantized.dtype == np.float32
+    error = np.abs(quantized - reference[:3])
+    spread = reference.max() - reference.min()
+    assert 0 < error.mean() < 0.02 * spread  # rounded, and only rounded
+    # Each view is its own map: the fifth view's int8 map is nearer its float map than the first's.
+    assert np.abs(quantized[:, 5] - reference[:3, 5]).mean() < np.abs(quantized[:, 5] - reference[:3, 0]).mean()
+
+
+def test_the_int8_trunk_calibrates_like_the_export() -> None:
+    from capsedge.export.quantization import CALIBRATION_IMAGES as EXPORT_IMAGES
+    from capsedge.models.tflite import CALIBRATION_IMAGES
+    from capsedge.train.trainer import calibration_indices
+
+    assert CALIBRATION_IMAGES == EXPORT_IMAGES
+    train_idx = np.arange(1000, 1500)
+    chosen = calibration_indices(train_idx)
+    assert len(chosen) == CALIBRATION_IMAGES and set(chosen) <= set(train_idx)
+    np.testing.assert_array_equal(chosen, np.sort(chosen))
+    np.testing.assert_array_equal(calibration_indices(train_idx[:50]), train_idx[:50])
+
+
 def test_dihedral_views_are_the_eight_symmetries() -> None:
     image = np.arange(12, dtype=np.float32).reshape(3, 4, 1)
     views = [dihedral_view(image, v) for v in range(8)]
@@ -156,10 +214,17 @@ def test_label_smoothing_keeps_the_true_class_weight() -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), [("weight_decay", -1.0), ("warmup", 1.0), ("init", "coco"),
-                                              ("freeze_stages", 8), ("label_smoothing", 1.0)])
+                                              ("freeze_stages", 8), ("label_smoothing", 1.0),
+                                              ("int8_trunk", 1.5)])
 def test_train_config_refuses_bad_fine_tuning_settings(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("settings", [{"freeze_stages": 0}, {"augment": "d4"}, {"mixup": 0.2}])
+def test_an_int8_trunk_needs_frozen_views(settings: dict) -> None:
+    with pytest.raises(ValueError, match="int8_trunk needs"):
+        TrainConfig(int8_trunk=0.5, **settings)
 
 
 @pytest.mark.slow
@@ -207,6 +272,28 @@ def test_cross_validation_above_a_frozen_trunk_computes_its_maps_once(
     assert final["train_images"] == 12 and "holdout" not in final
     assert (tmp_path / "cv" / "final" / "classifier.keras").is_file()
     check_export_with_trust(tmp_path / "cv", tiny_data, tmp_path / "exported")
+
+
+@pytest.mark.slow
+def test_training_on_int8_trunk_maps_reads_them_for_the_training_images_only(
+    tiny_models: None, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from capsedge.train import frozen
+
+    seen = []
+    original = frozen.int8_frozen_views
+
+    def spy(model: keras.Model, images: np.ndarray, calibration: np.ndarray) -> np.ndarray:
+        seen.append((len(images), len(calibration)))
+        return original(model, images, calibration)
+
+    monkeypatch.setattr(frozen, "int8_frozen_views", spy)
+    config = TrainConfig(model=TINY.name, epochs=1, batch_size=4, holdout=0.25, freeze_stages=5,
+                         augment="dihedral", int8_trunk=1.0)
+    train(tiny_data, tmp_path / "run", config, progress=False)
+    assert seen == [(8, 8)]  # 12 images, 4 held out: neither converted nor calibrated on
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train"]["int8_trunk"] == 1.0
 
 
 def check_export_with_trust(cv: Path, data: Path, out: Path) -> None:

@@ -58,6 +58,9 @@ DEFAULT = TrainConfig()  # the bundled model's recipe: one source for the option
               help="Start a pretrained trunk from its ImageNet weights, or from random ones.")
 @click.option("--freeze-stages", type=click.IntRange(0, 7), default=DEFAULT.freeze_stages, show_default=True,
               help="Keep the trunk's stem and first N stages fixed (faster on a CPU).")
+@click.option("--int8-trunk", type=click.FloatRange(0, 1), default=DEFAULT.int8_trunk, show_default=True,
+              help="Fraction of the training maps read from the frozen trunk converted to int8 (the "
+              "layers above learn to read int8 maps too; 0: float only).")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="Threads that augment batches (results do not depend on it).")
 @click.option("--seed", type=int, default=DEFAULT.seed, show_default=True, help="Makes a run repeatable.")
@@ -66,7 +69,7 @@ DEFAULT = TrainConfig()  # the bundled model's recipe: one source for the option
 def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int, learning_rate: float,
             beta: float, reconstruction_weight: float, ncp_weight: float, holdout: float, folds: int | None,
             final: bool, augment: str, mixup: float, ema: float, weight_decay: float, warmup: float,
-            label_smoothing: float, init: str, freeze_stages: int, workers: int, seed: int,
+            label_smoothing: float, init: str, freeze_stages: int, int8_trunk: float, workers: int, seed: int,
             resume: bool, verbose: bool) -> None:
     """Train a capsule network on labelled X-rays."""
     from capsedge.train.data import read_dataset
@@ -79,7 +82,8 @@ def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int,
                              beta=beta, reconstruction_weight=reconstruction_weight,
                              ncp_weight=ncp_weight, holdout=holdout, augment=augment, seed=seed,
                              mixup=mixup, ema=ema, weight_decay=weight_decay, warmup=warmup,
-                             label_smoothing=label_smoothing, init=init, freeze_stages=freeze_stages)
+                             label_smoothing=label_smoothing, init=init, freeze_stages=freeze_stages,
+                             int8_trunk=int8_trunk)
         import_tensorflow_quietly(verbose)
         if folds:
             summary = cross_validate(dataset, run_dir, config, folds=folds, resume=resume, workers=workers,

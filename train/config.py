@@ -42,6 +42,10 @@ class TrainConfig:
             from random ones; networks without a trunk ignore it.
         freeze_stages: keep the trunk's stem and first N stages fixed (their batch norm too):
             cheaper steps for CPU training.
+        int8_trunk: fraction of the training maps taken from the frozen trunk converted to
+            full-integer int8 (calibrated on the run's training images) instead of the float
+            one, so that the layers above learn to read int8 maps too (quantization-aware
+            training of what trains); needs a frozen trunk under the dihedral augmentation.
     """
 
     model: str = "effcaps_ncp_lite0_512"
@@ -61,6 +65,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     init: str = "imagenet"
     freeze_stages: int = 5
+    int8_trunk: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -86,3 +91,8 @@ class TrainConfig:
             raise UsageError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if not isinstance(self.freeze_stages, int) or not 0 <= self.freeze_stages <= 7:
             raise UsageError(f"freeze_stages must be an integer in [0, 7], got {self.freeze_stages!r}")
+        if not 0.0 <= self.int8_trunk <= 1.0:
+            raise UsageError(f"int8_trunk must be in [0, 1], got {self.int8_trunk!r}")
+        if self.int8_trunk and not (self.freeze_stages and self.augment == "dihedral" and self.mixup == 0):
+            raise UsageError("int8_trunk needs a frozen trunk (--freeze-stages > 0), the dihedral "
+                             "augmentation and no mixup")

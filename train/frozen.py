@@ -7,6 +7,10 @@ view is computed once, and training runs the rest of the network on those maps: 
 function and the same gradients as running the whole network every step, for a fraction of
 the CPU time. A cross-validation computes the maps once for all its folds (the frozen
 weights are the ImageNet ones in every fold).
+
+With ``--int8-trunk``, a run also computes each map with the frozen trunk converted to
+full-integer int8, as an int8 export of the whole network will run it, and trains on a mix
+of both: what trains then reads the int8 trunk's rounding as well as the float maps.
 """
 
 from __future__ import annotations
@@ -49,6 +53,29 @@ def frozen_views(frozen: keras.Model, images: np.ndarray, batch_size: int = 32) 
     return out
 
 
+def int8_frozen_views(frozen: keras.Model, images: np.ndarray, calibration: np.ndarray) -> np.ndarray:
+    """:func:`frozen_views` computed by ``frozen`` converted to full-integer int8 TFLite (its
+    ranges calibrated on ``calibration``, preprocessed images) and run with LiteRT."""
+    import tempfile
+    from pathlib import Path
+
+    from capsedge.backends import LiteRTBackend
+    from capsedge.models.tflite import keras_to_tflite
+
+    flatbuffer = keras_to_tflite(frozen, "int8", lambda: iter(calibration))
+    shape = tuple(int(d) for d in frozen.output.shape[1:])
+    with tempfile.TemporaryDirectory(prefix="capsedge-int8-trunk-") as folder:
+        path = Path(folder) / "trunk.tflite"
+        path.write_bytes(flatbuffer)
+        backend = LiteRTBackend(path)
+        out = np.empty((len(images), VIEWS, *shape), dtype=np.float16)
+        for i, image in enumerate(images):
+            for view in range(VIEWS):
+                batch = dihedral_view(image, view)[np.newaxis].astype(np.float32)
+                out[i, view] = backend.run(batch).reshape(shape)
+    return out
+
+
 class FrozenViewBatches(keras.utils.PyDataset):
     """Shuffled ``((map, onehot), targets)`` batches: a random dihedral view of each image, its
     frozen-trunk map precomputed. The order and the views of epoch ``e`` come from ``(seed, e)``
@@ -64,12 +91,19 @@ class FrozenViewBatches(keras.utils.PyDataset):
         reconstruction_size: side of the pooled reconstruction target.
         random_views: a random view per image and epoch; ``False``: always the image as it is
             (for evaluation).
+        int8_maps: ``(N, 8, h, w, c)`` from :func:`int8_frozen_views`, or ``None``.
+        int8_fraction: the chance that an image's map comes from ``int8_maps``, drawn per image
+            and epoch from ``(seed, epoch)``.
     """
 
     def __init__(self, maps: np.ndarray, images: np.ndarray, onehot: np.ndarray, outputs: set[str],
                  batch_size: int, seed: int, reconstruction_size: int | None = None,
-                 random_views: bool = True) -> None:
+                 random_views: bool = True, int8_maps: np.ndarray | None = None,
+                 int8_fraction: float = 0.0) -> None:
         super().__init__()
+        if int8_fraction and (int8_maps is None or int8_maps.shape != maps.shape):
+            raise ValueError("int8_fraction needs int8 maps of the float maps' shape")
+        self.int8_maps, self.int8_fraction = int8_maps, int8_fraction
         self.random_views = random_views
         self.maps, self.images, self.onehot = maps, images, onehot
         self.outputs, self.batch_size, self.seed = outputs, batch_size, seed
@@ -86,6 +120,10 @@ class FrozenViewBatches(keras.utils.PyDataset):
         if not self.random_views:
             chosen, views = np.arange(len(self.maps))[index * self.batch_size:][:self.batch_size], views * 0
         maps = self.maps[chosen, views].astype(np.float32)
+        if self.int8_fraction:
+            from_int8 = np.random.default_rng([self.seed, self.epoch, index, 1]).random(len(chosen))
+            from_int8 = from_int8 < self.int8_fraction
+            maps[from_int8] = self.int8_maps[chosen[from_int8], views[from_int8]]
         labels = self.onehot[chosen]
         targets = {k: labels for k in ("caps_length", "ncp_probs", "linear_probs") if k in self.outputs}
         if "reconstruction" in self.outputs:

@@ -119,6 +119,15 @@ def _frozen_maps(model_config: Any, config: TrainConfig, images: np.ndarray) -> 
     return frozen_views(frozen_split(built, config.freeze_stages)[0], images)
 
 
+def calibration_indices(train_idx: np.ndarray) -> np.ndarray:
+    """The training images that calibrate the int8 trunk of ``--int8-trunk``: up to
+    :data:`~capsedge.models.tflite.CALIBRATION_IMAGES` of them, drawn with seed 0 as the
+    export draws its calibration images from a folder."""
+    from capsedge.models.tflite import CALIBRATION_IMAGES
+
+    return np.sort(np.random.default_rng(0).permutation(train_idx)[:CALIBRATION_IMAGES])
+
+
 def _initialise_trunk(built: Any, config: TrainConfig) -> dict[str, Any]:
     """Load the ImageNet weights into a pretrained trunk and freeze its first stages.
 
@@ -209,7 +218,7 @@ def train(
     from capsedge.models import build_model
 
     from .batches import EpochSetter, TrainingBatches
-    from .frozen import FrozenViewBatches, frozen_split, frozen_views
+    from .frozen import FrozenViewBatches, frozen_split, frozen_views, int8_frozen_views
 
     keras.backend.clear_session()  # a cross-validation builds one network per fold
 
@@ -245,10 +254,16 @@ def train(
         trunk = _initialise_trunk(built, config)
         steps = int(np.ceil(len(train_idx) / config.batch_size))
         fitted = built.trainer
+        int8_maps = None
+        if config.int8_trunk and not uses_frozen_views(model_config, config):
+            raise UsageError(f"--int8-trunk needs a model with a pretrained trunk; {config.model} has none")
         if uses_frozen_views(model_config, config):
             frozen, fitted = frozen_split(built, config.freeze_stages)
             if frozen_maps is None:
                 frozen_maps = frozen_views(frozen, images)
+            if config.int8_trunk:
+                calibration = images[calibration_indices(train_idx)]
+                int8_maps = int8_frozen_views(frozen, images[train_idx], calibration)
         _compile_trainer(fitted, config, counts, steps)
     outputs = set(fitted.output_names)
     reconstruction_size = model_config.reconstruction_size
@@ -258,7 +273,9 @@ def train(
                                   reconstruction_size=reconstruction_size, workers=workers)
     else:
         batches = FrozenViewBatches(frozen_maps[train_idx], images[train_idx], onehot[train_idx], outputs,
-                                    config.batch_size, config.seed, reconstruction_size)
+                                    config.batch_size, config.seed, reconstruction_size,
+                                    int8_maps=int8_maps,
+                                    int8_fraction=config.int8_trunk)
 
     callbacks = [
         EpochSetter(batches),

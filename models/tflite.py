@@ -1,0 +1,98 @@
+"""Keras model to ``.tflite`` bytes: float32, float16, dynamic-range or full-integer int8.
+
+Shared by export (which writes the files) and training (``--int8-trunk`` trains above the
+int8 trunk an export produces). The conversion goes through a SavedModel with one batch-1
+endpoint (a static input shape, so every routing step and recurrent step is unrolled in the
+graph). Keras 3's ``from_keras_model`` path is unreliable, and a bare
+``from_concrete_functions`` leaves the weights as resource variables (READ_VARIABLE ops that
+full-integer calibration cannot run). TensorFlow is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["CALIBRATION_IMAGES", "keras_to_tflite", "strip_names", "write_saved_model"]
+
+#: How many images calibrate the ranges of a full-integer conversion: the export's default,
+#: and what ``--int8-trunk`` calibrates its trunk on (``capsedge.export.quantization`` repeats
+#: it for the export's command line, which must not load Keras; a test keeps them equal).
+CALIBRATION_IMAGES = 200
+
+
+def keras_to_tflite(model: Any, mode: str = "float32",
+                    calibration: Callable[[], Iterable[np.ndarray]] | None = None) -> bytes:
+    """Convert a Keras model with one ``(None, H, W, C)`` input to TFLite flatbuffer bytes.
+
+    Args:
+        model: the Keras model.
+        mode: ``"float32"``, ``"float16"`` (float16 weights), ``"dynamic"`` (int8 weights,
+            float activations) or ``"int8"`` (full integer, int8 in and out).
+        calibration: for ``"int8"``: returns an iterable of preprocessed ``(H, W, C)`` images.
+    """
+    import tensorflow as tf
+
+    if mode == "int8" and calibration is None:
+        raise ValueError("int8 conversion needs calibration images")
+    with tempfile.TemporaryDirectory(prefix="capsedge-export-") as saved_model:
+        write_saved_model(model, saved_model)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
+        return strip_names(_convert(converter, mode, calibration))
+
+
+def strip_names(flatbuffer: bytes) -> bytes:
+    """Drop tensor and signature names: the runtime addresses tensors by index.
+
+    The unrolled routing and recurrent steps make about a thousand tensors, whose
+    names take over a quarter of an int8 file; the arithmetic is untouched.
+    """
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
+    flatbuffer_utils.strip_strings(model)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def write_saved_model(model: Any, directory: str | Path) -> None:
+    """Write ``model`` as a SavedModel whose ``serve`` endpoint takes a batch of one."""
+    import keras
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serve",
+        lambda x: model(x, training=False),
+        input_signature=[tf.TensorSpec((1, *model.inputs[0].shape[1:]), tf.float32)],
+    )
+    archive.write_out(str(directory), verbose=False)
+
+
+def _convert(converter: Any, mode: str, calibration: Callable[[], Iterable[np.ndarray]] | None) -> bytes:
+    import tensorflow as tf
+
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if mode == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif mode == "dynamic":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif mode == "int8":
+
+        def representative() -> Iterable[list[np.ndarray]]:
+            for image in calibration():
+                yield [np.asarray(image, np.float32)[np.newaxis]]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    elif mode != "float32":
+        raise ValueError(f"unknown quantization mode {mode!r}")
+    return converter.convert()
