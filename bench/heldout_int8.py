@@ -4,13 +4,13 @@ A fold folder of `capsedge train --folds K` holds the fold's classifier, the ind
 of its held-out images and the float probabilities on them (one view and the eight
 test-time views). This converts each fold's classifier to full-integer int8
 (calibrated on up to 200 of the fold's training images, drawn as `--int8-trunk`
-draws them, never on the held-out ones) and to dynamic range (int8 weights, float
-activations), runs both with capsedge's LiteRT backend on the held-out images, one
-view and the average of the four flips, and prints each one's accuracy and top-1
-agreement with the float model, per fold and pooled over the folds.
+draws them, never on the held-out ones), to dynamic range (int8 weights, float
+activations) and, with `--formats`, to float16 weights; runs each with capsedge's LiteRT
+backend on the held-out images, one view and the average of the four flips, and prints
+each one's accuracy and top-1 agreement with the float model, per fold and pooled.
 
 Usage:
-    python bench/heldout_int8.py --cv runs/cv512f5 [--folds 0,1] [--data DIR] [--formats int8,dynamic]
+    python bench/heldout_int8.py --cv runs/cv512f5 [--folds 0,1] [--data DIR] [--formats int8,dynamic,float16]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def measure_fold(fold: Path, dataset: object, formats: list[str]) -> dict[str, o
     float_views = np.load(fold / "holdout_probabilities_views.npy")
     answers = {("float", n): float_views[:, :n].mean(1).argmax(1) for n in VIEW_COUNTS}
     quantizations = {"int8": Quantization.for_int8(lambda: iter(calibration)),
-                     "dynamic": Quantization("dynamic")}
+                     "dynamic": Quantization("dynamic"), "float16": Quantization("float16")}
     with tempfile.TemporaryDirectory(prefix="capsedge-heldout-") as folder:
         for name in formats:
             path = Path(folder) / f"{name}.tflite"
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--cv", type=Path, required=True, help="a `capsedge train --folds K` folder")
     parser.add_argument("--folds", help="comma-separated fold numbers (default: all)")
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--formats", default="int8,dynamic")
+    parser.add_argument("--formats", default="int8,dynamic", help="of int8, dynamic, float16")
     args = parser.parse_args()
 
     from capsedge.train.data import read_dataset

@@ -168,7 +168,8 @@ def test_int8_frozen_views_are_the_float_maps_rounded_by_an_int8_trunk() -> None
     built = build_model(TINY)
     load_lite0_weights(built.classifier)
     frozen, _ = frozen_split(built, 2)
-    images = np.stack([synthetic_xray((64, 64), seed=i)[..., None] / 255.0 for i in range(6)]).astype("float32")
+    images = np.stack([synthetic_xray((64, 64), seed=i)[..., None] / 255.0 for i in range(6)])
+    images = images.astype("float32")
     reference = frozen_views(frozen, images).astype("float32")
     quantized = int8_frozen_views(frozen, images[:3], images).astype("float32")
     assert quantized.shape == (3, *reference.shape[1:]) and quantized.dtype == np.float32
@@ -176,7 +177,8 @@ def test_int8_frozen_views_are_the_float_maps_rounded_by_an_int8_trunk() -> None
     spread = reference.max() - reference.min()
     assert 0 < error.mean() < 0.02 * spread  # rounded, and only rounded
     # Each view is its own map: the fifth view's int8 map is nearer its float map than the first's.
-    assert np.abs(quantized[:, 5] - reference[:3, 5]).mean() < np.abs(quantized[:, 5] - reference[:3, 0]).mean()
+    own, other = np.abs(quantized[:, 5] - reference[:3, 5]), np.abs(quantized[:, 5] - reference[:3, 0])
+    assert own.mean() < other.mean()
 
 
 def test_the_int8_trunk_calibrates_like_the_export() -> None:
