@@ -147,9 +147,21 @@ def test_train_command_records_every_option_in_the_run(tiny_data: Path, tmp_path
     assert recorded == {"model": "effcaps_mnist", "epochs": 1, "batch_size": 4, "learning_rate": 0.002,
                         "beta": 0.9, "reconstruction_weight": 0.0, "ncp_weight": 0.3, "holdout": 0.25,
                         "augment": "none", "seed": 3, "mixup": 0.2, "ema": 0.9, "weight_decay": 0.01,
-                        "warmup": 0.2, "label_smoothing": 0.05, "init": "none", "freeze_stages": 0}
+                        "warmup": 0.2, "label_smoothing": 0.05, "init": "none", "freeze_stages": 0,
+                        "int8_trunk": 0.0}  # --int8-trunk needs a frozen trunk: tests/test_pretrained.py
     bad = CliRunner().invoke(main, [*args[:5], "--reconstruction-weight", "-1"])
     assert bad.exit_code == 2 and "-1" in bad.stderr
+
+
+def test_train_command_refuses_an_int8_trunk_without_a_frozen_trunk(tiny_data: Path, tmp_path: Path) -> None:
+    args = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "r"), "--int8-trunk", "0.5",
+            "--freeze-stages", "0"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        "capsedge: error: int8_trunk needs a frozen trunk (--freeze-stages > 0), the dihedral augmentation "
+        "and no mixup"]
+    assert not (tmp_path / "r").exists()
 
 
 MIRRORED = """
