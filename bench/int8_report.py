@@ -99,18 +99,12 @@ def debugger_errors(model: object, calibration: object) -> list[tuple[float, str
 
     import tensorflow as tf
 
-    from capsedge.export.tflite_format import write_saved_model
-
-    def dataset():  # noqa: ANN202 - the converter's generator
-        for image in calibration():
-            yield [image[None].astype(np.float32)]
+    from capsedge.models.tflite import set_full_integer, write_saved_model
 
     with tempfile.TemporaryDirectory() as saved_model:
         write_saved_model(model, saved_model)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = dataset
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        dataset = set_full_integer(converter, calibration)
         debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=dataset)
         debugger.run()
     table = io.StringIO()

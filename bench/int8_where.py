@@ -45,7 +45,7 @@ def main() -> None:
 
     from capsedge.backends import LiteRTBackend
     from capsedge.export.run import load_run
-    from capsedge.models.tflite import write_saved_model
+    from capsedge.models.tflite import set_full_integer, write_saved_model
     from capsedge.preprocess import preprocess
     from capsedge.train.data import read_dataset
     from capsedge.train.trainer import calibration_indices
@@ -61,15 +61,9 @@ def main() -> None:
     float_views = np.load(args.fold / "holdout_probabilities_views.npy")
     classes = float_views.shape[2]
 
-    def representative():  # noqa: ANN202 - the converter's generator
-        for image in calibration:
-            yield [image[np.newaxis].astype(np.float32)]
-
     def convert(folder: str, denylist: list[str] | None) -> bytes:
         converter = tf.lite.TFLiteConverter.from_saved_model(folder)
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = representative
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        representative = set_full_integer(converter, lambda: iter(calibration))
         if denylist is None:
             return converter.convert()
         options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=denylist)

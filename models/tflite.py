@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CALIBRATION_IMAGES", "keras_to_tflite", "strip_names", "write_saved_model"]
+__all__ = ["CALIBRATION_IMAGES", "keras_to_tflite", "set_full_integer", "strip_names", "write_saved_model"]
 
 #: How many images calibrate the ranges of a full-integer conversion: the export's default,
 #: and what ``--int8-trunk`` calibrates its trunk on (``capsedge.export.quantization`` repeats
@@ -83,16 +83,25 @@ def _convert(converter: Any, mode: str, calibration: Callable[[], Iterable[np.nd
     elif mode == "dynamic":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     elif mode == "int8":
-
-        def representative() -> Iterable[list[np.ndarray]]:
-            for image in calibration():
-                yield [np.asarray(image, np.float32)[np.newaxis]]
-
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = representative
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        set_full_integer(converter, calibration)
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
     elif mode != "float32":
         raise ValueError(f"unknown quantization mode {mode!r}")
     return converter.convert()
+
+
+def set_full_integer(converter: Any, calibration: Callable[[], Iterable[np.ndarray]]) -> Callable[[], Any]:
+    """Set a ``TFLiteConverter`` to full-integer int8 operations calibrated on ``calibration``
+    (float input and output unless the caller sets them); returns its representative dataset,
+    which TensorFlow's quantization debugger also takes."""
+    import tensorflow as tf
+
+    def representative() -> Iterable[list[np.ndarray]]:
+        for image in calibration():
+            yield [np.asarray(image, np.float32)[np.newaxis]]
+
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return representative
