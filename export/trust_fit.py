@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,10 @@ OUTLIER_QUANTILE = 0.99
 TARGET_ACCURACY = 0.97
 #: ...counting at least this many answers at or above it (no threshold from a handful).
 MIN_CONFIDENT = 20
+#: Int8 files output the features mapped onto [0, 1] around the training mean, this many
+#: training standard deviations wide (one int8 scale then serves them and the probabilities;
+#: the bundled model's training features lie within 4.5 deviations of their means).
+INT8_FEATURE_SPAN = 12.0
 #: Confidence thresholds reported in the coverage table.
 TABLE_THRESHOLDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 
@@ -115,9 +119,13 @@ def outlier_false_alarms(features: np.ndarray, folds: int = 5, seed: int = 0) ->
     return flagged / len(features)
 
 
-def with_features(classifier: Any, stage: int = OUTLIER_STAGE) -> Any:
+def with_features(classifier: Any, stage: int = OUTLIER_STAGE, unit_range: OutlierModel | None = None) -> Any:
     """A Keras model ``image -> [probabilities, mean of the trunk's stage-``stage`` map]``,
-    concatenated into one vector (the runtime splits it by the metadata's label count)."""
+    concatenated into one vector (the runtime splits it by the metadata's label count).
+
+    With ``unit_range`` (the outlier statistics), the features come out as
+    :func:`unit_range_features` maps them, for an int8 file; pair it with
+    :func:`unit_range_outliers`."""
     import keras
 
     from capsedge.models.build import TRUNK_PREFIX
@@ -125,8 +133,46 @@ def with_features(classifier: Any, stage: int = OUTLIER_STAGE) -> Any:
 
     stage_map = trunk_output_layer(classifier, stage, name=TRUNK_PREFIX).output
     pooled = keras.layers.GlobalAveragePooling2D(name="outlier_features")(stage_map)
+    if unit_range is not None:
+        gain, offset = _unit_range_affine(unit_range)
+        pooled = keras.layers.Rescaling(gain.astype(np.float32), offset.astype(np.float32),
+                                        name="outlier_features_unit_range")(pooled)
     joined = keras.layers.Concatenate(name="probabilities_and_features")([classifier.output, pooled])
     return keras.Model(classifier.input, joined, name=f"{classifier.name}_with_features")
+
+
+def _unit_range_affine(outliers: OutlierModel) -> tuple[np.ndarray, np.ndarray]:
+    gain = 1.0 / (INT8_FEATURE_SPAN * outliers.scale)
+    return gain, 0.5 - outliers.mean * gain
+
+
+def unit_range_features(features: np.ndarray, outliers: OutlierModel) -> np.ndarray:
+    """``features`` mapped so the training images' lie around 0.5, ``INT8_FEATURE_SPAN``
+    standard deviations per unit: the probabilities' range, so one int8 scale serves both."""
+    gain, offset = _unit_range_affine(outliers)
+    return np.asarray(features, np.float64) * gain + offset
+
+
+def unit_range_outliers(outliers: OutlierModel) -> OutlierModel:
+    """The same statistics for features mapped by :func:`unit_range_features`: every distance
+    is unchanged (the standardisation absorbs the per-feature affine map)."""
+    dims = outliers.mean.shape
+    return replace(outliers, mean=np.full(dims, 0.5), scale=np.full(dims, 1.0 / INT8_FEATURE_SPAN))
+
+
+def fit_file_outliers(path: str | Path, images: np.ndarray, labels: int, trust: Trust) -> Trust:
+    """``trust`` with outlier statistics fitted on the features that the exported file at ``path``
+    computes for the training ``images`` (after its ``labels`` probabilities). An int8 file
+    needs its own: its rounding moves the features about four times the float spread."""
+    from capsedge.backends import open_backend
+
+    backend = open_backend(path)
+    features = np.array([backend.run(image[np.newaxis])[labels:] for image in images])
+    provenance = trust.provenance | {
+        "outlier_statistics": "fitted on this file's own features of the training images",
+        "outlier_false_alarms_cv": outlier_false_alarms(features),
+    }
+    return replace(trust, outliers=fit_outliers(features), provenance=provenance)
 
 
 @dataclass(frozen=True)

