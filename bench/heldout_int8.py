@@ -7,10 +7,14 @@ test-time views). This converts each fold's classifier to full-integer int8
 draws them, never on the held-out ones), to dynamic range (int8 weights, float
 activations) and, with `--formats`, to float16 weights; runs each with capsedge's LiteRT
 backend on the held-out images, one view and the average of the four flips, and prints
-each one's accuracy and top-1 agreement with the float model, per fold and pooled.
+each one's accuracy and top-1 agreement with the float model, per fold and pooled. With
+`--save`, each format's four-view probabilities go into the fold folder as
+`holdout_probabilities_views_<format>.npy` (beside the float model's
+`holdout_probabilities_views.npy`, same images and order).
 
 Usage:
     python bench/heldout_int8.py --cv runs/cv512f5 [--folds 0,1] [--data DIR] [--formats int8,dynamic,float16]
+        [--save]
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ DATA = REPO.parent / "shared" / "data" / "shoulder-implants"
 VIEW_COUNTS = (1, 4)
 
 
-def measure_fold(fold: Path, dataset: object, formats: list[str]) -> dict[str, object]:
+def measure_fold(fold: Path, dataset: object, formats: list[str], save: bool = False) -> dict[str, object]:
     """Answers of the float model and of each format on the fold's held-out images."""
     from capsedge.backends import LiteRTBackend
     from capsedge.export.quantization import Quantization
@@ -55,6 +59,8 @@ def measure_fold(fold: Path, dataset: object, formats: list[str]) -> dict[str, o
                                for view in orientations(image, max(VIEW_COUNTS))] for image in images])
             for n in VIEW_COUNTS:
                 answers[name, n] = views[:, :n].mean(1).argmax(1)
+            if save:
+                np.save(fold / f"holdout_probabilities_views_{name}.npy", views.astype(np.float32))
     return {"truth": dataset.targets[held], "answers": answers}
 
 
@@ -75,6 +81,7 @@ def main() -> None:
     parser.add_argument("--folds", help="comma-separated fold numbers (default: all)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--formats", default="int8,dynamic", help="of int8, dynamic, float16")
+    parser.add_argument("--save", action="store_true", help="keep each format's held-out probabilities")
     args = parser.parse_args()
 
     from capsedge.train.data import read_dataset
@@ -86,7 +93,7 @@ def main() -> None:
     truth, pooled = [], {}
     report = {"cv": str(args.cv), "folds": {}}
     for fold in folds:
-        measured = measure_fold(fold, dataset, formats)
+        measured = measure_fold(fold, dataset, formats, args.save)
         report["folds"][fold.name] = summary(measured["truth"], measured["answers"], formats)
         print(json.dumps({fold.name: report["folds"][fold.name]}), flush=True)
         truth.append(measured["truth"])

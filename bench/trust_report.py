@@ -4,9 +4,10 @@
 
 1. Calibration, from the out-of-fold predictions of the cross-validation the model's
    temperature was fitted on (averaged over the model's test-time views, as the runtime
-   averages them): ECE before and after, the coverage/accuracy table, and a
-   cross-validated check of the whole rule (temperature and threshold fitted on four folds'
-   predictions, scored on the fifth). Writes the reliability diagram.
+   averages them; for an int8 model calibrated on the folds' int8 files, theirs): ECE before
+   and after, the coverage/accuracy table, and a cross-validated check of the whole rule
+   (temperature and threshold fitted on four folds' predictions, scored on the fifth).
+   Writes the reliability diagram.
 2. Out of distribution: the share of non-implant images the model flags (photographs and
    scikit-image samples, pydicom's CT/MR test images, MNIST digits, generated blank/noise/
    pattern images) and of the 477 development X-rays (in-sample for the feature statistics;
@@ -120,11 +121,13 @@ def main() -> None:
     files = sorted(image_files(DATA / "shoulder-implants"))
     labels = classifier.labels
     targets = np.array([labels.index(label_from_name(f)) for f in files])
-    indices, raw = out_of_fold(args.cv, len(files), classifier.test_time_views)
+    calibrated_on = classifier.metadata.trust.provenance.get("calibrated_on", "")
+    quantized = "int8" if "int8 files" in calibrated_on else None  # see export's fit_file_trust
+    indices, raw = out_of_fold(args.cv, len(files), classifier.test_time_views, quantized)
     targets = targets[indices]
     calibrated = calibrate(raw, calibration.temperature)
     report = {
-        "test_time_views": classifier.test_time_views,
+        "test_time_views": classifier.test_time_views, "calibrated_on": calibrated_on or "float folds",
         "temperature": calibration.temperature, "uncertain_below": calibration.uncertain_below,
         "ece_before": expected_calibration_error(raw, targets),
         "ece_after": expected_calibration_error(calibrated, targets),

@@ -160,19 +160,57 @@ def unit_range_outliers(outliers: OutlierModel) -> OutlierModel:
     return replace(outliers, mean=np.full(dims, 0.5), scale=np.full(dims, 1.0 / INT8_FEATURE_SPAN))
 
 
-def fit_file_outliers(path: str | Path, images: np.ndarray, labels: int, trust: Trust) -> Trust:
-    """``trust`` with outlier statistics fitted on the features that the exported file at ``path``
-    computes for the training ``images`` (after its ``labels`` probabilities). An int8 file
-    needs its own: its rounding moves the features about four times the float spread."""
+def fit_file_trust(path: str | Path, images: np.ndarray, targets: np.ndarray, trust: Trust,
+                   cross_validation: str | Path, test_time_views: int = 1) -> Trust:
+    """``trust`` refitted for the int8 file at ``path`` from that file's own outputs.
+
+    - Outlier statistics: from the features the file computes for the training ``images``
+      (after its probabilities). Int8 rounding moves them about four times the float spread.
+    - Calibration: from the held-out answers of the folds' int8 files when the
+      cross-validation has them (``bench/heldout_int8.py --save``); otherwise the float
+      folds' calibration is kept, and the provenance says so.
+    """
     from capsedge.backends import open_backend
+    from capsedge.train.evaluation import out_of_fold, views_file
 
     backend = open_backend(path)
-    features = np.array([backend.run(image[np.newaxis])[labels:] for image in images])
-    provenance = trust.provenance | {
-        "outlier_statistics": "fitted on this file's own features of the training images",
-        "outlier_false_alarms_cv": outlier_false_alarms(features),
+    outputs = np.array([backend.run(image[np.newaxis]) for image in images])
+    provenance = dict(trust.provenance)
+    outliers = trust.outliers
+    if outliers is not None:
+        features = outputs[:, outputs.shape[1] - outliers.feature_dim:]
+        outliers = fit_outliers(features)
+        provenance |= {"outlier_statistics": "fitted on this file's own features of the training images",
+                       "outlier_false_alarms_cv": outlier_false_alarms(features)}
+    calibration = trust.calibration
+    folds = sorted(Path(cross_validation).glob("fold-*"))
+    if folds and all((fold / views_file("int8")).is_file() for fold in folds):
+        indices, raw = out_of_fold(cross_validation, len(targets), test_time_views, quantized="int8")
+        fitted, report = fit_calibration(raw, targets[indices])
+        calibration = fitted
+        provenance |= report | {"calibrated_on": "the held-out answers of the folds' int8 files"}
+    else:
+        provenance["calibrated_on"] = "the held-out answers of the float folds"
+    return replace(trust, calibration=calibration, outliers=outliers, provenance=provenance)
+
+
+def fit_calibration(raw: np.ndarray, targets: np.ndarray) -> tuple[Calibration, dict[str, Any]]:
+    """Temperature and "uncertain" threshold for out-of-fold probabilities ``raw``, and the
+    figures behind them."""
+    temperature = fit_temperature(raw, targets)
+    calibrated = calibrate(raw, temperature)
+    threshold = choose_threshold(calibrated, targets)
+    report = {
+        "out_of_fold_images": int(len(targets)),
+        "out_of_fold_accuracy": float((raw.argmax(1) == targets).mean()),
+        "temperature": temperature,
+        "ece_before": expected_calibration_error(raw, targets),
+        "ece_after": expected_calibration_error(calibrated, targets),
+        "uncertain_below": threshold,
+        "target_accuracy": TARGET_ACCURACY,
+        "coverage": coverage_table(calibrated, targets),
     }
-    return replace(trust, outliers=fit_outliers(features), provenance=provenance)
+    return Calibration(temperature, threshold), report
 
 
 @dataclass(frozen=True)
@@ -205,9 +243,8 @@ def fit_trust(classifier: Any, labels: tuple[str, ...], cross_validation: str | 
     targets = np.array([dataset.classes.index(label) for label in dataset.labels])
     indices, raw = out_of_fold(cross_validation, len(targets), test_time_views)
     targets_oof = targets[indices]
-    temperature = fit_temperature(raw, targets_oof)
-    calibrated = calibrate(raw, temperature)
-    threshold = choose_threshold(calibrated, targets_oof)
+    calibration, fitted = fit_calibration(raw, targets_oof)
+    calibrated = calibrate(raw, calibration.temperature)
 
     try:
         feature_model = with_features(classifier)
@@ -219,15 +256,8 @@ def fit_trust(classifier: Any, labels: tuple[str, ...], cross_validation: str | 
         features = np.asarray(feature_model.predict(images, batch_size=16, verbose=0))[:, len(labels):]
         outliers = fit_outliers(features)
     report = {
-        "out_of_fold_images": int(len(targets_oof)),
+        **fitted,
         "test_time_views": test_time_views,
-        "out_of_fold_accuracy": float((raw.argmax(1) == targets_oof).mean()),
-        "temperature": temperature,
-        "ece_before": expected_calibration_error(raw, targets_oof),
-        "ece_after": expected_calibration_error(calibrated, targets_oof),
-        "uncertain_below": threshold,
-        "target_accuracy": TARGET_ACCURACY,
-        "coverage": coverage_table(calibrated, targets_oof),
         "reliability_before": reliability_bins(raw, targets_oof),
         "reliability_after": reliability_bins(calibrated, targets_oof),
     }
@@ -242,5 +272,5 @@ def fit_trust(classifier: Any, labels: tuple[str, ...], cross_validation: str | 
     provenance = {k: v for k, v in report.items() if k not in ("coverage", "reliability_before",
                                                                "reliability_after")}
     provenance["coverage"] = report["coverage"]
-    trust = Trust(Calibration(temperature, threshold), outliers, provenance)
+    trust = Trust(calibration, outliers, provenance)
     return TrustFit(trust, report, calibrated, raw, targets_oof)

@@ -14,6 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from capsedge import __version__
 from capsedge.errors import CapsedgeError, ModelError
 from capsedge.export.formats import ExportFormat, check_requirements, parse_formats
@@ -34,13 +36,15 @@ def export_run(
     trust: Trust | None = None,
     test_time_views: int = 1,
     train_data: str | Path | None = None,
+    cross_validation: str | Path | None = None,
 ) -> dict[str, Path]:
     """Write each format of a loaded run into ``out_dir``.
 
     With ``trust`` (see :func:`capsedge.export.trust_fit.fit_trust`), every file also outputs
     the outlier features and carries the whole section; int8 files output them mapped onto the
-    probabilities' range (:func:`capsedge.export.trust_fit.unit_range_features`) and their
-    statistics fitted on their own features of the ``train_data`` images.
+    probabilities' range (:func:`capsedge.export.trust_fit.unit_range_features`), and their
+    section is refitted on their own outputs (:func:`capsedge.export.trust_fit.fit_file_trust`:
+    features of the ``train_data`` images; the ``cross_validation`` folds' int8 answers).
     ``test_time_views`` (1, 4 or 8) is recorded for the runtime, which averages that many
     orientations of each image (the calibration must be fitted for it).
 
@@ -78,16 +82,18 @@ def export_run(
         stamped = replace(metadata, provenance=provenance, trust=file_trust)
         path = out / f"{run.name}_{fmt.name.replace('-', '_')}{fmt.suffix}"
         written[fmt.name] = fmt.load_exporter()(model, path, stamped, quantization=quantization)
-        if fmt.needs_calibration and file_trust is not None and file_trust.outliers is not None:
-            if train_data is None:
-                raise ValueError("int8 files with outlier features need the training images (train_data)")
+        if fmt.needs_calibration and file_trust is not None:
+            if train_data is None or cross_validation is None:
+                raise ValueError("an int8 file's trust section needs the training images and the folds")
             if training is None:
                 from capsedge.train.data import load_images, read_dataset
 
-                training = load_images(read_dataset(train_data), run.preprocessing)
-            from capsedge.export.trust_fit import fit_file_outliers
+                dataset = read_dataset(train_data)
+                targets = np.array([dataset.classes.index(label) for label in dataset.labels])
+                training = load_images(dataset, run.preprocessing), targets
+            from capsedge.export.trust_fit import fit_file_trust
 
-            own = fit_file_outliers(written[fmt.name], training, len(run.labels), file_trust)
+            own = fit_file_trust(written[fmt.name], *training, file_trust, cross_validation, test_time_views)
             restamp(written[fmt.name], replace(stamped, trust=own))
     return written
 
@@ -166,7 +172,8 @@ def export(
     run = load_run(model, cross_validation)
     trust = fit_run_trust(run, cross_validation, train_data, out_dir, test_time_views)
     return export_run(run, out_dir, chosen, calibration, version, trust=trust,
-                      test_time_views=test_time_views, train_data=train_data)
+                      test_time_views=test_time_views, train_data=train_data,
+                      cross_validation=cross_validation)
 
 
 def fit_run_trust(run: TrainedRun, cross_validation: str | Path | None, train_data: str | Path | None,
@@ -228,7 +235,8 @@ def export_and_verify(
     eval_set = verify.load_evaluation_set(evaluation, run.preprocessing, run.labels, eval_limit)
     trust = fit_run_trust(run, cross_validation, train_data, out_dir, test_time_views)
     written = export_run(run, out_dir, chosen, calibration, version, calibration_limit, trust=trust,
-                         test_time_views=test_time_views, train_data=train_data)
+                         test_time_views=test_time_views, train_data=train_data,
+                         cross_validation=cross_validation)
     report = verify.verify_exports(run.classifier, written, eval_set, name=run.name, labels=run.labels)
     write_report(report, out_dir)
     return written, report

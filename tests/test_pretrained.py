@@ -304,9 +304,13 @@ def check_export_with_trust(cv: Path, data: Path, out: Path) -> None:
     averages, the stage-5 features after the probabilities, and the runtime applies all three."""
     from capsedge.export.writer import export
     from capsedge.preprocess import preprocess
+    from capsedge.train.evaluation import views_file
     from capsedge.trust import calibrate
     from capsedge.views import orientations
 
+    for fold in cv.glob("fold-*"):  # stand-ins for the folds' int8 answers: the classes swapped
+        views = np.load(fold / "holdout_probabilities_views.npy")
+        np.save(fold / views_file("int8"), 0.8 * views[:, :4, ::-1] + 0.1)
     written = export(cv / "final", out, ["tflite-f32", "tflite-int8"], calibration=data, cross_validation=cv,
                      train_data=data, test_time_views=4)
     classifier = Classifier.load(written["tflite-f32"])
@@ -323,7 +327,13 @@ def check_export_with_trust(cv: Path, data: Path, out: Path) -> None:
     assert prediction.threshold == trust.calibration.uncertain_below
     assert prediction.out_of_distribution in (True, False)
     assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
-    check_int8_features(classifier, Classifier.load(written["tflite-int8"]), sorted(data.iterdir()))
+    int8_file = Classifier.load(written["tflite-int8"])
+    check_int8_features(classifier, int8_file, sorted(data.iterdir()))
+    int8_trust = int8_file.metadata.trust
+    assert int8_trust.provenance["calibrated_on"] == "the held-out answers of the folds' int8 files"
+    swapped = 1.0 - trust.provenance["out_of_fold_accuracy"]  # the stand-ins' classes are swapped
+    assert int8_trust.provenance["out_of_fold_accuracy"] == pytest.approx(swapped)
+    assert int8_trust.provenance["temperature"] == int8_trust.calibration.temperature
 
 
 def check_int8_features(float_file: Classifier, int8_file: Classifier, images: list[Path]) -> None:

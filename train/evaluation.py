@@ -19,6 +19,12 @@ from .metrics import classification_report
 VIEWS_FILE = "holdout_probabilities_views.npy"
 
 
+def views_file(quantized: str | None = None) -> str:
+    """The file of a fold's held-out probabilities per view: the float model's, or those of the
+    fold's ``quantized`` file (``int8``: written by ``python bench/heldout_int8.py --save``)."""
+    return VIEWS_FILE if quantized is None else VIEWS_FILE.replace(".npy", f"_{quantized}.npy")
+
+
 def predict_probabilities(classifier: Any, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Class probabilities of the Keras classifier for preprocessed images."""
     return np.asarray(classifier.predict(images, batch_size=batch_size, verbose=0))
@@ -72,9 +78,11 @@ def _number_or_nan(text: str | None) -> float:
         return float("nan")
 
 
-def out_of_fold(cross_validation: str | Path, images: int, views: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def out_of_fold(cross_validation: str | Path, images: int, views: int = 1,
+                quantized: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(indices, probabilities)`` of every image from a ``--folds K`` folder's held-out folds,
-    averaged over ``views`` test-time views (``holdout_probabilities_views.npy``) when more than one.
+    averaged over ``views`` test-time views (``holdout_probabilities_views.npy``) when more than one;
+    with ``quantized``, those of the folds' quantized files (see :func:`views_file`).
 
     Raises:
         CapsedgeError: a fold is missing its held-out predictions (or those views), or they do
@@ -83,7 +91,11 @@ def out_of_fold(cross_validation: str | Path, images: int, views: int = 1) -> tu
     folds = sorted(Path(cross_validation).glob("fold-*"))
     if not folds:
         raise CapsedgeError(f"no fold-* folders in {cross_validation}")
-    missing = [f.name for f in folds if views > 1 and not (f / VIEWS_FILE).is_file()]
+    name = views_file(quantized)
+    missing = [f.name for f in folds if (views > 1 or quantized) and not (f / name).is_file()]
+    if missing and quantized:
+        raise CapsedgeError(f"{cross_validation}/{missing[0]} has no {name} (python bench/heldout_int8.py "
+                            f"--cv DIR --formats {quantized} --save writes it)")
     if missing:
         raise CapsedgeError(f"{cross_validation}/{missing[0]} has no {VIEWS_FILE} for {views} test-time "
                             "views (runs of capsedge before 0.4 did not write it: python "
@@ -91,8 +103,8 @@ def out_of_fold(cross_validation: str | Path, images: int, views: int = 1) -> tu
     try:
         indices = np.concatenate([np.load(f / "holdout_indices.npy") for f in folds])
         probabilities = np.concatenate([
-            np.load(f / "holdout_probabilities.npy") if views == 1
-            else average_views(np.load(f / VIEWS_FILE), views) for f in folds])
+            np.load(f / "holdout_probabilities.npy") if views == 1 and not quantized
+            else average_views(np.load(f / name), views) for f in folds])
     except (OSError, ValueError) as exc:
         raise CapsedgeError(f"cannot read the held-out predictions in {cross_validation} "
                             f"({type(exc).__name__})") from None
