@@ -30,7 +30,7 @@ def test_bundled_model_metadata(classifier: Classifier) -> None:
     assert metadata.provenance["metrics"]["pretrained"]["licence"] == "Apache-2.0"
     assert metadata.provenance["metrics"]["init"] == "imagenet"
     assert metadata.provenance["cross_validation"]["folds"] == 5
-    assert metadata.provenance["format"] == "tflite-f16"  # float16 weights; see README, "The bundled model"
+    assert metadata.provenance["format"] == "tflite-int8"  # full integer; see README, "The bundled model"
     assert default_model_path().stat().st_size <= 6 * 1024 * 1024
 
 

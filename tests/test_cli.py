@@ -54,7 +54,7 @@ def test_json_output_shape(xray_png: Path) -> None:
         assert set(record) == {"path", "label", "probabilities", "latency_ms", "model_version", "uncertain",
                                "threshold", "out_of_distribution", "ood_reason"}
         assert record["path"] == str(xray_png)
-        assert record["model_version"] == "effcaps_ncp_lite0_512-0.5.0"
+        assert record["model_version"] == "effcaps_ncp_lite0_512-0.6.0"
         assert list(record["probabilities"]) == LABELS
         assert sum(record["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
         assert record["label"] == max(record["probabilities"], key=record["probabilities"].get)
