@@ -1,9 +1,13 @@
-"""onnx-int8 against float ONNX when the first convolutions stay float: top-1 agreement.
+"""ONNX Runtime's static int8 quantization against float ONNX, the first convolutions float.
 
 Quantizes a float ``.onnx`` export (as ``capsedge export --formats onnx`` writes it) the way
-the ``onnx-int8`` format does, keeping the first K convolutions float for each K asked,
-and prints each variant's top-1 agreement with the float file on every image of the
-data folder (calibrated on 16 of them, evenly spaced).
+the ``onnx-int8`` format did in 0.2-0.5 (before it became the translation of the TFLite int8
+file, ``bench/onnx_from_tflite_int8.py``): QuantizeLinear/DequantizeLinear pairs around the
+convolutions, symmetric int8 activations and per-channel weights, ranges from the 99.999th
+percentile, keeping the first K convolutions float for each K asked. Prints each variant's
+top-1 agreement with the float file on every image of the data folder (calibrated on 16 of
+them, evenly spaced: onnxruntime's percentile calibrator keeps every calibrated tensor of
+every image in memory, about 100 MB per image at 512x512, so few images fit).
 
 Usage:
     python bench/onnx_int8_float_first.py --onnx exported/effcaps_ncp_lite0_512_onnx.onnx \\
@@ -13,15 +17,67 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import logging
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "shoulder-implants"
+
+
+#: Operator types quantized to int8.
+QUANTIZED_OP_TYPES = ("Conv",)
+
+
+class _CalibrationReader:
+    """Feeds preprocessed images to onnxruntime's calibrator, one batch of one at a time."""
+
+    def __init__(self, input_name: str, images: Callable[[], Iterable[np.ndarray]]) -> None:
+        self._input_name = input_name
+        self._images = images
+        self._iterator: Iterator[np.ndarray] | None = None
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._iterator is None:
+            self._iterator = iter(self._images())
+        image = next(self._iterator, None)
+        if image is None:
+            return None
+        return {self._input_name: np.asarray(image, np.float32)[np.newaxis]}
+
+    def rewind(self) -> None:
+        self._iterator = None
+
+
+def quantize_qdq(float_model: Any, calibration: Callable[[], Iterable[np.ndarray]], float_first: int) -> Any:
+    """int8 QDQ model from a float ``onnx.ModelProto``: symmetric activations, per-channel weights;
+    the first ``float_first`` convolutions stay float."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    with tempfile.TemporaryDirectory(prefix="capsedge-onnx-") as work:
+        source, target = Path(work) / "float.onnx", Path(work) / "int8.onnx"
+        onnx.save(float_model, source)
+        convolutions = [node.name for node in float_model.graph.node if node.op_type in QUANTIZED_OP_TYPES]
+        logging.getLogger().setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(
+                str(source), str(target),
+                _CalibrationReader(float_model.graph.input[0].name, calibration),
+                quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                per_channel=True, op_types_to_quantize=list(QUANTIZED_OP_TYPES),
+                nodes_to_exclude=convolutions[:float_first], calibrate_method=CalibrationMethod.Percentile,
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            )
+        return onnx.load(target)
 
 
 def main() -> None:
@@ -34,7 +90,6 @@ def main() -> None:
     import onnx
 
     from capsedge.backends import OnnxBackend
-    from capsedge.export.onnx_format import quantize_qdq
     from capsedge.folders import image_files
     from capsedge.metadata import read_metadata
     from capsedge.preprocess import preprocess

@@ -67,7 +67,7 @@ FORMATS: dict[str, ExportFormat] = {
         ExportFormat("onnx", ".onnx", "float32", _ONNX, _TF2ONNX, "export",
                      "onnxruntime: CPU, CUDA, TensorRT"),
         ExportFormat("onnx-int8", ".onnx", "int8", _ONNX, _TF2ONNX, "export",
-                     "onnxruntime, int8 convolutions (QDQ): CPU, TensorRT", "onnx"),
+                     "onnxruntime: the tflite-int8 graph in QDQ form (CPU)", "onnx"),
         ExportFormat("edgetpu", ".tflite", "int8", _EDGETPU, _TF, "export",
                      "Coral Edge TPU (compiled when edgetpu_compiler is installed)", "tflite-f32"),
     )

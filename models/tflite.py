@@ -26,7 +26,8 @@ CALIBRATION_IMAGES = 200
 
 
 def keras_to_tflite(model: Any, mode: str = "float32",
-                    calibration: Callable[[], Iterable[np.ndarray]] | None = None) -> bytes:
+                    calibration: Callable[[], Iterable[np.ndarray]] | None = None, *,
+                    float_io: bool = False, keep_names: bool = False) -> bytes:
     """Convert a Keras model with one ``(None, H, W, C)`` input to TFLite flatbuffer bytes.
 
     Args:
@@ -34,6 +35,9 @@ def keras_to_tflite(model: Any, mode: str = "float32",
         mode: ``"float32"``, ``"float16"`` (float16 weights), ``"dynamic"`` (int8 weights,
             float activations) or ``"int8"`` (full integer, int8 in and out).
         calibration: for ``"int8"``: returns an iterable of preprocessed ``(H, W, C)`` images.
+        float_io: for ``"int8"``: float input and output around the integer graph (what a
+            translation to ONNX needs).
+        keep_names: keep the tensor names (:func:`strip_names` drops them otherwise).
     """
     import tensorflow as tf
 
@@ -42,7 +46,8 @@ def keras_to_tflite(model: Any, mode: str = "float32",
     with tempfile.TemporaryDirectory(prefix="capsedge-export-") as saved_model:
         write_saved_model(model, saved_model)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
-        return strip_names(_convert(converter, mode, calibration))
+        flatbuffer = _convert(converter, mode, calibration, float_io)
+    return flatbuffer if keep_names else strip_names(flatbuffer)
 
 
 def strip_names(flatbuffer: bytes) -> bytes:
@@ -73,7 +78,8 @@ def write_saved_model(model: Any, directory: str | Path) -> None:
     archive.write_out(str(directory), verbose=False)
 
 
-def _convert(converter: Any, mode: str, calibration: Callable[[], Iterable[np.ndarray]] | None) -> bytes:
+def _convert(converter: Any, mode: str, calibration: Callable[[], Iterable[np.ndarray]] | None,
+             float_io: bool = False) -> bytes:
     import tensorflow as tf
 
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
@@ -84,8 +90,9 @@ def _convert(converter: Any, mode: str, calibration: Callable[[], Iterable[np.nd
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     elif mode == "int8":
         set_full_integer(converter, calibration)
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
+        if not float_io:
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
     elif mode != "float32":
         raise ValueError(f"unknown quantization mode {mode!r}")
     return converter.convert()
