@@ -25,6 +25,7 @@ import contextlib
 import io
 import logging
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,9 @@ def translate_tflite_int8(model: Any, calibration: Callable[[], Iterable[np.ndar
     with tempfile.TemporaryDirectory(prefix="capsedge-onnx-") as work:
         source = Path(work) / "int8.tflite"
         source.write_bytes(flatbuffer)
-        with _quiet_logger("tf2onnx"), contextlib.redirect_stdout(io.StringIO()):
+        with (_quiet_logger("tf2onnx"), contextlib.redirect_stdout(io.StringIO()),
+              warnings.catch_warnings()):
+            warnings.simplefilter("ignore")  # tf2onnx reads shapes with tf.lite.Interpreter, which warns
             proto, _ = tf2onnx.convert.from_tflite(str(source), opset=opset)
     _rename_input(proto, INPUT_NAME)
     return proto

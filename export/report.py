@@ -21,7 +21,7 @@ class Goals:
         float_agreement: top-1 agreement of the float32 TFLite model with Keras.
         reduced_agreement: top-1 agreement of float16, dynamic-range and int8 models.
         int8_accuracy_points: how far int8 accuracy may move from Keras', in points of 1.
-        int8_size_ratio: int8 file size over its float32 counterpart's, at most.
+        int8_size_ratio: an int8 file's constant bytes over its float32 counterpart's, at most.
     """
 
     onnx_max_abs_diff: float = 1e-4
