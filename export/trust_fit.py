@@ -173,12 +173,11 @@ def fit_file_trust(path: str | Path, images: np.ndarray, targets: np.ndarray, tr
     from capsedge.backends import open_backend
     from capsedge.train.evaluation import out_of_fold, views_file
 
-    backend = open_backend(path)
-    outputs = np.array([backend.run(image[np.newaxis]) for image in images])
     provenance = dict(trust.provenance)
     outliers = trust.outliers
     if outliers is not None:
-        features = outputs[:, outputs.shape[1] - outliers.feature_dim:]
+        backend = open_backend(path)
+        features = np.array([backend.run(image[np.newaxis])[-outliers.feature_dim:] for image in images])
         outliers = fit_outliers(features)
         provenance |= {"outlier_statistics": "fitted on this file's own features of the training images",
                        "outlier_false_alarms_cv": outlier_false_alarms(features)}
