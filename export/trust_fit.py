@@ -239,7 +239,7 @@ def fit_trust(classifier: Any, labels: tuple[str, ...], cross_validation: str | 
     dataset = read_dataset(train_data)
     if tuple(dataset.classes) != tuple(labels):
         raise CapsedgeError(f"{train_data} has classes {list(dataset.classes)}, the model {list(labels)}")
-    targets = np.array([dataset.classes.index(label) for label in dataset.labels])
+    targets = dataset.targets
     indices, raw = out_of_fold(cross_validation, len(targets), test_time_views)
     targets_oof = targets[indices]
     calibration, fitted = fit_calibration(raw, targets_oof)

@@ -14,8 +14,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from capsedge import __version__
 from capsedge.errors import CapsedgeError, ModelError
 from capsedge.export.formats import ExportFormat, check_requirements, parse_formats
@@ -89,8 +87,7 @@ def export_run(
                 from capsedge.train.data import load_images, read_dataset
 
                 dataset = read_dataset(train_data)
-                targets = np.array([dataset.classes.index(label) for label in dataset.labels])
-                training = load_images(dataset, run.preprocessing), targets
+                training = load_images(dataset, run.preprocessing), dataset.targets
             from capsedge.export.trust_fit import fit_file_trust
 
             own = fit_file_trust(written[fmt.name], *training, file_trust, cross_validation, test_time_views)
