@@ -23,8 +23,8 @@ import numpy as np
 from capsedge.errors import CapsedgeError
 from capsedge.export.graph import tflite_graph
 from capsedge.export.quantization import Quantization
-from capsedge.export.tflite_format import export_tflite
-from capsedge.metadata import ModelMetadata, embed_in_tflite, sidecar_path
+from capsedge.export.tflite_format import export_tflite, stamp_tflite
+from capsedge.metadata import ModelMetadata
 
 COMPILER = "edgetpu_compiler"
 
@@ -163,8 +163,7 @@ def export_edgetpu(
             raise CapsedgeError(f"{COMPILER} failed on {path.name}: {last[0]}")
         compiled = compiled_path(path)
         if compiled.is_file():  # the compiler rewrites the flatbuffer: store the metadata again
-            embed_in_tflite(compiled, metadata)
-            sidecar_path(compiled).write_text(metadata.to_json() + "\n", encoding="utf-8")
+            stamp_tflite(compiled, metadata)
     return path
 
 

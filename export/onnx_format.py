@@ -128,7 +128,6 @@ def export_onnx(
     Returns:
         The path written.
     """
-    import onnx
 
     quantization = quantization or Quantization.for_float32()
     if quantization.mode not in ("float32", "int8"):
@@ -137,9 +136,15 @@ def export_onnx(
         proto = translate_tflite_int8(model, quantization.calibration)
     else:
         proto = convert_to_onnx(model)
+    return save_onnx(proto, Path(path), metadata)
+
+
+def save_onnx(proto: Any, path: Path, metadata: ModelMetadata) -> Path:
+    """Embed ``metadata`` in ``proto`` (replacing any), check it, and write it and its sidecar."""
+    import onnx
+
     embed_in_onnx(proto, metadata)
     onnx.checker.check_model(proto)
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, path)
     sidecar_path(path).write_text(metadata.to_json() + "\n", encoding="utf-8")

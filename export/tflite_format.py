@@ -10,7 +10,8 @@ from capsedge.export.quantization import Quantization
 from capsedge.metadata import ModelMetadata, embed_in_tflite, sidecar_path
 from capsedge.models.tflite import keras_to_tflite, strip_names, write_saved_model
 
-__all__ = ["Quantization", "convert_to_tflite", "export_tflite", "strip_names", "write_saved_model"]
+__all__ = ["Quantization", "convert_to_tflite", "export_tflite", "stamp_tflite", "strip_names",
+           "write_saved_model"]
 
 
 def convert_to_tflite(model: Any, quantization: Quantization) -> bytes:
@@ -34,6 +35,11 @@ def export_tflite(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(convert_to_tflite(model, quantization or Quantization.for_float32()))
+    stamp_tflite(path, metadata)
+    return path
+
+
+def stamp_tflite(path: Path, metadata: ModelMetadata) -> None:
+    """Embed ``metadata`` in the ``.tflite`` file at ``path`` (replacing any) and write its sidecar."""
     embed_in_tflite(path, metadata)
     sidecar_path(path).write_text(metadata.to_json() + "\n", encoding="utf-8")
-    return path

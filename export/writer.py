@@ -20,7 +20,7 @@ from capsedge.export.formats import ExportFormat, check_requirements, parse_form
 from capsedge.export.quantization import CALIBRATION_IMAGES, Quantization
 from capsedge.export.run import TrainedRun, calibration_files, calibration_images, load_run
 from capsedge.folders import image_files
-from capsedge.metadata import ModelMetadata, embed_in_tflite, sidecar_path
+from capsedge.metadata import ModelMetadata
 from capsedge.trust import Trust
 
 
@@ -97,21 +97,19 @@ def export_run(
 
 def restamp(path: Path, metadata: ModelMetadata) -> None:
     """Replace the metadata of a written file (and of its Edge TPU compilation, if any)."""
-    from capsedge.export.edgetpu_format import compiled_path
-
     if path.suffix == ".onnx":
         import onnx
 
-        from capsedge.export.onnx_format import embed_in_onnx
+        from capsedge.export.onnx_format import save_onnx
 
-        proto = onnx.load(str(path))
-        embed_in_onnx(proto, metadata)
-        onnx.save(proto, str(path))
-    else:
-        embed_in_tflite(path, metadata)
-    sidecar_path(path).write_text(metadata.to_json() + "\n", encoding="utf-8")
-    if path.suffix == ".tflite" and compiled_path(path).is_file():
-        restamp(compiled_path(path), metadata)
+        save_onnx(onnx.load(str(path)), path, metadata)
+        return
+    from capsedge.export.edgetpu_format import compiled_path
+    from capsedge.export.tflite_format import stamp_tflite
+
+    stamp_tflite(path, metadata)
+    if compiled_path(path).is_file():
+        stamp_tflite(compiled_path(path), metadata)
 
 
 def _with_features(classifier: Any, trust: Trust, int8: bool) -> tuple[Any, Trust]:
