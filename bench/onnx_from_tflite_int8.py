@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,32 +33,28 @@ def main() -> None:
     args = parser.parse_args()
 
     import onnxruntime as ort
-    import tensorflow as tf
-    import tf2onnx
     from ai_edge_litert.interpreter import Interpreter
 
+    from capsedge.export.onnx_format import tflite_to_onnx
     from capsedge.export.run import calibration_images, load_run
     from capsedge.folders import image_files
-    from capsedge.models.tflite import set_full_integer, write_saved_model
+    from capsedge.models.tflite import keras_to_tflite
     from capsedge.preprocess import preprocess
 
     run = load_run(args.run)
     files = image_files(args.data)[: args.limit]
     images = np.array([preprocess(path, run.preprocessing) for path in files])
     reference = run.classifier.predict(images, batch_size=16, verbose=0).argmax(axis=1)
-    with tempfile.TemporaryDirectory(prefix="capsedge-onnx-tflite-") as folder:
-        write_saved_model(run.classifier, folder)
-        converter = tf.lite.TFLiteConverter.from_saved_model(folder)
-        set_full_integer(converter, calibration_images(args.data, run.preprocessing))
-        tflite_path = Path(folder) / "int8.tflite"
-        tflite_path.write_bytes(converter.convert())  # names kept: tf2onnx reads them
-        onnx_path = Path(folder) / "int8.onnx"
-        tf2onnx.convert.from_tflite(str(tflite_path), opset=17, output_path=str(onnx_path))
-        interpreter = Interpreter(str(tflite_path))
-        interpreter.allocate_tensors()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    # the export's onnx-int8 route (capsedge.export.onnx_format.translate_tflite_int8), keeping
+    # the TFLite file it translates to run beside it
+    flatbuffer = keras_to_tflite(run.classifier, "int8", calibration_images(args.data, run.preprocessing),
+                                 float_io=True, keep_names=True)
+    interpreter = Interpreter(model_content=flatbuffer)
+    interpreter.allocate_tensors()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(tflite_to_onnx(flatbuffer).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
     tflite_in, tflite_out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     onnx_input = session.get_inputs()[0].name
     onnx_answers, tflite_answers, latencies = [], [], []

@@ -75,12 +75,17 @@ def convert_to_onnx(model: Any, opset: int = OPSET) -> Any:
 def translate_tflite_int8(model: Any, calibration: Callable[[], Iterable[np.ndarray]],
                           opset: int = OPSET) -> Any:
     """The full-integer TFLite conversion of ``model`` (float input and output), translated to
-    an ``onnx.ModelProto`` in QDQ form; its input is renamed ``image``."""
-    import tf2onnx
-
+    an ``onnx.ModelProto`` in QDQ form (:func:`tflite_to_onnx`)."""
     from capsedge.models.tflite import keras_to_tflite
 
-    flatbuffer = keras_to_tflite(model, "int8", calibration, float_io=True, keep_names=True)
+    return tflite_to_onnx(keras_to_tflite(model, "int8", calibration, float_io=True, keep_names=True), opset)
+
+
+def tflite_to_onnx(flatbuffer: bytes, opset: int = OPSET) -> Any:
+    """A TFLite flatbuffer with its tensor names, translated by tf2onnx to an ``onnx.ModelProto``
+    whose input is named ``image``."""
+    import tf2onnx
+
     with tempfile.TemporaryDirectory(prefix="capsedge-onnx-") as work:
         source = Path(work) / "int8.tflite"
         source.write_bytes(flatbuffer)
