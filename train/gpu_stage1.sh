@@ -15,8 +15,10 @@
 #
 # Defaults: 50 epochs of lite0_linear_512, 5 folds, --augment full, AdamW (wd 0.05), warm-up
 # and cosine decay from 1e-3, batch 32. Environment: KERAS_BACKEND (default jax: a GPU machine
-# with JAX and no TensorFlow), CAPSEDGE (the command, default capsedge), WORKERS (augmenting
-# threads per part, default 2), CAPSEDGE_COMMIT (recorded in the provenance).
+# with JAX and no TensorFlow), CAPSEDGE (the command, default capsedge), PARALLEL (parts trained
+# at once, default 3: on one H200, six at once ran three out of GPU memory, three at once took
+# 270 s for 50 epochs), WORKERS (augmenting threads per part, default 4), CAPSEDGE_COMMIT
+# (recorded in the provenance).
 # Re-running it resumes: finished parts are skipped, interrupted ones resume from their last epoch.
 set -euo pipefail
 
@@ -43,9 +45,10 @@ recipe=(--data "$data" --out "$run" --model "$model" --freeze-stages 0 --augment
 started=$(date +%s)
 parts=$(seq 0 $((folds - 1))) 
 for part in $parts final; do
+    while [ "$(jobs -rp | wc -l)" -ge "${PARALLEL:-3}" ]; do wait -n || true; done
     name=$([ "$part" = final ] && echo final || echo "fold-$part")
     (
-        "$capsedge" train "${recipe[@]}" --fold "$part" --workers "${WORKERS:-2}" \
+        "$capsedge" train "${recipe[@]}" --fold "$part" --workers "${WORKERS:-4}" \
             >"$out/logs/$name.log" 2>&1 \
             && tar czf "$pack/stage1-$name.tar.gz" -C "$run" --exclude classifier.keras \
                 --exclude backup "$name" \

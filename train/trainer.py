@@ -51,6 +51,30 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
+def resumable_backup(folder: Path) -> Any:
+    """Keras' ``BackupAndRestore`` into ``folder`` (weights, optimiser and epoch, every epoch),
+    keeping the previous epoch's backup too: a run stopped while it was writing one (killed,
+    out of memory) resumes from the epoch before."""
+    import keras
+
+    class Backup(keras.callbacks.BackupAndRestore):
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            try:
+                super().on_train_begin(logs)
+            except ValueError:  # a half-written weights file opens, but lacks variables
+                previous = Path(self._prev_weights_path)
+                if not previous.is_file():
+                    raise UsageError(f"the backup in {folder} is unreadable (the run stopped while "
+                                     "writing it): delete that folder to restart the run") from None
+                Path(self._weights_path).write_bytes(previous.read_bytes())
+                metadata = Path(self._prev_training_metadata_path)
+                if metadata.is_file():
+                    Path(self._training_metadata_path).write_bytes(metadata.read_bytes())
+                self._load_model()
+
+    return Backup(str(folder), double_checkpoint=True)
+
+
 def _compile_trainer(model: Any, config: TrainConfig, counts: np.ndarray, steps: int) -> None:
     """Compile ``model`` (the trainer, or the part above a frozen trunk) with the losses of its
     outputs and the configured optimiser and schedule."""
@@ -319,7 +343,7 @@ def train(
 
     callbacks = [
         EpochSetter(batches),
-        keras.callbacks.BackupAndRestore(str(backup)),  # resumable, deleted when the run completes
+        resumable_backup(backup),  # deleted when the run completes
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume),
     ]
     start = time.perf_counter()
