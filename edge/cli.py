@@ -153,8 +153,21 @@ def is_loopback(host: str) -> bool:
               help="Require 'Authorization: Bearer TOKEN' on every API call (or set CAPSEDGE_TOKEN).")
 @click.option("--max-upload-mb", type=click.IntRange(1, 1024), default=50, show_default=True,
               help="Largest accepted image file, in MiB.")
+@click.option("--max-uploads", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Requests holding an upload in memory at once (reading, queued, classified); "
+                   "more get 503.")
+@click.option("--body-timeout", type=click.FloatRange(0.1, 3600), default=60.0, show_default=True,
+              help="Seconds an upload may take to arrive (then 408).")
+@click.option("--header-timeout", type=click.FloatRange(0.1, 600), default=10.0, show_default=True,
+              help="Seconds a client may take to send a request's headers (then the connection closes).")
+@click.option("--max-connections", type=click.IntRange(2, 4096), default=64, show_default=True,
+              help="Open connections at most; the oldest idle one makes room for a new one.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="A Host name to answer (repeatable; '*' for any). Default: on a loopback "
+                   "--host, its loopback names; otherwise any.")
 def serve(host: str, port: int, model_path: Path | None, workers: int, token: str | None,
-          max_upload_mb: int) -> None:
+          max_upload_mb: int, max_uploads: int, body_timeout: float, header_timeout: float,
+          max_connections: int, allowed_hosts: tuple[str, ...]) -> None:
     """Serve the classifier over HTTP: a JSON API and a page for the browser [serve extra]."""
     if token is not None and (len(token) < MIN_TOKEN_LENGTH or not token.isascii()
                               or not token.isprintable() or " " in token):
@@ -185,12 +198,30 @@ def serve(host: str, port: int, model_path: Path | None, workers: int, token: st
     except CapsedgeError as exc:
         sock.close()
         fail_and_exit(str(exc))
-    app = server.create_app(classifiers, token=token, max_upload_bytes=max_upload_mb * server.MIB)
+    app = server.create_app(classifiers, token=token, max_upload_bytes=max_upload_mb * server.MIB,
+                            max_uploads=max_uploads, body_timeout=body_timeout,
+                            allowed_hosts=host_names(host, allowed_hosts))
     address = sock.getsockname()
     shown = f"[{address[0]}]" if ":" in address[0] else address[0]
     click.echo(f"capsedge: serving {classifiers[0].metadata.version} on http://{shown}:{address[1]}/ "
                "(Ctrl-C to stop)", err=True)
-    server.run(app, sock)
+    server.run(app, sock, header_timeout=header_timeout, max_connections=max_connections)
+
+
+def host_names(host: str, allowed: tuple[str, ...]) -> list[str] | None:
+    """The Host names the service answers: ``allowed`` (``None`` for ``*``); by default, on a
+    loopback address, its loopback names (a page elsewhere reaching the port by DNS rebinding
+    sends its own name and is refused), and on another address any name (the token guards it)."""
+    if "*" in allowed:
+        return None
+    if allowed:
+        return list(allowed)
+    if not is_loopback(host):
+        return None
+    from .serve import LOOPBACK_HOSTS
+
+    own = f"[{host.strip('[]')}]" if ":" in host else host
+    return sorted({*LOOPBACK_HOSTS, own.lower()})
 
 
 def expand_inputs(paths: tuple[str, ...]) -> list[tuple[str, str | None]]:
