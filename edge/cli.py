@@ -16,6 +16,7 @@ import click
 from . import __version__
 from .boundary import EXIT_FAILED, error_boundary, fail, fail_and_exit, printable
 from .errors import CapsedgeError, ImageError
+from .outputs import refuse_overwrite
 
 if TYPE_CHECKING:
     from .classifier import Prediction
@@ -250,22 +251,6 @@ def expand_inputs(paths: tuple[str, ...]) -> list[tuple[str, str | None]]:
     return entries
 
 
-def _same_file(target: Path, paths: list[str | Path]) -> bool:
-    """Whether ``target`` exists and is one of ``paths`` (links and other spellings included)."""
-    try:
-        status = target.stat()
-    except (OSError, ValueError):
-        return False
-    for path in paths:
-        try:
-            other = Path(path).stat()
-        except (OSError, ValueError):
-            continue
-        if (other.st_dev, other.st_ino) == (status.st_dev, status.st_ino):
-            return True
-    return False
-
-
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=str, readable=False))
 @click.option(
@@ -292,8 +277,9 @@ def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, ba
     files = expand_inputs(images)
     if not files:
         fail_and_exit("no images found in " + ", ".join(images))
-    if csv_path is not None and _same_file(csv_path, [path for path, _ in files] + [classifier.model_path]):
-        fail_and_exit(f"--csv {csv_path} is one of the inputs or the model; refusing to overwrite it")
+    if csv_path is not None:
+        with error_boundary():
+            refuse_overwrite(csv_path, [path for path, _ in files] + [classifier.model_path], "--csv")
     rows: list[dict[str, object]] = []
     failed = 0
     for image, problem in files:
@@ -346,6 +332,7 @@ def explain(image: str, out_path: Path | None, model_path: Path | None, backend:
     out = out_path if out_path is not None else Path(Path(image).name + ".explain.png")
     with error_boundary():
         classifier = Classifier.load(model_path, backend=backend, threads=threads)
+        refuse_overwrite(out, [image, classifier.model_path], "--out")
     bar = ProgressBar("explain")
     try:
         explanation = occlusion_map(classifier, image, grid, progress=bar.update)
