@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import ModelError, RuntimeMissingError, missing_extra
 from .limits import MAX_MODEL_BYTES
+from .model_guard import check_tflite
 
 
 class Backend(Protocol):
@@ -128,6 +129,7 @@ class LiteRTBackend:
             RuntimeMissingError: no TFLite runtime is installed.
         """
         interpreter_class = load_litert_interpreter_class()
+        check_tflite(Path(model_path))  # a corrupt file must not abort the process inside LiteRT
         delegates = self._delegates()
         try:
             with native_stderr_silenced():
