@@ -213,9 +213,9 @@ def test_threads_leave_warnings_and_loggers_as_they_were(tmp_path: Path) -> None
     decoders are where the filters were swapped). Unguarded, every run left the host's first
     warnings filter 'ignore' and pydicom's logger silenced."""
     pytest.importorskip("pydicom")
-    from capsedge.preprocess import preprocess
-
     from test_dicom import write_dicom
+
+    from capsedge.preprocess import preprocess
 
     dicom = write_dicom(tmp_path / "scan.dcm", synthetic_xray().astype(np.uint16) * 16).read_bytes()
     buffer = io.BytesIO()
