@@ -490,5 +490,8 @@ def run(app: Starlette, sock: socket.socket, *, header_timeout: float | None = N
         app, log_level="info", server_header=False, date_header=False,
         http=guarded_protocol(header_timeout or DEFAULT_HEADER_TIMEOUT, connections),
         timeout_keep_alive=KEEP_ALIVE_TIMEOUT, limit_concurrency=connections + 1,
+        # asyncio accepts up to ``backlog`` connections per wake-up before any is handled: more
+        # than the cap at once would run the process out of file descriptors.
+        backlog=connections,
     )
     uvicorn.Server(config).run(sockets=[sock])
