@@ -275,3 +275,13 @@ def test_only_loopback_host_names_are_answered(server: Server) -> None:
         assert_json_error(answer, 400, "invalid Host header")
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}"):
         assert serve_burst.request(server.url, "GET", "api/health", headers={"Host": host})[0] == 200
+
+
+def test_allowed_host_names_by_listening_address() -> None:
+    from capsedge.cli import host_names
+
+    assert host_names("127.0.0.1", ()) == ["127.0.0.1", "[::1]", "localhost"]
+    assert "[::1]" in host_names("::1", ()) and "127.0.0.2" in host_names("127.0.0.2", ())
+    assert host_names("0.0.0.0", ()) is None  # reachable by any name; the token guards it
+    assert host_names("127.0.0.1", ("*",)) is None
+    assert host_names("127.0.0.1", ("xray.local",)) == ["xray.local"]
