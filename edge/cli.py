@@ -188,6 +188,11 @@ def serve(host: str, port: int, model_path: Path | None, workers: int, token: st
         fail_and_exit(f"'capsedge serve' needs {package}: pip install 'capsedge[serve]'")
     from .classifier import Classifier
 
+    spare = open_files_limit() - FILES_BESIDE_CONNECTIONS
+    if spare < max_connections:
+        fail_and_exit(f"--max-connections {max_connections} needs more open files than this process "
+                      f"may have ({spare + FILES_BESIDE_CONNECTIONS}, 'ulimit -n'); lower it or raise "
+                      "the limit")
     try:
         sock = server.listen(host, port)
     except OSError as exc:
@@ -207,6 +212,21 @@ def serve(host: str, port: int, model_path: Path | None, workers: int, token: st
     click.echo(f"capsedge: serving {classifiers[0].metadata.version} on http://{shown}:{address[1]}/ "
                "(Ctrl-C to stop)", err=True)
     server.run(app, sock, header_timeout=header_timeout, max_connections=max_connections)
+
+
+#: Open files the server needs besides its connections (the model, libraries, the log, the
+#: listening socket, a classification's file reads).
+FILES_BESIDE_CONNECTIONS = 32
+
+
+def open_files_limit() -> int:
+    """This process's open-file limit (``ulimit -n``); very large where it cannot be read."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return 1 << 30
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 30
 
 
 def host_names(host: str, allowed: tuple[str, ...]) -> list[str] | None:

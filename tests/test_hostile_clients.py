@@ -285,3 +285,15 @@ def test_allowed_host_names_by_listening_address() -> None:
     assert host_names("0.0.0.0", ()) is None  # reachable by any name; the token guards it
     assert host_names("127.0.0.1", ("*",)) is None
     assert host_names("127.0.0.1", ("xray.local",)) == ["xray.local"]
+
+
+def test_connection_cap_must_fit_the_open_files_limit() -> None:
+    """Over ``ulimit -n``, accept would fail with EMFILE before the cap is reached."""
+    script = ("import resource\nfrom capsedge.cli import main\n"
+              "_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
+              "main(['serve', '--port', '0', '--max-connections', '40'])")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("capsedge: error: --max-connections 40 needs more open files than this "
+                                   "process may have (64, 'ulimit -n'); lower it or raise the limit")
