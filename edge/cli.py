@@ -16,6 +16,7 @@ import click
 from . import __version__
 from .boundary import EXIT_FAILED, error_boundary, fail, fail_and_exit, printable
 from .errors import CapsedgeError, ImageError
+from .outputs import refuse_overwrite
 
 if TYPE_CHECKING:
     from .classifier import Prediction
@@ -153,8 +154,21 @@ def is_loopback(host: str) -> bool:
               help="Require 'Authorization: Bearer TOKEN' on every API call (or set CAPSEDGE_TOKEN).")
 @click.option("--max-upload-mb", type=click.IntRange(1, 1024), default=50, show_default=True,
               help="Largest accepted image file, in MiB.")
+@click.option("--max-uploads", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Requests holding an upload in memory at once (reading, queued, classified); "
+                   "more get 503.")
+@click.option("--body-timeout", type=click.FloatRange(0.1, 3600), default=60.0, show_default=True,
+              help="Seconds an upload may take to arrive (then 408).")
+@click.option("--header-timeout", type=click.FloatRange(0.1, 600), default=10.0, show_default=True,
+              help="Seconds a client may take to send a request's headers (then the connection closes).")
+@click.option("--max-connections", type=click.IntRange(2, 4096), default=64, show_default=True,
+              help="Open connections at most; the oldest idle one makes room for a new one.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="A Host name to answer (repeatable; '*' for any). Default: on a loopback "
+                   "--host, its loopback names; otherwise any.")
 def serve(host: str, port: int, model_path: Path | None, workers: int, token: str | None,
-          max_upload_mb: int) -> None:
+          max_upload_mb: int, max_uploads: int, body_timeout: float, header_timeout: float,
+          max_connections: int, allowed_hosts: tuple[str, ...]) -> None:
     """Serve the classifier over HTTP: a JSON API and a page for the browser [serve extra]."""
     if token is not None and (len(token) < MIN_TOKEN_LENGTH or not token.isascii()
                               or not token.isprintable() or " " in token):
@@ -174,6 +188,11 @@ def serve(host: str, port: int, model_path: Path | None, workers: int, token: st
         fail_and_exit(f"'capsedge serve' needs {package}: pip install 'capsedge[serve]'")
     from .classifier import Classifier
 
+    spare = open_files_limit() - FILES_BESIDE_CONNECTIONS
+    if spare < max_connections:
+        fail_and_exit(f"--max-connections {max_connections} needs more open files than this process "
+                      f"may have ({spare + FILES_BESIDE_CONNECTIONS}, 'ulimit -n'); lower it or raise "
+                      "the limit")
     try:
         sock = server.listen(host, port)
     except OSError as exc:
@@ -185,12 +204,45 @@ def serve(host: str, port: int, model_path: Path | None, workers: int, token: st
     except CapsedgeError as exc:
         sock.close()
         fail_and_exit(str(exc))
-    app = server.create_app(classifiers, token=token, max_upload_bytes=max_upload_mb * server.MIB)
+    app = server.create_app(classifiers, token=token, max_upload_bytes=max_upload_mb * server.MIB,
+                            max_uploads=max_uploads, body_timeout=body_timeout,
+                            allowed_hosts=host_names(host, allowed_hosts))
     address = sock.getsockname()
     shown = f"[{address[0]}]" if ":" in address[0] else address[0]
     click.echo(f"capsedge: serving {classifiers[0].metadata.version} on http://{shown}:{address[1]}/ "
                "(Ctrl-C to stop)", err=True)
-    server.run(app, sock)
+    server.run(app, sock, header_timeout=header_timeout, max_connections=max_connections)
+
+
+#: Open files the server needs besides its connections (the model, libraries, the log, the
+#: listening socket, a classification's file reads).
+FILES_BESIDE_CONNECTIONS = 32
+
+
+def open_files_limit() -> int:
+    """This process's open-file limit (``ulimit -n``); very large where it cannot be read."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return 1 << 30
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 30
+
+
+def host_names(host: str, allowed: tuple[str, ...]) -> list[str] | None:
+    """The Host names the service answers: ``allowed`` (``None`` for ``*``); by default, on a
+    loopback address, its loopback names (a page elsewhere reaching the port by DNS rebinding
+    sends its own name and is refused), and on another address any name (the token guards it)."""
+    if "*" in allowed:
+        return None
+    if allowed:
+        return list(allowed)
+    if not is_loopback(host):
+        return None
+    from .serve import LOOPBACK_HOSTS
+
+    own = f"[{host.strip('[]')}]" if ":" in host else host
+    return sorted({*LOOPBACK_HOSTS, own.lower()})
 
 
 def expand_inputs(paths: tuple[str, ...]) -> list[tuple[str, str | None]]:
@@ -219,22 +271,6 @@ def expand_inputs(paths: tuple[str, ...]) -> list[tuple[str, str | None]]:
     return entries
 
 
-def _same_file(target: Path, paths: list[str | Path]) -> bool:
-    """Whether ``target`` exists and is one of ``paths`` (links and other spellings included)."""
-    try:
-        status = target.stat()
-    except (OSError, ValueError):
-        return False
-    for path in paths:
-        try:
-            other = Path(path).stat()
-        except (OSError, ValueError):
-            continue
-        if (other.st_dev, other.st_ino) == (status.st_dev, status.st_ino):
-            return True
-    return False
-
-
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=str, readable=False))
 @click.option(
@@ -261,8 +297,9 @@ def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, ba
     files = expand_inputs(images)
     if not files:
         fail_and_exit("no images found in " + ", ".join(images))
-    if csv_path is not None and _same_file(csv_path, [path for path, _ in files] + [classifier.model_path]):
-        fail_and_exit(f"--csv {csv_path} is one of the inputs or the model; refusing to overwrite it")
+    if csv_path is not None:
+        with error_boundary():
+            refuse_overwrite(csv_path, [path for path, _ in files] + [classifier.model_path], "--csv")
     rows: list[dict[str, object]] = []
     failed = 0
     for image, problem in files:
@@ -315,6 +352,7 @@ def explain(image: str, out_path: Path | None, model_path: Path | None, backend:
     out = out_path if out_path is not None else Path(Path(image).name + ".explain.png")
     with error_boundary():
         classifier = Classifier.load(model_path, backend=backend, threads=threads)
+        refuse_overwrite(out, [image, classifier.model_path], "--out")
     bar = ProgressBar("explain")
     try:
         explanation = occlusion_map(classifier, image, grid, progress=bar.update)

@@ -10,8 +10,7 @@ header value (patient name, IDs, dates) ever appears in a message.
 from __future__ import annotations
 
 import io
-import logging
-import warnings
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -21,7 +20,8 @@ import numpy as np
 from PIL import Image
 
 from .errors import CapsedgeError, ImageError, missing_extra
-from .limits import MAX_PIXELS
+from .limits import MAX_INFLATED_DICOM_BYTES, MAX_PIXELS
+from .quiet import silenced
 
 #: The 128-byte preamble is followed by this marker in a DICOM Part 10 file.
 DICOM_MAGIC = b"DICM"
@@ -42,24 +42,18 @@ def read_dicom(data: bytes | Path) -> Image.Image:
     """Decode a single-frame DICOM image into a float (``F``) greyscale image.
 
     pydicom's warnings and log records can quote header values, so they are
-    silenced while the file is read.
+    silenced while the file is read (:func:`capsedge.quiet.silenced`: thread-safe, and
+    leaves no global state changed). A deflated data set is inflated step by step and
+    refused past :data:`~capsedge.limits.MAX_INFLATED_DICOM_BYTES` (pydicom would inflate
+    it whole: a 1.5 MB file can hold 1.5 GiB).
 
     Raises:
         ImageError: not a readable DICOM image, multi-frame, or compressed with
             no decoder installed.
         RuntimeMissingError: ``pydicom`` is not installed.
     """
-    logger = logging.getLogger("pydicom")
-    level, propagate = logger.level, logger.propagate
-    logger.setLevel(logging.CRITICAL + 1)
-    logger.propagate = False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return _read_dicom(data)
-    finally:
-        logger.setLevel(level)
-        logger.propagate = propagate
+    with silenced("pydicom"):
+        return _read_dicom(data)
 
 
 def _read_dicom(source: bytes | Path) -> Image.Image:
@@ -79,7 +73,12 @@ def _read_dicom(source: bytes | Path) -> Image.Image:
 def _decode(pydicom: ModuleType, source: bytes | Path) -> Image.Image:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    dataset = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source, force=True)
+    inflated = _inflated(source)
+    if inflated is not None:
+        dataset = pydicom.dcmread(inflated, force=True)
+        del inflated
+    else:
+        dataset = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source, force=True)
     if "PixelData" not in dataset:
         raise ImageError("DICOM file has no image (no pixel data)")
     try:
@@ -123,6 +122,52 @@ def _decode(pydicom: ModuleType, source: bytes | Path) -> Image.Image:
     if photometric == "MONOCHROME1":
         np.subtract(values.max(), values, out=values)
     return Image.fromarray(values, mode="F")
+
+
+#: Deflated Explicit VR Little Endian: the whole data set after the file meta is deflated.
+DEFLATED = "1.2.840.10008.1.2.1.99"
+_CHUNK = 1 << 20
+
+
+def _inflated(source: bytes | Path) -> io.BytesIO | None:
+    """For a deflated file, the same file in memory with its data set inflated (bounded) and
+    declared Explicit VR Little Endian; ``None`` for any other file.
+
+    Raises:
+        ImageError: the data set inflates past the limit.
+    """
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as handle:  # noqa: SIM115
+        preamble = read_preamble(handle, True)
+        meta = _read_file_meta_info(handle)
+        if meta.get("TransferSyntaxUID") != DEFLATED:
+            return None
+        out = io.BytesIO()
+        out.write((preamble or bytes(128)) + DICOM_MAGIC)
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        if "FileMetaInformationGroupLength" in meta:
+            del meta.FileMetaInformationGroupLength  # stale once the UID changed; not needed
+        write_file_meta_info(out, meta, enforce_standard=False)
+        start = out.tell()
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        while chunk := handle.read(_CHUNK):
+            while chunk:  # at most a chunk of output per step: the bound holds inside a chunk
+                out.write(inflater.decompress(chunk, _CHUNK))
+                _check_inflated(out.tell() - start)
+                chunk = inflater.unconsumed_tail
+        out.write(inflater.flush())
+        _check_inflated(out.tell() - start)
+    out.seek(0)
+    return out
+
+
+def _check_inflated(size: int) -> None:
+    if size > MAX_INFLATED_DICOM_BYTES:
+        raise ImageError(f"deflated DICOM data set too large once inflated (over "
+                         f"{MAX_INFLATED_DICOM_BYTES // 2**20} MiB)")
 
 
 def _row_blocks(shape: tuple[int, ...]) -> Iterator[slice]:

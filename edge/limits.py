@@ -13,6 +13,10 @@ MAX_PIXELS = 64_000_000
 #: A 64-megapixel 16-bit DICOM (128 MiB of pixel data) fits with room for its header.
 MAX_IMAGE_BYTES = 256 * 1024 * 1024
 
+#: A deflated DICOM data set (transfer syntax 1.2.840.10008.1.2.1.99) is inflated step by
+#: step and refused once it grows past this: as much as an uncompressed file may hold.
+MAX_INFLATED_DICOM_BYTES = MAX_IMAGE_BYTES
+
 #: Model files larger than this are refused before reading (the bundled one is 3.3 MiB).
 MAX_MODEL_BYTES = 256 * 1024 * 1024
 

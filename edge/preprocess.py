@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 import os
 import stat
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -36,6 +35,7 @@ from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 from .dicom import looks_like_dicom, read_dicom
 from .errors import CapsedgeError, ImageError, preview
 from .limits import MAX_IMAGE_BYTES, MAX_PIXELS
+from .quiet import silenced, warnings_raised
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray
 
@@ -189,8 +189,7 @@ def _open_bytes(data: bytes, name: str = "") -> Image.Image:
     if looks_like_dicom(data[:132], name):
         return read_dicom(data)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with warnings_raised(Image.DecompressionBombWarning):
             return Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"image too large (over {MAX_PIXELS:,} pixels)") from None
@@ -256,8 +255,7 @@ def load_grey(source: ImageSource, size_hint: int = 0) -> Image.Image:
             raised: the message names the problem, never the file's content).
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow's warnings on corrupt files would reach stderr
+        with silenced():  # Pillow's warnings on corrupt files would reach stderr
             return _load_grey(source, size_hint)
     except CapsedgeError:
         raise

@@ -9,6 +9,7 @@ from capsedge.boundary import error_boundary, import_tensorflow_quietly
 from capsedge.export.formats import FORMATS
 from capsedge.export.quantization import CALIBRATION_IMAGES
 from capsedge.export.writer import check_arguments, export, export_and_verify
+from capsedge.outputs import refuse_overwrite
 
 
 def _cli() -> Any:
@@ -51,6 +52,10 @@ def _cli() -> Any:
         """Export a trained model to TFLite / ONNX / Edge TPU files and verify them."""
         names = [f.strip() for f in formats.split(",") if f.strip()]
         with error_boundary(extra="export"):
+            # Not an input itself; inside one is fine (the files written are no images and
+            # have names of their own, so nothing is overwritten or read back as data).
+            refuse_overwrite(out_dir, [p for p in (model, calib, eval_dir, train_data, cv_dir) if p],
+                             "--out")
             check_arguments(names, calib, model)
             import_tensorflow_quietly(verbose)
             if no_verify:

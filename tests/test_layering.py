@@ -40,7 +40,8 @@ print("SERVER", server)
 GROUND = {"capsedge", "capsedge.errors"}
 RUNTIME_MODULES = {"capsedge.classifier", "capsedge.backends", "capsedge.preprocess", "capsedge.metadata",
                    "capsedge.dicom", "capsedge.cli", "capsedge.trust", "capsedge.limits", "capsedge.boundary",
-                   "capsedge.folders", "capsedge.views"}
+                   "capsedge.folders", "capsedge.views", "capsedge.outputs", "capsedge.quiet",
+                   "capsedge.model_guard"}
 
 
 def capsedge_modules_after(statement: str) -> set[str]:

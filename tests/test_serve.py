@@ -35,6 +35,8 @@ sys.path.insert(0, str(REPO / "bench"))
 import serve_burst  # noqa: E402  (the README's burst; tested here)
 
 TOKEN = "s3cret-token-for-tests"
+#: The service answers its loopback Host names only (TestClient's default is "testserver").
+BASE_URL = "http://127.0.0.1"
 LABELS = ["Cofield", "Depuy", "Tornier", "Zimmer"]
 
 
@@ -45,7 +47,7 @@ def classifier() -> Classifier:
 
 @pytest.fixture(scope="module")
 def client(classifier: Classifier) -> TestClient:
-    return TestClient(create_app(classifier))
+    return TestClient(create_app(classifier), base_url=BASE_URL)
 
 
 @pytest.fixture
@@ -172,7 +174,7 @@ def call_streaming(app: object, body: CountingBody, headers: dict[str, str]) -> 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
              "scheme": "http", "path": "/api/classify", "raw_path": b"/api/classify", "query_string": b"",
              "root_path": "", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000),
-             "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
+             "headers": [(k.encode(), v.encode()) for k, v in {"host": "127.0.0.1", **headers}.items()]}
     anyio.run(app, scope, body.receive, send)
     payload = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return sent[0]["status"], json.loads(payload)
@@ -181,7 +183,7 @@ def call_streaming(app: object, body: CountingBody, headers: dict[str, str]) -> 
 def test_oversized_uploads_are_413_without_reading_the_body(classifier: Classifier) -> None:
     limit = 10_000
     app = create_app(classifier, max_upload_bytes=limit)
-    client = TestClient(app)
+    client = TestClient(app, base_url=BASE_URL)
     multipart = {"content-type": "multipart/form-data; boundary=b"}
     # The file part over the limit (the body itself within limit + framing).
     assert_error(upload(client, b"\0" * (limit + 1)), 413, "upload too large")
@@ -214,7 +216,7 @@ def test_upload_never_touches_the_disk(client: TestClient, monkeypatch: pytest.M
 
 
 def test_token_required_refused_accepted(classifier: Classifier, depuy: Path) -> None:
-    client = TestClient(create_app(classifier, token=TOKEN))
+    client = TestClient(create_app(classifier, token=TOKEN), base_url=BASE_URL)
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
         response = client.get("/api/health", headers=headers)
         assert_error(response, 401, "token")

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 
 from capsedge.boundary import error_boundary, import_tensorflow_quietly, printable
 from capsedge.errors import ModelError
+from capsedge.outputs import refuse_overwrite
 from capsedge.preprocess import Preprocessing, preprocess
 
 #: Shifts added to a dimension, as in Sabour et al. 2017, Fig. 4.
@@ -132,6 +133,8 @@ def _cli() -> Any:
     def command(image: str, run_dir: Path, out_path: Path) -> None:
         """Decode the winning class capsule with each dimension perturbed, as a grid PNG."""
         with error_boundary(extra="train"):
+            run_files = list(run_dir.iterdir()) if run_dir.is_dir() else [run_dir]
+            refuse_overwrite(out_path, [image, *run_files], "--out")
             import_tensorflow_quietly()
             classifier, decoder, labels, preprocessing = load_run_decoder(run_dir)
             grid = capsule_grid(classifier, decoder, labels, preprocess(image, preprocessing))

@@ -8,6 +8,7 @@ import click
 
 from capsedge.boundary import error_boundary, import_tensorflow_quietly
 from capsedge.errors import UsageError
+from capsedge.outputs import refuse_inside
 from capsedge.train.augment import AUGMENTATIONS
 from capsedge.train.config import INITS, TrainConfig
 
@@ -84,6 +85,7 @@ def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int,
 
     with error_boundary(extra="train"):
         # What can be checked without TensorFlow is checked first.
+        refuse_inside(run_dir, [data], "--out")
         dataset = read_dataset(data)
         config = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                              beta=beta, reconstruction_weight=reconstruction_weight,
