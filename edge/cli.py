@@ -21,15 +21,24 @@ if TYPE_CHECKING:
     from .classifier import Prediction
 
 
+#: What text output and the page lead with for an out-of-distribution image, instead of a maker.
+NOT_AN_XRAY = "not a shoulder-implant X-ray"
+
+
+def confidence_note(prediction: Prediction) -> str:
+    """The answer's confidence with its flag: ``"90.0 %, uncertain"``, ``"25.4 %, uncalibrated"``."""
+    flags = {None: ", uncalibrated", True: ", uncertain", False: ""}
+    flag = flags[prediction.uncertain]
+    return f"{100 * prediction.confidence:.1f} %{flag}"
+
+
 def format_text(path: str, prediction: Prediction) -> str:
-    """One line per image: the label with its confidence and flags, then every class's probability."""
-    probabilities = prediction.probabilities
-    flag = ", uncertain" if prediction.uncertain else ""
-    scores = "  ".join(f"{name} {100 * p:5.1f} %" for name, p in probabilities.items())
-    line = f"{printable(path)}: {prediction.label} ({100 * prediction.confidence:.1f} %{flag})   {scores}"
+    """One line per image: the answer with its confidence and flags, then every class's probability;
+    an out-of-distribution image leads with :data:`NOT_AN_XRAY` and names no maker."""
     if prediction.out_of_distribution:
-        line += f"   [out of distribution: {prediction.ood_reason}]"
-    return line
+        return f"{printable(path)}: {NOT_AN_XRAY}, no answer ({prediction.ood_reason})"
+    scores = "  ".join(f"{name} {100 * p:5.1f} %" for name, p in prediction.probabilities.items())
+    return f"{printable(path)}: {prediction.label} ({confidence_note(prediction)})   {scores}"
 
 
 class LazyGroup(click.Group):
@@ -335,21 +344,28 @@ def explain(image: str, out_path: Path | None, model_path: Path | None, backend:
 
 
 def write_csv(path: Path, rows: list[dict[str, object]], labels: tuple[str, ...]) -> None:
-    """One row per image: path, label, one probability column per class, latency, error."""
+    """One row per image: path, label, answer (empty out of distribution), one probability column
+    per class, latency, model version, the flags with their threshold and reason, error."""
     # surrogateescape: file names that are not valid UTF-8 are written back byte for byte.
     with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", *(f"p_{label}" for label in labels), "latency_ms", "uncertain",
-                         "out_of_distribution", "error"])
+        writer.writerow(["path", "label", "answer", *(f"p_{label}" for label in labels), "latency_ms",
+                         "model_version", "uncertain", "threshold", "out_of_distribution", "ood_reason",
+                         "error"])
         for row in rows:
             probabilities = row.get("probabilities") or {}
+            threshold = row.get("threshold")
             writer.writerow([
                 _cell(row["path"]),
                 _cell(row.get("label", "")),
+                _cell(row.get("answer") or ""),
                 *(f"{probabilities[label]:.6f}" if probabilities else "" for label in labels),
                 row.get("latency_ms", ""),
+                _cell(row.get("model_version", "")),
                 _csv_flag(row.get("uncertain")),
+                "" if threshold is None else threshold,
                 _csv_flag(row.get("out_of_distribution")),
+                _cell(row.get("ood_reason") or ""),
                 _cell(row.get("error", "")),
             ])
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from capsedge import Classifier, ModelError
+from capsedge.cli import format_text
 from capsedge.metadata import ModelMetadata
 from capsedge.trust import (
     Calibration,
@@ -193,8 +194,22 @@ def test_non_xrays_are_flagged_out_of_distribution(bundled: Classifier) -> None:
         assert "\n" not in prediction.ood_reason
 
 
+def test_an_out_of_distribution_image_names_no_maker(bundled: Classifier) -> None:
+    """Text leads with "not a shoulder-implant X-ray" and gives no maker; JSON keeps its keys,
+    with ``answer`` null and ``label`` still the top class."""
+    prediction = bundled.classify(np.full((200, 200), 128, np.uint8))
+    assert prediction.out_of_distribution is True
+    line = format_text("blank.png", prediction)
+    assert line.startswith("blank.png: not a shoulder-implant X-ray, no answer (")
+    assert not any(label in line for label in bundled.labels)
+    record = prediction.to_dict()
+    assert record["answer"] is None and record["label"] in bundled.labels
+    assert record["uncertain"] in (True, False) and record["calibrated"] is True
+
+
 def test_a_model_without_trust_flags_nothing(bundled: Classifier) -> None:
-    """Older models (no trust section, probabilities only) still load; the flags are absent."""
+    """Older models (no trust section, probabilities only) still load; the flags are absent and the
+    output says the confidence is uncalibrated (``uncertain`` is null, not a reassuring false)."""
     plain = replace(bundled.metadata, trust=None)
 
     class ProbabilitiesOnly:
@@ -207,7 +222,9 @@ def test_a_model_without_trust_flags_nothing(bundled: Classifier) -> None:
 
     classifier = Classifier(ProbabilitiesOnly(), plain, bundled.model_path)
     prediction = classifier.classify(np.full((64, 64), 7, np.uint8))
-    assert prediction.uncertain is False and prediction.threshold is None
+    assert prediction.uncertain is None and prediction.threshold is None
+    assert prediction.calibrated is False and prediction.to_dict()["uncertain"] is None
+    assert "uncalibrated" in format_text("x.png", prediction)
     assert prediction.out_of_distribution is None and prediction.ood_reason is None
     with pytest.raises(ModelError, match="112 features"):
         Classifier(ProbabilitiesOnly(), bundled.metadata, bundled.model_path)
