@@ -57,7 +57,8 @@ def test_a_generated_picture_is_not_an_xray(xray_png: Path) -> None:
     row = next(csv.DictReader(table.open(encoding="utf-8")))
     assert row["answer"] == "" and row["label"] in LABELS and row["out_of_distribution"] == "true"
     assert row["ood_reason"].startswith("not like the shoulder-implant X-rays")
-    assert row["model_version"] == "effcaps_ncp_lite0_512-0.6.0" and float(row["threshold"]) == pytest.approx(0.94, abs=1e-3)
+    assert row["model_version"] == "effcaps_ncp_lite0_512-0.6.0"
+    assert float(row["threshold"]) == pytest.approx(0.94, abs=1e-3)
 
 
 def test_json_output_shape(xray_png: Path) -> None:
