@@ -338,9 +338,11 @@ def explain(image: str, out_path: Path | None, model_path: Path | None, backend:
     if as_json:
         click.echo(json.dumps({"path": image, "overlay": str(out), **explanation.to_dict()}))
     else:
-        click.echo(f"{printable(image)}: {explanation.label} ({100 * explanation.confidence:.1f} %); "
-                   f"overlay {printable(str(out))} ({explanation.inferences} inferences, "
-                   f"{explanation.seconds:.1f} s)")
+        p = explanation.prediction
+        answer = (f"{NOT_AN_XRAY}, no answer ({p.ood_reason})" if p.out_of_distribution
+                  else f"{p.label} ({confidence_note(p)})")
+        click.echo(f"{printable(image)}: {answer}; overlay {printable(str(out))} "
+                   f"({explanation.inferences} inferences, {explanation.seconds:.1f} s)")
 
 
 def write_csv(path: Path, rows: list[dict[str, object]], labels: tuple[str, ...]) -> None:

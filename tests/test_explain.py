@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 
 from capsedge.classifier import Classifier
 from capsedge.cli import main
-from capsedge.explain import heat_colours, occlusion_map, render_overlay
+from capsedge.explain import heat_colours, occlusion_map, render_overlay, title
 from capsedge.metadata import ModelMetadata
 from capsedge.preprocess import Preprocessing
 from capsedge.progress import ProgressBar
@@ -93,6 +94,26 @@ def test_explain_command_on_the_bundled_model(tmp_path: Path) -> None:
     assert record["label"] in ("Cofield", "Depuy", "Tornier", "Zimmer")
     with Image.open(out) as overlay:
         assert overlay.format == "PNG" and overlay.width > overlay.height  # 120 wide, 90 high
+    # The generated picture is no X-ray: explain carries classify's flags.
+    assert record["out_of_distribution"] is True and record["answer"] is None
+    assert record["ood_reason"].startswith("not like") and record["uncertain"] in (True, False)
+    assert record["model_version"] == "effcaps_ncp_lite0_512-0.6.0" and record["threshold"] > 0.5
+    text = CliRunner().invoke(main, ["explain", str(image), "--out", str(out), "--grid", "2"])
+    assert text.stdout.startswith(f"{image}: not a shoulder-implant X-ray, no answer (not like")
+    assert not any(maker in text.stdout for maker in ("Cofield", "Depuy", "Tornier", "Zimmer"))
+
+
+def test_overlay_title_carries_the_flags() -> None:
+    classifier, _ = stub_classifier()  # no calibration, no outlier statistics
+    explanation = occlusion_map(classifier, evidence_image(), grid=2)
+    assert explanation.prediction.uncertain is None
+    assert title(explanation).startswith("a (90.0 %, uncalibrated): where hiding")
+    assert explanation.to_dict()["calibrated"] is False
+    flagged = replace(explanation, prediction=replace(explanation.prediction, threshold=0.95, uncertain=True))
+    assert title(flagged).startswith("a (90.0 %, UNCERTAIN)")
+    outside = replace(explanation, prediction=replace(explanation.prediction, out_of_distribution=True))
+    assert title(outside).startswith("Not a shoulder-implant X-ray: no answer")
+    assert "a (" not in title(outside)
 
 
 def test_explain_command_errors_are_one_line(tmp_path: Path) -> None:
