@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,25 @@ def test_development_data_layout() -> None:
     assert data.layout == "flat"
     assert data.classes == ("Cofield", "Depuy", "Tornier", "Zimmer")
     assert sum(data.counts().values()) == len(data.paths) >= 400
-    assert "CC BY 4.0" in data.attribution()
+    # The four makers' names prove nothing about where the images came from: no guessed credit.
+    assert "UCI" not in data.attribution()
+    assert "CC BY 4.0" in data.with_attribution("uci-517").attribution()
+
+
+def test_attribution_only_from_a_flag_or_a_manifest(tmp_path: Path) -> None:
+    for name in ("Cofield.1.jpg", "Depuy.1.jpg", "Tornier.1.jpg", "Zimmer.1.jpg"):
+        _save(tmp_path / name)
+    data = read_dataset(tmp_path)
+    assert data.attribution() == "trained on user-supplied images (provenance not given)"
+    assert data.source == tmp_path.resolve()
+    assert data.with_attribution("Hospital X, internal").attribution() == \
+        "trained on images from the Hospital X, internal"
+    (tmp_path / "capsedge-data.json").write_text(json.dumps({"attribution": "My set, CC0"}))
+    assert read_dataset(tmp_path).attribution() == "trained on images from the My set, CC0"
+    assert read_dataset(tmp_path).subset(np.array([0])).credit == "My set, CC0"
+    (tmp_path / "capsedge-data.json").write_text("{")
+    with pytest.raises(DatasetError, match="cannot read"):
+        read_dataset(tmp_path)
 
 
 def test_report_by_hand() -> None:

@@ -331,6 +331,7 @@ def train(
             "images": len(dataset.paths),
             "counts": dataset.counts(),
             "attribution": dataset.attribution(),
+            "source": str(dataset.source) if dataset.source else None,
         },
     })
     _write_json(run_dir / "metrics.json", metrics)
