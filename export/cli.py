@@ -8,6 +8,7 @@ from typing import Any
 from capsedge.boundary import error_boundary, import_tensorflow_quietly
 from capsedge.export.formats import FORMATS
 from capsedge.export.quantization import CALIBRATION_IMAGES
+from capsedge.export.run import trust_sources
 from capsedge.export.writer import check_arguments, export, export_and_verify
 
 
@@ -32,10 +33,11 @@ def _cli() -> Any:
     @click.option("--version", "version", default=None, help="Model version to record.")
     @click.option("--cross-validation", "cv_dir", type=click.Path(path_type=Path), default=None,
                   help="A 'capsedge train --folds K' folder of the same recipe: its figures go "
-                       "into the model's provenance.")
+                       "into the model's provenance. Default: the folder above a 'final' run.")
     @click.option("--train-data", "train_data", type=click.Path(path_type=Path), default=None,
                   help="The images the run was trained on: with --cross-validation, the files get "
-                       "calibrated confidence, an 'uncertain' threshold and outlier statistics.")
+                       "calibrated confidence, an 'uncertain' threshold and outlier statistics. "
+                       "Default: the data folder the run recorded.")
     @click.option("--test-time-views", "test_time_views", type=click.Choice(["1", "4", "8"]), default="1",
                   show_default=True,
                   help="Orientations of each image the runtime averages (4: the flips, 8: flips and "
@@ -52,6 +54,7 @@ def _cli() -> Any:
         names = [f.strip() for f in formats.split(",") if f.strip()]
         with error_boundary(extra="export"):
             check_arguments(names, calib, model)
+            cv_dir, train_data, note = trust_sources(model, cv_dir, train_data)
             import_tensorflow_quietly(verbose)
             if no_verify:
                 written = export(model, out_dir, names, calib, version, cv_dir, train_data,
@@ -63,8 +66,13 @@ def _cli() -> Any:
                                                     version=version, cross_validation=cv_dir,
                                                     train_data=train_data,
                                                     test_time_views=int(test_time_views))
+        from capsedge.export.edgetpu_format import describe
+
         for name, path in written.items():
-            click.echo(f"{name}: {path} ({path.stat().st_size / 1024:.1f} KiB)")
+            what = f"; {describe(path)}" if name == "edgetpu" else ""
+            click.echo(f"{name}: {path} ({path.stat().st_size / 1024:.1f} KiB{what})")
+        if note is not None:  # after the files, so that an error stays the only line
+            click.echo(f"capsedge: note: {note}", err=True)
         if report is None:
             return
         click.echo(f"report: {Path(out_dir) / 'report.md'}")

@@ -51,7 +51,7 @@ def export_run(
     """
     metadata = ModelMetadata(
         name=run.name,
-        version=version or f"{run.name}-{__version__}",
+        version=version or run.version,
         labels=run.labels,
         preprocessing=run.preprocessing,
         provenance=run.provenance,
