@@ -319,12 +319,12 @@ def explain(image: str, out_path: Path | None, model_path: Path | None, backend:
     """Show where the model looked: an occlusion heat map over the X-ray, as a PNG."""
     from .classifier import Classifier
     from .explain import occlusion_map, render_overlay
-    from .progress import ProgressBar
+    from .progress import Progress
 
     out = out_path if out_path is not None else Path(Path(image).name + ".explain.png")
     with error_boundary():
         classifier = Classifier.load(model_path, backend=backend, threads=threads)
-    bar = ProgressBar("explain")
+    bar = Progress("explain")
     try:
         explanation = occlusion_map(classifier, image, grid, progress=bar.update)
     except CapsedgeError as exc:

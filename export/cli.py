@@ -5,11 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from capsedge.boundary import error_boundary, import_tensorflow_quietly
+from capsedge.boundary import error_boundary, import_tensorflow_quietly, quiet_native_logs
 from capsedge.export.formats import FORMATS
 from capsedge.export.quantization import CALIBRATION_IMAGES
 from capsedge.export.run import trust_sources
-from capsedge.export.writer import check_arguments, export, export_and_verify
+from capsedge.export.writer import check_arguments, export, export_and_verify, steps
+from capsedge.progress import Progress
+
+
+class StepCounter:
+    """An export's ``progress`` callback: each call is the next step, shown on ``bar``."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.count = 0
+
+    def __call__(self, note: str) -> None:
+        self.bar.update(self.count, note=note)
+        self.count += 1
 
 
 def _cli() -> Any:
@@ -52,20 +65,22 @@ def _cli() -> Any:
                 verbose: bool) -> None:
         """Export a trained model to TFLite / ONNX / Edge TPU files and verify them."""
         names = [f.strip() for f in formats.split(",") if f.strip()]
-        with error_boundary(extra="export"):
+        with error_boundary(extra="export"), quiet_native_logs(verbose):
             check_arguments(names, calib, model)
             cv_dir, train_data, note = trust_sources(model, cv_dir, train_data)
             import_tensorflow_quietly(verbose)
-            if no_verify:
-                written = export(model, out_dir, names, calib, version, cv_dir, train_data,
-                                 int(test_time_views))
-                report = None
-            else:
-                written, report = export_and_verify(model, out_dir, names, calib, eval_dir,
-                                                    eval_limit=eval_limit, calibration_limit=calib_limit,
-                                                    version=version, cross_validation=cv_dir,
-                                                    train_data=train_data,
-                                                    test_time_views=int(test_time_views))
+            with Progress("export", steps(names, train_data is not None, not no_verify)) as bar:
+                step = StepCounter(bar)
+                if no_verify:
+                    written = export(model, out_dir, names, calib, version, cv_dir, train_data,
+                                     int(test_time_views), progress=step)
+                    report = None
+                else:
+                    written, report = export_and_verify(
+                        model, out_dir, names, calib, eval_dir, eval_limit=eval_limit,
+                        calibration_limit=calib_limit, version=version, cross_validation=cv_dir,
+                        train_data=train_data, test_time_views=int(test_time_views), progress=step)
+                bar.update(bar.total, note="done")
         from capsedge.export.edgetpu_format import describe
 
         for name, path in written.items():

@@ -497,3 +497,23 @@ def test_the_edgetpu_line_says_whether_the_file_was_compiled(tmp_path: Path) -> 
     assert describe(model).startswith("the full-integer int8 flatbuffer, NOT compiled for the Edge TPU")
     compiled_path(model).write_bytes(b"y")
     assert describe(model) == f"the int8 flatbuffer; compiled for the Edge TPU: {compiled_path(model)}"
+
+
+@pytest.mark.slow
+def test_export_shows_progress_and_nothing_from_tensorflow(tiny_run: Path, images: Path,
+                                                           tmp_path: Path) -> None:
+    """In a log (stderr not a terminal): plain progress lines, the note, and none of the converter's
+    ``fully_quantize: 0, ...`` or LiteRT's ``INFO: Created TensorFlow Lite XNNPACK delegate``."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "capsedge.cli", "export", "--model", str(tiny_run), "--out",
+               str(tmp_path / "o"), "--formats", "tflite-int8", "--calib", str(images), "--allow-fail"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines and all(line.startswith(("export: ", "capsedge: ")) for line in lines), lines
+    assert any(line.startswith("export: 3/3 done") for line in lines), lines
+    assert "fully_quantize" not in done.stderr + done.stdout and "INFO:" not in done.stderr
+    verbose = subprocess.run([*command, "--verbose"], capture_output=True, text=True, timeout=600)
+    assert "fully_quantize" in verbose.stderr  # shown when asked for
