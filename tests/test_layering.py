@@ -40,7 +40,7 @@ print("SERVER", server)
 GROUND = {"capsedge", "capsedge.errors"}
 RUNTIME_MODULES = {"capsedge.classifier", "capsedge.backends", "capsedge.preprocess", "capsedge.metadata",
                    "capsedge.dicom", "capsedge.cli", "capsedge.trust", "capsedge.limits", "capsedge.boundary",
-                   "capsedge.folders", "capsedge.views"}
+                   "capsedge.folders", "capsedge.views", "capsedge.progress"}
 
 
 def capsedge_modules_after(statement: str) -> set[str]:
