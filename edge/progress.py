@@ -23,12 +23,12 @@ class Progress:
     """Call :meth:`update` with ``(done, total)``, then :meth:`close` (or use ``with``)."""
 
     def __init__(self, label: str, total: int = 0, stream: TextIO | None = None,
-                 show_after: float = SHOW_AFTER_SECONDS, log_every: float = LOG_EVERY_SECONDS) -> None:
+                 show_after: float | None = None, log_every: float | None = None) -> None:
         self.label = label
         self.total = total
         self.stream = stream if stream is not None else sys.stderr
-        self.show_after = show_after
-        self.log_every = log_every
+        self.show_after = SHOW_AFTER_SECONDS if show_after is None else show_after
+        self.log_every = LOG_EVERY_SECONDS if log_every is None else log_every
         self.start = time.perf_counter()
         self.done = 0
         self.note = ""
@@ -39,7 +39,7 @@ class Progress:
         if self.interactive:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=label, file=self.stream, delay=show_after, leave=True,
+            self.bar = tqdm(total=total, desc=label, file=self.stream, delay=self.show_after, leave=True,
                             dynamic_ncols=True, unit="step")
 
     def line(self) -> str:

@@ -135,7 +135,11 @@ def test_train_command_refuses_unusable_data(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_train_command_records_every_option_in_the_run(tiny_data: Path, tmp_path: Path) -> None:
+def test_train_command_records_every_option_in_the_run(tiny_data: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from capsedge import progress
+
+    monkeypatch.setattr(progress, "SHOW_AFTER_SECONDS", 0.0)  # show even this quick work
     args = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "r"), "--model", "effcaps_mnist",
             "--epochs", "1", "--batch-size", "4", "--lr", "0.002", "--beta", "0.9", "--holdout", "0.25",
             "--reconstruction-weight", "0", "--ncp-weight", "0.3", "--augment", "none", "--seed", "3",
@@ -144,6 +148,7 @@ def test_train_command_records_every_option_in_the_run(tiny_data: Path, tmp_path
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "held-out accuracy" in result.stdout
+    assert "reading images: 16/16" in result.stderr  # a plain line: stderr is no terminal here
     data = json.loads((tmp_path / "r" / "config.json").read_text())["data"]
     assert "UCI Machine Learning Repository" in data["attribution"]
     assert data["source"] == str(tiny_data.resolve())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from capsedge.boundary import error_boundary, import_tensorflow_quietly
+from capsedge.boundary import error_boundary, import_tensorflow_quietly, quiet_native_logs
 from capsedge.train.augment import AUGMENTATIONS
 from capsedge.train.config import INITS, TrainConfig
 
@@ -79,7 +79,7 @@ def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int,
     from capsedge.train.data import read_dataset
     from capsedge.train.trainer import cross_validate, train
 
-    with error_boundary(extra="train"):
+    with error_boundary(extra="train"), quiet_native_logs(verbose):
         # What can be checked without TensorFlow is checked first.
         dataset = read_dataset(data).with_attribution(attribution)
         config = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,

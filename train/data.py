@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -171,8 +172,10 @@ def _read_csv(path: Path) -> list[tuple[Path, str]]:
     return pairs
 
 
-def load_images(dataset: Dataset, config: Preprocessing) -> np.ndarray:
-    """Preprocess every image of ``dataset`` into one ``(N, H, W, C)`` float32 array.
+def load_images(dataset: Dataset, config: Preprocessing,
+                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Preprocess every image of ``dataset`` into one ``(N, H, W, C)`` float32 array;
+    ``progress(done, total)`` is told each image read.
 
     Raises:
         DatasetError: an image cannot be decoded (its path is named).
@@ -183,4 +186,6 @@ def load_images(dataset: Dataset, config: Preprocessing) -> np.ndarray:
             images[i] = preprocess(path, config)
         except CapsedgeError as exc:
             raise DatasetError(f"{path}: {exc}") from None
+        if progress is not None:
+            progress(i + 1, len(dataset.paths))
     return images
