@@ -99,6 +99,7 @@ def bench(model_path: Path | None, image: Path | None, backends: str, thread_cou
           warmup: int, as_json: bool) -> None:
     """Time the model on this machine: load, latency percentiles, throughput, memory."""
     from .bench import benchmark, machine_summary
+    from .progress import Progress
 
     try:
         threads = [int(t) for t in thread_counts.split(",") if t.strip()]
@@ -118,8 +119,9 @@ def bench(model_path: Path | None, image: Path | None, backends: str, thread_cou
     for backend in names:
         for count in threads:
             try:
-                result = benchmark(model_path, image, backend=backend, threads=count, runs=runs,
-                                   warmup=warmup)
+                with Progress(f"bench {backend}, {count} threads") as bar:
+                    result = benchmark(model_path, image, backend=backend, threads=count, runs=runs,
+                                       warmup=warmup, progress=bar.update)
             except (CapsedgeError, ValueError) as exc:
                 fail(f"{backend}, {count} threads: {exc}")
                 failed = True

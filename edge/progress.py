@@ -70,8 +70,8 @@ class Progress:
             self.bar.close()
             return
         now = time.perf_counter()
-        if (self.logged_at is not None or now - self.start >= self.show_after) and \
-                self.last != (self.done, self.note):
+        slow = self.logged_at is not None or now - self.start >= self.show_after
+        if slow and self.done and self.last != (self.done, self.note):  # nothing done: nothing to say
             self._log(now)
 
     def _log(self, now: float) -> None:
