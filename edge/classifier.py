@@ -146,7 +146,9 @@ class Classifier:
         if threads is not None and (not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS):
             raise UsageError(f"threads must be an integer from 1 to {MAX_THREADS}, got {threads!r}")
         runtime = open_backend(model_path, backend, threads)
-        classifier = cls(runtime, read_metadata(model_path), model_path)
+        # An ONNX session has read the file's metadata already: no second session for it.
+        metadata = read_metadata(model_path, getattr(runtime, "metadata_props", None))
+        classifier = cls(runtime, metadata, model_path)
         if warm_up:
             classifier.predict_tensor(np.zeros(classifier.metadata.preprocessing.input_shape, np.float32))
         return classifier
