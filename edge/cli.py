@@ -36,7 +36,7 @@ def format_text(path: str, prediction: Prediction) -> str:
     """One line per image: the answer with its confidence and flags, then every class's probability;
     an out-of-distribution image leads with :data:`NOT_AN_XRAY` and names no maker."""
     if prediction.out_of_distribution:
-        return f"{printable(path)}: {NOT_AN_XRAY}, no answer ({prediction.ood_reason})"
+        return f"{printable(path)}: {NOT_AN_XRAY}, no answer: {prediction.ood_reason}"
     scores = "  ".join(f"{name} {100 * p:5.1f} %" for name, p in prediction.probabilities.items())
     return f"{printable(path)}: {prediction.label} ({confidence_note(prediction)})   {scores}"
 
@@ -341,7 +341,7 @@ def explain(image: str, out_path: Path | None, model_path: Path | None, backend:
         click.echo(json.dumps({"path": image, "overlay": str(out), **explanation.to_dict()}))
     else:
         p = explanation.prediction
-        answer = (f"{NOT_AN_XRAY}, no answer ({p.ood_reason})" if p.out_of_distribution
+        answer = (f"{NOT_AN_XRAY}, no answer: {p.ood_reason}" if p.out_of_distribution
                   else f"{p.label} ({confidence_note(p)})")
         click.echo(f"{printable(image)}: {answer}; overlay {printable(str(out))} "
                    f"({explanation.inferences} inferences, {explanation.seconds:.1f} s)")

@@ -52,7 +52,7 @@ def test_a_generated_picture_is_not_an_xray(xray_png: Path) -> None:
     table = xray_png.parent / "out.csv"
     result = run("classify", "--csv", str(table), str(xray_png))
     assert result.exit_code == 0, result.stderr
-    assert result.stdout.startswith(f"{xray_png}: not a shoulder-implant X-ray, no answer (")
+    assert result.stdout.startswith(f"{xray_png}: not a shoulder-implant X-ray, no answer: not like")
     assert not any(label in result.stdout for label in LABELS)
     row = next(csv.DictReader(table.open(encoding="utf-8")))
     assert row["answer"] == "" and row["label"] in LABELS and row["out_of_distribution"] == "true"

@@ -99,7 +99,7 @@ def test_explain_command_on_the_bundled_model(tmp_path: Path) -> None:
     assert record["ood_reason"].startswith("not like") and record["uncertain"] in (True, False)
     assert record["model_version"] == "effcaps_ncp_lite0_512-0.6.0" and record["threshold"] > 0.5
     text = CliRunner().invoke(main, ["explain", str(image), "--out", str(out), "--grid", "2"])
-    assert text.stdout.startswith(f"{image}: not a shoulder-implant X-ray, no answer (not like")
+    assert text.stdout.startswith(f"{image}: not a shoulder-implant X-ray, no answer: not like")
     assert not any(maker in text.stdout for maker in ("Cofield", "Depuy", "Tornier", "Zimmer"))
 
 

@@ -200,7 +200,7 @@ def test_an_out_of_distribution_image_names_no_maker(bundled: Classifier) -> Non
     prediction = bundled.classify(np.full((200, 200), 128, np.uint8))
     assert prediction.out_of_distribution is True
     line = format_text("blank.png", prediction)
-    assert line.startswith("blank.png: not a shoulder-implant X-ray, no answer (")
+    assert line.startswith("blank.png: not a shoulder-implant X-ray, no answer: not like")
     assert not any(label in line for label in bundled.labels)
     record = prediction.to_dict()
     assert record["answer"] is None and record["label"] in bundled.labels
