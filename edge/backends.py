@@ -236,6 +236,11 @@ class OnnxBackend:
         self._input, self._output = inputs[0], outputs[0]
 
     @property
+    def metadata_props(self) -> dict[str, str]:
+        """The model's ``metadata_props`` (onnxruntime's ``custom_metadata_map``)."""
+        return dict(self._session.get_modelmeta().custom_metadata_map)
+
+    @property
     def providers(self) -> list[str]:
         """The execution providers in use, in priority order."""
         return list(self._session.get_providers())

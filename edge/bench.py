@@ -8,6 +8,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,7 @@ def benchmark(
     threads: int = 1,
     runs: int = 200,
     warmup: int = 20,
+    progress: Callable[[int, int], None] | None = None,
 ) -> BenchResult:
     """Time one backend at one thread count.
 
@@ -89,6 +91,7 @@ def benchmark(
         threads: CPU threads for the runtime.
         runs: timed classifications after the warm-up.
         warmup: untimed classifications first.
+        progress: told ``(done, total)`` after each classification, warm-up included.
 
     Raises:
         CapsedgeError: the model or image cannot be used.
@@ -107,13 +110,17 @@ def benchmark(
         t0 = time.perf_counter()
         tensor = preprocess(image, config)
         preprocess_times.append((time.perf_counter() - t0) * 1000)
-    for _ in range(warmup):
+    for i in range(warmup):
         classifier.predict_views(tensor)
+        if progress is not None:
+            progress(i + 1, warmup + runs)
     latencies = np.empty(runs)
     for i in range(runs):
         t0 = time.perf_counter()
         classifier.predict_views(tensor)
         latencies[i] = (time.perf_counter() - t0) * 1000
+        if progress is not None:  # outside the timed part
+            progress(warmup + i + 1, warmup + runs)
     return BenchResult(
         backend=classifier.backend.name,
         threads=threads,

@@ -56,12 +56,15 @@ def error_boundary(extra: str | None = None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def quiet_native_logs(verbose: bool = False) -> Iterator[None]:
-    """Around the first import of a native library (TensorFlow): no start-up chatter.
+    """Around native libraries' work (TensorFlow's import, conversion, training; LiteRT): no
+    chatter from their C++ on the user's terminal.
 
-    TensorFlow's C++ start-up lines (oneDNN notes, "Could not find cuda drivers" on a CPU-only
-    machine, absl's warning) go to file descriptor 2 whatever its log level, so they are
-    dropped there; ``TF_CPP_MIN_LOG_LEVEL=3`` keeps later C++ logging to errors. With
-    ``verbose`` nothing is hidden.
+    TensorFlow's C++ lines (oneDNN notes, "Could not find cuda drivers", the converter's
+    ``fully_quantize: 0, ...``, LiteRT's "Created TensorFlow Lite XNNPACK delegate") go to file
+    descriptor 2 whatever the log level, so that descriptor points at the null device inside
+    the block; Python's ``sys.stderr`` (capsedge's own progress and messages) keeps writing to
+    the real one through a copy. ``TF_CPP_MIN_LOG_LEVEL=3`` keeps later C++ logging to errors.
+    With ``verbose`` nothing is hidden.
     """
     if verbose:
         yield
@@ -71,8 +74,25 @@ def quiet_native_logs(verbose: bool = False) -> Iterator[None]:
     from .backends import native_stderr_silenced
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with native_stderr_silenced():
-        yield
+    try:
+        sys.stderr.flush()
+        on_descriptor_2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # captured (tests) or no stderr: nothing to keep
+        on_descriptor_2 = False
+    if not on_descriptor_2:
+        with native_stderr_silenced():
+            yield
+        return
+    python_stderr = sys.stderr
+    copy = os.fdopen(os.dup(2), "w", buffering=1, encoding=python_stderr.encoding,
+                     errors=python_stderr.errors)
+    sys.stderr = copy
+    try:
+        with native_stderr_silenced():
+            yield
+    finally:
+        sys.stderr = python_stderr
+        copy.close()
 
 
 def import_tensorflow_quietly(verbose: bool = False) -> None:

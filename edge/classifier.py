@@ -35,9 +35,10 @@ class Prediction:
         probabilities: probability of each class, in the model's label order.
         latency_ms: preprocessing plus inference time for this image.
         model_version: the version of the model that made it.
-        uncertain: the label's probability is below ``threshold``: do not rely on it.
+        uncertain: the label's probability is below ``threshold``: do not rely on it
+            (``None``: the model carries no calibration, so nobody can tell).
         threshold: the confidence below which answers are uncertain (``None``: the model
-            carries no calibration, and nothing is flagged).
+            carries no calibration; its probabilities are the network's own, uncalibrated).
         out_of_distribution: the image does not look like the X-rays the model was trained
             on (``None``: the model carries no feature statistics to tell).
         ood_reason: one line saying why, when ``out_of_distribution``.
@@ -47,7 +48,7 @@ class Prediction:
     probabilities: dict[str, float]
     latency_ms: float
     model_version: str
-    uncertain: bool = False
+    uncertain: bool | None = None
     threshold: float | None = None
     out_of_distribution: bool | None = None
     ood_reason: str | None = None
@@ -57,14 +58,29 @@ class Prediction:
         """Probability of the predicted label."""
         return self.probabilities[self.label]
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the probabilities are calibrated (the model carries a threshold)."""
+        return self.threshold is not None
+
+    @property
+    def answer(self) -> str | None:
+        """The maker to report: the label, or ``None`` when the image is out of distribution
+        (not a shoulder-implant X-ray: no maker is an answer)."""
+        return None if self.out_of_distribution else self.label
+
     def to_dict(self) -> dict[str, object]:
-        """The JSON-ready record that ``classify --json`` prints (without the path)."""
+        """The JSON-ready record that ``classify --json`` prints (without the path): the same keys
+        for every image; ``label`` is always the top class, ``answer`` is ``None`` out of
+        distribution."""
         return {
+            "answer": self.answer,
             "label": self.label,
             "probabilities": dict(self.probabilities),
             "latency_ms": round(self.latency_ms, 3),
             "model_version": self.model_version,
             "uncertain": self.uncertain,
+            "calibrated": self.calibrated,
             "threshold": self.threshold,
             "out_of_distribution": self.out_of_distribution,
             "ood_reason": self.ood_reason,
@@ -130,7 +146,9 @@ class Classifier:
         if threads is not None and (not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS):
             raise UsageError(f"threads must be an integer from 1 to {MAX_THREADS}, got {threads!r}")
         runtime = open_backend(model_path, backend, threads)
-        classifier = cls(runtime, read_metadata(model_path), model_path)
+        # An ONNX session has read the file's metadata already: no second session for it.
+        metadata = read_metadata(model_path, getattr(runtime, "metadata_props", None))
+        classifier = cls(runtime, metadata, model_path)
         if warm_up:
             classifier.predict_tensor(np.zeros(classifier.metadata.preprocessing.input_shape, np.float32))
         return classifier
@@ -194,6 +212,16 @@ class Classifier:
         """
         start = time.perf_counter()
         tensor = preprocess(image, self.metadata.preprocessing)
+        return self.classify_tensor(tensor, start)
+
+    def classify_tensor(self, tensor: np.ndarray, start: float | None = None) -> Prediction:
+        """Classify one preprocessed ``(H, W, C)`` tensor over the model's test-time views, with
+        every flag; ``start`` (a ``time.perf_counter()`` value) begins the latency.
+
+        Raises:
+            ModelError: the runtime failed on this input or returned non-finite values.
+        """
+        start = time.perf_counter() if start is None else start
         raw = self.predict_views(tensor)
         if not np.isfinite(raw).all():  # never NaN in a result (nor invalid JSON downstream)
             raise ModelError("the model returned non-finite outputs for this image")
@@ -207,7 +235,7 @@ class Classifier:
             probabilities=probabilities,
             latency_ms=latency_ms,
             model_version=self.metadata.version,
-            uncertain=threshold is not None and float(np.max(scores)) < threshold,
+            uncertain=None if threshold is None else float(np.max(scores)) < threshold,
             threshold=threshold,
             out_of_distribution=out_of_distribution,
             ood_reason=reason,

@@ -22,15 +22,24 @@ if TYPE_CHECKING:
     from .classifier import Prediction
 
 
+#: What text output and the page lead with for an out-of-distribution image, instead of a maker.
+NOT_AN_XRAY = "not a shoulder-implant X-ray"
+
+
+def confidence_note(prediction: Prediction) -> str:
+    """The answer's confidence with its flag: ``"90.0 %, uncertain"``, ``"25.4 %, uncalibrated"``."""
+    flags = {None: ", uncalibrated", True: ", uncertain", False: ""}
+    flag = flags[prediction.uncertain]
+    return f"{100 * prediction.confidence:.1f} %{flag}"
+
+
 def format_text(path: str, prediction: Prediction) -> str:
-    """One line per image: the label with its confidence and flags, then every class's probability."""
-    probabilities = prediction.probabilities
-    flag = ", uncertain" if prediction.uncertain else ""
-    scores = "  ".join(f"{name} {100 * p:5.1f} %" for name, p in probabilities.items())
-    line = f"{printable(path)}: {prediction.label} ({100 * prediction.confidence:.1f} %{flag})   {scores}"
+    """One line per image: the answer with its confidence and flags, then every class's probability;
+    an out-of-distribution image leads with :data:`NOT_AN_XRAY` and names no maker."""
     if prediction.out_of_distribution:
-        line += f"   [out of distribution: {prediction.ood_reason}]"
-    return line
+        return f"{printable(path)}: {NOT_AN_XRAY}, no answer: {prediction.ood_reason}"
+    scores = "  ".join(f"{name} {100 * p:5.1f} %" for name, p in prediction.probabilities.items())
+    return f"{printable(path)}: {prediction.label} ({confidence_note(prediction)})   {scores}"
 
 
 class LazyGroup(click.Group):
@@ -91,6 +100,7 @@ def bench(model_path: Path | None, image: Path | None, backends: str, thread_cou
           warmup: int, as_json: bool) -> None:
     """Time the model on this machine: load, latency percentiles, throughput, memory."""
     from .bench import benchmark, machine_summary
+    from .progress import Progress
 
     try:
         threads = [int(t) for t in thread_counts.split(",") if t.strip()]
@@ -110,8 +120,9 @@ def bench(model_path: Path | None, image: Path | None, backends: str, thread_cou
     for backend in names:
         for count in threads:
             try:
-                result = benchmark(model_path, image, backend=backend, threads=count, runs=runs,
-                                   warmup=warmup)
+                with Progress(f"bench {backend}, {count} threads") as bar:
+                    result = benchmark(model_path, image, backend=backend, threads=count, runs=runs,
+                                       warmup=warmup, progress=bar.update)
             except (CapsedgeError, ValueError) as exc:
                 fail(f"{backend}, {count} threads: {exc}")
                 failed = True
@@ -347,13 +358,13 @@ def explain(image: str, out_path: Path | None, model_path: Path | None, backend:
     """Show where the model looked: an occlusion heat map over the X-ray, as a PNG."""
     from .classifier import Classifier
     from .explain import occlusion_map, render_overlay
-    from .progress import ProgressBar
+    from .progress import Progress
 
     out = out_path if out_path is not None else Path(Path(image).name + ".explain.png")
     with error_boundary():
         classifier = Classifier.load(model_path, backend=backend, threads=threads)
         refuse_overwrite(out, [image, classifier.model_path], "--out")
-    bar = ProgressBar("explain")
+    bar = Progress("explain")
     try:
         explanation = occlusion_map(classifier, image, grid, progress=bar.update)
     except CapsedgeError as exc:
@@ -367,27 +378,36 @@ def explain(image: str, out_path: Path | None, model_path: Path | None, backend:
     if as_json:
         click.echo(json.dumps({"path": image, "overlay": str(out), **explanation.to_dict()}))
     else:
-        click.echo(f"{printable(image)}: {explanation.label} ({100 * explanation.confidence:.1f} %); "
-                   f"overlay {printable(str(out))} ({explanation.inferences} inferences, "
-                   f"{explanation.seconds:.1f} s)")
+        p = explanation.prediction
+        answer = (f"{NOT_AN_XRAY}, no answer: {p.ood_reason}" if p.out_of_distribution
+                  else f"{p.label} ({confidence_note(p)})")
+        click.echo(f"{printable(image)}: {answer}; overlay {printable(str(out))} "
+                   f"({explanation.inferences} inferences, {explanation.seconds:.1f} s)")
 
 
 def write_csv(path: Path, rows: list[dict[str, object]], labels: tuple[str, ...]) -> None:
-    """One row per image: path, label, one probability column per class, latency, error."""
+    """One row per image: path, label, answer (empty out of distribution), one probability column
+    per class, latency, model version, the flags with their threshold and reason, error."""
     # surrogateescape: file names that are not valid UTF-8 are written back byte for byte.
     with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", *(f"p_{label}" for label in labels), "latency_ms", "uncertain",
-                         "out_of_distribution", "error"])
+        writer.writerow(["path", "label", "answer", *(f"p_{label}" for label in labels), "latency_ms",
+                         "model_version", "uncertain", "threshold", "out_of_distribution", "ood_reason",
+                         "error"])
         for row in rows:
             probabilities = row.get("probabilities") or {}
+            threshold = row.get("threshold")
             writer.writerow([
                 _cell(row["path"]),
                 _cell(row.get("label", "")),
+                _cell(row.get("answer") or ""),
                 *(f"{probabilities[label]:.6f}" if probabilities else "" for label in labels),
                 row.get("latency_ms", ""),
+                _cell(row.get("model_version", "")),
                 _csv_flag(row.get("uncertain")),
+                "" if threshold is None else threshold,
                 _csv_flag(row.get("out_of_distribution")),
+                _cell(row.get("ood_reason") or ""),
                 _cell(row.get("error", "")),
             ])
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .classifier import Classifier
+from .classifier import Classifier, Prediction
 from .errors import UsageError
 from .preprocess import ImageSource, content_box, load_grey, to_model_input
 
@@ -44,6 +44,8 @@ class Explanation:
         grey: the image as read (greyscale), for drawing.
         seconds: time taken.
         inferences: model runs made.
+        prediction: the whole answer, with the flags ``classify`` gives (uncertain,
+            out of distribution).
     """
 
     label: str
@@ -52,12 +54,21 @@ class Explanation:
     grey: Image.Image
     seconds: float
     inferences: int
+    prediction: Prediction
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-ready figures (the grid rounded to 4 decimals)."""
+        """JSON-ready figures (the grid rounded to 4 decimals), with the flags of ``classify --json``."""
+        p = self.prediction
         return {
+            "answer": p.answer,
             "label": self.label,
             "confidence": round(self.confidence, 6),
+            "model_version": p.model_version,
+            "uncertain": p.uncertain,
+            "calibrated": p.calibrated,
+            "threshold": p.threshold,
+            "out_of_distribution": p.out_of_distribution,
+            "ood_reason": p.ood_reason,
             "grid": int(self.heat.shape[0]),
             "heat": np.round(self.heat.astype(np.float64), 4).tolist(),
             "seconds": round(self.seconds, 3),
@@ -85,8 +96,9 @@ def occlusion_map(classifier: Classifier, image: ImageSource, grid: int = DEFAUL
     tensor = to_model_input(grey, config)
     top, left, height, width = content_box(grey.size, config.input_size)
     views = classifier.test_time_views
-    answer = classifier.probabilities(tensor)
-    target = int(np.argmax(answer))
+    prediction = classifier.classify_tensor(tensor, start)
+    answer = np.array(list(prediction.probabilities.values()), np.float32)
+    target = classifier.labels.index(prediction.label)
     base = answer if views == 1 else classifier.probabilities(tensor, views=1)
     first = views + (views > 1)  # inferences before the occlusions
     rows = np.linspace(top, top + height, grid + 1).round().astype(int)
@@ -102,8 +114,17 @@ def occlusion_map(classifier: Classifier, image: ImageSource, grid: int = DEFAUL
             heat[i, j] = base[target] - classifier.probabilities(hidden, views=1)[target]
             if progress is not None:
                 progress(first + 1 + i * grid + j, total)
-    return Explanation(classifier.labels[target], float(answer[target]), heat, grey,
-                       time.perf_counter() - start, total)
+    return Explanation(prediction.label, prediction.confidence, heat, grey, time.perf_counter() - start,
+                       total, prediction)
+
+
+def title(explanation: Explanation) -> str:
+    """The overlay's title: the answer with its flag, or "Not a shoulder-implant X-ray" (no maker)."""
+    p = explanation.prediction
+    if p.out_of_distribution:
+        return "Not a shoulder-implant X-ray: no answer (map of what moved the top class)"
+    flag = {None: ", uncalibrated", True: ", UNCERTAIN", False: ""}[p.uncertain]
+    return f"{p.label} ({100 * p.confidence:.1f} %{flag}): where hiding the image lowers this answer"
 
 
 def heat_colours(values: np.ndarray) -> np.ndarray:
@@ -132,8 +153,8 @@ def render_overlay(explanation: Explanation, side: int = OVERLAY_SIDE) -> Image.
     canvas = Image.new("RGB", (size[0] + bar_w + 6 * margin, size[1] + title_h + margin), "white")
     canvas.paste(Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)), (margin, title_h))
     draw = ImageDraw.Draw(canvas)
-    draw.text((margin, 8), f"{explanation.label} ({100 * explanation.confidence:.1f} %): "
-              "where hiding the image lowers this answer", fill="black", font=font)
+    warn = explanation.prediction.out_of_distribution or explanation.prediction.uncertain is not False
+    draw.text((margin, 8), title(explanation), fill="#a11d1d" if warn else "black", font=font)
     bar_x = size[0] + 2 * margin
     ramp = heat_colours(np.linspace(1, 0, size[1]))[:, np.newaxis, :].repeat(bar_w, axis=1)
     canvas.paste(Image.fromarray(ramp), (bar_x, title_h))

@@ -10,16 +10,16 @@ beside it, which is read when nothing is embedded.
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
-import os
 import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from .errors import ModelError, preview
+from .errors import ModelError, RuntimeMissingError, missing_extra, preview
 from .limits import (
     MAX_LABEL_LENGTH,
     MAX_LABELS,
@@ -173,13 +173,18 @@ def _find_archive_offset(data: bytes) -> int | None:
         return None
 
 
-def read_embedded(model_path: str | Path) -> ModelMetadata | None:
-    """Metadata embedded in a ``.tflite`` or ``.onnx`` file, or ``None`` when there is none."""
+def read_embedded(model_path: str | Path,
+                  onnx_properties: dict[str, str] | None = None) -> ModelMetadata | None:
+    """Metadata embedded in a ``.tflite`` or ``.onnx`` file, or ``None`` when there is none
+    (``onnx_properties``: an ``.onnx`` file's ``metadata_props`` if a loaded session has them)."""
     if Path(model_path).suffix.lower() == ".onnx":
         try:
-            text = read_onnx_metadata_props(model_path).get(ONNX_METADATA_KEY)
-        except (ModelError, OSError):
+            properties = onnx_properties
+            if properties is None:
+                properties = read_onnx_metadata_props(model_path)
+        except (ModelError, RuntimeMissingError, OSError):
             return None
+        text = properties.get(ONNX_METADATA_KEY)
         return None if text is None else ModelMetadata.from_dict(_parse_json(text, "embedded metadata"))
     try:
         with zipfile.ZipFile(model_path) as zf, zf.open(EMBEDDED_NAME) as member:
@@ -197,75 +202,31 @@ def read_embedded(model_path: str | Path) -> ModelMetadata | None:
     return ModelMetadata.from_dict(_parse_json(text, "embedded metadata"))
 
 
-# ONNX ModelProto field numbers (onnx/onnx.proto): metadata_props is a repeated
-# StringStringEntryProto {key = 1, value = 2}.
-_ONNX_METADATA_PROPS = 14
-_VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
-
-
 def read_onnx_metadata_props(model_path: str | Path) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX model, read without onnx or onnxruntime.
-
-    Only the top level of the protobuf is walked; the graph and its weights are
-    skipped with seeks, so this is cheap even for a large model, and the device
-    install needs no protobuf library to find a model's labels.
+    """The ``metadata_props`` of an ONNX model, as onnxruntime reads them
+    (``get_modelmeta().custom_metadata_map``; the ``onnx`` extra, needed to run the file at all).
 
     Raises:
-        ModelError: the file is not a well-formed protobuf message.
+        ModelError: onnxruntime cannot load the file, or its metadata is too large.
+        RuntimeMissingError: onnxruntime is not installed.
     """
-    properties: dict[str, str] = {}
-    with open(model_path, "rb") as stream:
-        size = os.fstat(stream.fileno()).st_size
-        while stream.tell() < size:
-            key = _read_varint(stream)
-            field_number, wire_type = key >> 3, key & 7
-            if wire_type == _VARINT:
-                _read_varint(stream)
-            elif wire_type in (_FIXED64, _FIXED32):
-                stream.seek(8 if wire_type == _FIXED64 else 4, os.SEEK_CUR)
-            elif wire_type == _LENGTH_DELIMITED:
-                length = _read_varint(stream)
-                if stream.tell() + length > size:
-                    raise ModelError("not a valid ONNX model (truncated field)")
-                if field_number == _ONNX_METADATA_PROPS:
-                    if length > MAX_METADATA_BYTES:
-                        limit = MAX_METADATA_BYTES // 1024
-                        raise ModelError(f"model metadata is too large (over {limit} KiB)")
-                    name, value = _string_pair(stream.read(length))
-                    properties[name] = value
-                else:
-                    stream.seek(length, os.SEEK_CUR)
-            else:
-                raise ModelError(f"not a valid ONNX model (protobuf wire type {wire_type})")
+    try:
+        ort = importlib.import_module("onnxruntime")
+    except ImportError:
+        raise missing_extra("onnxruntime", "onnx") from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only reading
+    try:
+        session = ort.InferenceSession(str(model_path), sess_options=options,
+                                       providers=["CPUExecutionProvider"])
+        properties = dict(session.get_modelmeta().custom_metadata_map)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's pybind errors share no base class
+        reason = (str(exc).strip().splitlines() or ["onnxruntime cannot read it"])[0]
+        raise ModelError(f"not a valid ONNX model ({reason})") from None
+    if sum(len(k) + len(v) for k, v in properties.items()) > MAX_METADATA_BYTES:
+        raise ModelError(f"model metadata is too large (over {MAX_METADATA_BYTES // 1024} KiB)")
     return properties
-
-
-def _read_varint(stream: BinaryIO) -> int:
-    value = 0
-    for shift in range(0, 70, 7):
-        byte = stream.read(1)
-        if not byte:
-            raise ModelError("not a valid ONNX model (unexpected end of file)")
-        value |= (byte[0] & 0x7F) << shift
-        if not byte[0] & 0x80:
-            return value
-    raise ModelError("not a valid ONNX model (varint too long)")
-
-
-def _string_pair(message: bytes) -> tuple[str, str]:
-    """``(key, value)`` of a serialized ``StringStringEntryProto``."""
-    fields = {1: "", 2: ""}
-    stream = io.BytesIO(message)
-    while stream.tell() < len(message):
-        key = _read_varint(stream)
-        if key & 7 != _LENGTH_DELIMITED:
-            raise ModelError("not a valid ONNX model (bad metadata entry)")
-        data = stream.read(_read_varint(stream))
-        try:
-            fields[key >> 3] = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ModelError("not a valid ONNX model (metadata is not UTF-8)") from None
-    return fields[1], fields[2]
 
 
 def read_sidecar(model_path: str | Path) -> ModelMetadata | None:
@@ -313,13 +274,14 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def read_metadata(model_path: str | Path) -> ModelMetadata:
-    """The model's metadata: embedded first, else the sidecar JSON.
+def read_metadata(model_path: str | Path, onnx_properties: dict[str, str] | None = None) -> ModelMetadata:
+    """The model's metadata: embedded first, else the sidecar JSON (``onnx_properties``: see
+    :func:`read_embedded`).
 
     Raises:
         ModelError: the model has neither, or what it has is invalid.
     """
-    metadata = read_embedded(model_path) or read_sidecar(model_path)
+    metadata = read_embedded(model_path, onnx_properties) or read_sidecar(model_path)
     if metadata is None:
         raise ModelError(
             f"model has no capsedge metadata (nothing embedded and no {sidecar_path(model_path).name})"

@@ -5,11 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from capsedge.boundary import error_boundary, import_tensorflow_quietly
+from capsedge.boundary import error_boundary, import_tensorflow_quietly, quiet_native_logs
 from capsedge.export.formats import FORMATS
 from capsedge.export.quantization import CALIBRATION_IMAGES
-from capsedge.export.writer import check_arguments, export, export_and_verify
+from capsedge.export.run import trust_sources
+from capsedge.export.writer import check_arguments, export, export_and_verify, steps
 from capsedge.outputs import refuse_overwrite
+from capsedge.progress import Progress
+
+
+class StepCounter:
+    """An export's ``progress`` callback: each call is the next step, shown on ``bar``."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.count = 0
+
+    def __call__(self, note: str) -> None:
+        self.bar.update(self.count, note=note)
+        self.count += 1
 
 
 def _cli() -> Any:
@@ -33,10 +47,11 @@ def _cli() -> Any:
     @click.option("--version", "version", default=None, help="Model version to record.")
     @click.option("--cross-validation", "cv_dir", type=click.Path(path_type=Path), default=None,
                   help="A 'capsedge train --folds K' folder of the same recipe: its figures go "
-                       "into the model's provenance.")
+                       "into the model's provenance. Default: the folder above a 'final' run.")
     @click.option("--train-data", "train_data", type=click.Path(path_type=Path), default=None,
                   help="The images the run was trained on: with --cross-validation, the files get "
-                       "calibrated confidence, an 'uncertain' threshold and outlier statistics.")
+                       "calibrated confidence, an 'uncertain' threshold and outlier statistics. "
+                       "Default: the data folder the run recorded.")
     @click.option("--test-time-views", "test_time_views", type=click.Choice(["1", "4", "8"]), default="1",
                   show_default=True,
                   help="Orientations of each image the runtime averages (4: the flips, 8: flips and "
@@ -51,25 +66,33 @@ def _cli() -> Any:
                 verbose: bool) -> None:
         """Export a trained model to TFLite / ONNX / Edge TPU files and verify them."""
         names = [f.strip() for f in formats.split(",") if f.strip()]
-        with error_boundary(extra="export"):
+        with error_boundary(extra="export"), quiet_native_logs(verbose):
             # Not an input itself; inside one is fine (the files written are no images and
             # have names of their own, so nothing is overwritten or read back as data).
             refuse_overwrite(out_dir, [p for p in (model, calib, eval_dir, train_data, cv_dir) if p],
                              "--out")
             check_arguments(names, calib, model)
+            cv_dir, train_data, note = trust_sources(model, cv_dir, train_data)
             import_tensorflow_quietly(verbose)
-            if no_verify:
-                written = export(model, out_dir, names, calib, version, cv_dir, train_data,
-                                 int(test_time_views))
-                report = None
-            else:
-                written, report = export_and_verify(model, out_dir, names, calib, eval_dir,
-                                                    eval_limit=eval_limit, calibration_limit=calib_limit,
-                                                    version=version, cross_validation=cv_dir,
-                                                    train_data=train_data,
-                                                    test_time_views=int(test_time_views))
+            with Progress("export", steps(names, train_data is not None, not no_verify)) as bar:
+                step = StepCounter(bar)
+                if no_verify:
+                    written = export(model, out_dir, names, calib, version, cv_dir, train_data,
+                                     int(test_time_views), progress=step)
+                    report = None
+                else:
+                    written, report = export_and_verify(
+                        model, out_dir, names, calib, eval_dir, eval_limit=eval_limit,
+                        calibration_limit=calib_limit, version=version, cross_validation=cv_dir,
+                        train_data=train_data, test_time_views=int(test_time_views), progress=step)
+                bar.update(bar.total, note="done")
+        from capsedge.export.edgetpu_format import describe
+
         for name, path in written.items():
-            click.echo(f"{name}: {path} ({path.stat().st_size / 1024:.1f} KiB)")
+            what = f"; {describe(path)}" if name == "edgetpu" else ""
+            click.echo(f"{name}: {path} ({path.stat().st_size / 1024:.1f} KiB{what})")
+        if note is not None:  # after the files, so that an error stays the only line
+            click.echo(f"capsedge: note: {note}", err=True)
         if report is None:
             return
         click.echo(f"report: {Path(out_dir) / 'report.md'}")

@@ -167,6 +167,15 @@ def export_edgetpu(
     return path
 
 
+def describe(path: str | Path) -> str:
+    """What the ``edgetpu`` export wrote, said plainly for its output line."""
+    compiled = compiled_path(path)
+    if compiled.is_file():
+        return f"the int8 flatbuffer; compiled for the Edge TPU: {compiled}"
+    return (f"the full-integer int8 flatbuffer, NOT compiled for the Edge TPU ({COMPILER} is not "
+            "installed): it runs on a CPU; compile it to use the TPU")
+
+
 def edgetpu_mapping(path: str | Path) -> EdgeTpuMapping:
     """How the int8 model at ``path`` maps onto the Edge TPU.
 

@@ -3,9 +3,11 @@ for int8 calibration."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,69 @@ class TrainedRun:
     labels: tuple[str, ...]
     preprocessing: Preprocessing
     provenance: dict[str, Any]
+    version: str = "unknown"
+
+
+def run_version(name: str, model_file: Path) -> str:
+    """The run's own version: its network's name, the day its weights were saved (UTC) and the
+    first 10 hex digits of their SHA-256 (``effcaps_ncp_lite0_512-20261204-3f2a9c1d0e``); never
+    the package's version, which says nothing about a user's weights."""
+    digest = hashlib.sha256()
+    with model_file.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    day = datetime.fromtimestamp(model_file.stat().st_mtime, tz=timezone.utc).strftime("%Y%m%d")
+    return f"{name}-{day}-{digest.hexdigest()[:10]}"
+
+
+def run_folder(path: str | Path) -> Path:
+    """The run folder of a run folder or of its ``classifier.keras``."""
+    path = Path(path)
+    try:
+        return path if path.is_dir() else path.parent
+    except OSError:
+        return path.parent
+
+
+def trust_sources(model: str | Path, cross_validation: str | Path | None,
+                  train_data: str | Path | None) -> tuple[Path | None, Path | None, str | None]:
+    """The cross-validation and training images to fit the trust section on: those given, else
+    the run's own (the ``--folds K --final`` folder above a ``final`` run, the data folder its
+    ``config.json`` names). Reads JSON only (no TensorFlow).
+
+    Returns:
+        The folder of folds, the training data, and a one-line note when either was found here
+        or when no trust section can be fitted (``None`` when both were given).
+    """
+    if cross_validation is not None and train_data is not None:
+        return Path(cross_validation), Path(train_data), None
+    given_data = train_data is not None
+    run_dir = run_folder(model)
+    try:
+        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        recipe, source = config.get("train", {}), config.get("data", {}).get("source")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        recipe, source = {}, None
+    reason = None
+    if cross_validation is None and (run_dir.parent / "cv_summary.json").is_file():
+        try:
+            cross_validation_summary(run_dir.parent, recipe)
+            cross_validation = run_dir.parent
+        except CapsedgeError as exc:
+            reason = str(exc)
+    if train_data is None and isinstance(source, str) and Path(source).exists():
+        train_data = Path(source)
+    if cross_validation is None and given_data:
+        return None, Path(train_data), None  # the fit says what is missing
+    if cross_validation is None or train_data is None:
+        reason = reason or ("the run has no cross-validation of its recipe (train with --folds K --final "
+                            "and export OUT/final)" if cross_validation is None
+                            else "the run does not name its training images")
+        cv = Path(cross_validation) if cross_validation is not None else None
+        return cv, None, (f"no calibration or outlier statistics: {reason}; the files will report "
+                          "uncalibrated confidence (pass --cross-validation DIR --train-data DIR)")
+    return (Path(cross_validation), Path(train_data),
+            f"trust section fitted on the folds in {cross_validation} and the images in {train_data}")
 
 
 def load_run(path: str | Path, cross_validation: str | Path | None = None) -> TrainedRun:
@@ -87,6 +152,7 @@ def load_run(path: str | Path, cross_validation: str | Path | None = None) -> Tr
         labels=labels,
         preprocessing=preprocessing,
         provenance=provenance,
+        version=run_version(config.get("model", {}).get("name", "unknown"), model_file),
     )
 
 

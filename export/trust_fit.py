@@ -98,6 +98,10 @@ def fit_outliers(features: np.ndarray, components: int = OUTLIER_COMPONENTS,
     mean = features.mean(axis=0)
     scale = features.std(axis=0) + 1e-6
     standard = (features - mean) / scale
+    # numpy's SVD rather than scikit-learn's PCA, which gives the same distances (tested) but
+    # stores other numbers, and the device reads these: it flips some axes' signs (3 of 16 for
+    # random features of the development set's shape, 477 x 112) and its variances differ in
+    # the last bit (scipy's LAPACK).
     _, singular, axes = np.linalg.svd(standard, full_matrices=False)
     kept = axes[:components]
     variances = singular[:components] ** 2 / (len(features) - 1)

@@ -11,6 +11,7 @@ checks below decide whether the export passed.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,13 +204,18 @@ def verify_exports(
     name: str,
     labels: tuple[str, ...],
     goals: Goals | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> VerificationReport:
-    """Measure every written artifact against the Keras ``classifier`` and apply the goals."""
+    """Measure every written artifact against the Keras ``classifier`` and apply the goals;
+    ``progress(format)`` is called after each artifact is measured."""
     goals = goals or Goals()
     reference = np.asarray(classifier.predict(evaluation.images, batch_size=32, verbose=0))
     keras_accuracy = accuracy(reference, evaluation.targets)
-    reports = {fmt: measure(FORMATS[fmt], Path(path), reference, evaluation, labels)
-               for fmt, path in written.items()}
+    reports = {}
+    for fmt, path in written.items():
+        reports[fmt] = measure(FORMATS[fmt], Path(path), reference, evaluation, labels)
+        if progress is not None:
+            progress(fmt)
     checks = [c for r in reports.values() for c in checks_for(r, reports, keras_accuracy, goals)]
     return VerificationReport(
         model={"name": name, "labels": list(labels), "keras_accuracy": keras_accuracy},

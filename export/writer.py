@@ -9,7 +9,7 @@ The command is :mod:`capsedge.export.cli` (``capsedge export``, ``python export/
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,15 @@ from capsedge.folders import image_files
 from capsedge.metadata import ModelMetadata
 from capsedge.trust import Trust
 
+#: Told the name of each step of an export as it starts (see :func:`steps`).
+Progress = Callable[[str], None]
+
+
+def steps(formats: Sequence[str], trust: bool, verify: bool) -> int:
+    """How many times an export calls its ``progress``: the trust fit, each format, the end of
+    writing, each verified format."""
+    return int(trust) + len(formats) + 1 + (len(formats) if verify else 0)
+
 
 def export_run(
     run: TrainedRun,
@@ -35,8 +44,10 @@ def export_run(
     test_time_views: int = 1,
     train_data: str | Path | None = None,
     cross_validation: str | Path | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Path]:
-    """Write each format of a loaded run into ``out_dir``.
+    """Write each format of a loaded run into ``out_dir``; ``progress(step)`` is called as each
+    format is started and when the last is written.
 
     With ``trust`` (see :func:`capsedge.export.trust_fit.fit_trust`), every file also outputs
     the outlier features and carries the whole section; int8 files output them mapped onto the
@@ -51,7 +62,7 @@ def export_run(
     """
     metadata = ModelMetadata(
         name=run.name,
-        version=version or f"{run.name}-{__version__}",
+        version=version or run.version,
         labels=run.labels,
         preprocessing=run.preprocessing,
         provenance=run.provenance,
@@ -67,6 +78,8 @@ def export_run(
     written = {}
     training = None
     for fmt in formats:
+        if progress is not None:
+            progress(f"writing {fmt.name}")
         if fmt.needs_calibration:
             quantization = Quantization.for_int8(images)
         else:
@@ -92,6 +105,8 @@ def export_run(
 
             own = fit_file_trust(written[fmt.name], *training, file_trust, cross_validation, test_time_views)
             restamp(written[fmt.name], replace(stamped, trust=own))
+    if progress is not None:
+        progress("written")
     return written
 
 
@@ -149,8 +164,10 @@ def export(
     cross_validation: str | Path | None = None,
     train_data: str | Path | None = None,
     test_time_views: int = 1,
+    progress: Progress | None = None,
 ) -> dict[str, Path]:
-    """Export a trained run (folder or ``classifier.keras``) to each of ``formats`` in ``out_dir``.
+    """Export a trained run (folder or ``classifier.keras``) to each of ``formats`` in ``out_dir``
+    (``progress``: see :func:`steps`).
 
     ``cross_validation``: see :func:`load_run`; with ``train_data`` (the run's training
     images) too, the files carry calibration and outlier statistics (:func:`fit_run_trust`),
@@ -165,14 +182,15 @@ def export(
     """
     chosen = check_arguments(formats, calibration, model)
     run = load_run(model, cross_validation)
-    trust = fit_run_trust(run, cross_validation, train_data, out_dir, test_time_views)
+    trust = fit_run_trust(run, cross_validation, train_data, out_dir, test_time_views, progress)
     return export_run(run, out_dir, chosen, calibration, version, trust=trust,
                       test_time_views=test_time_views, train_data=train_data,
-                      cross_validation=cross_validation)
+                      cross_validation=cross_validation, progress=progress)
 
 
 def fit_run_trust(run: TrainedRun, cross_validation: str | Path | None, train_data: str | Path | None,
-                  out_dir: str | Path, test_time_views: int = 1) -> Trust | None:
+                  out_dir: str | Path, test_time_views: int = 1,
+                  progress: Progress | None = None) -> Trust | None:
     """The ``trust`` section when ``train_data`` is given (its figures also go to
     ``out_dir/trust.json``), calibrated for the average of ``test_time_views``; ``None``
     without it.
@@ -187,6 +205,8 @@ def fit_run_trust(run: TrainedRun, cross_validation: str | Path | None, train_da
                             "its out-of-fold predictions")
     from capsedge.export.trust_fit import fit_trust
 
+    if progress is not None:
+        progress("fitting the trust section")
     fitted = fit_trust(run.classifier, run.labels, cross_validation, train_data, run.preprocessing,
                        test_time_views)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -207,6 +227,7 @@ def export_and_verify(
     cross_validation: str | Path | None = None,
     train_data: str | Path | None = None,
     test_time_views: int = 1,
+    progress: Progress | None = None,
 ) -> tuple[dict[str, Path], Any]:
     """Export, then verify every file on ``evaluation`` (default: the calibration folder).
 
@@ -228,10 +249,12 @@ def export_and_verify(
         raise CapsedgeError(f"no evaluation images found in {evaluation}")
     run = load_run(model, cross_validation)
     eval_set = verify.load_evaluation_set(evaluation, run.preprocessing, run.labels, eval_limit)
-    trust = fit_run_trust(run, cross_validation, train_data, out_dir, test_time_views)
+    trust = fit_run_trust(run, cross_validation, train_data, out_dir, test_time_views, progress)
     written = export_run(run, out_dir, chosen, calibration, version, calibration_limit, trust=trust,
                          test_time_views=test_time_views, train_data=train_data,
-                         cross_validation=cross_validation)
-    report = verify.verify_exports(run.classifier, written, eval_set, name=run.name, labels=run.labels)
+                         cross_validation=cross_validation, progress=progress)
+    verified = (lambda fmt: progress(f"verified {fmt}")) if progress is not None else None
+    report = verify.verify_exports(run.classifier, written, eval_set, name=run.name, labels=run.labels,
+                                   progress=verified)
     write_report(report, out_dir)
     return written, report

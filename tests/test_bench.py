@@ -21,9 +21,13 @@ def test_benchmark_measures_the_bundled_model() -> None:
         benchmark(None, runs=0)
 
 
-def test_bench_command_json_rows_per_thread_count() -> None:
+def test_bench_command_json_rows_per_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    from capsedge import progress
+
+    monkeypatch.setattr(progress, "SHOW_AFTER_SECONDS", 0.0)  # show even this quick work
     result = CliRunner().invoke(main, ["bench", "--json", "--runs", "5", "--warmup", "1", "--threads", "1,2"])
     assert result.exit_code == 0, result.stderr
+    assert [line.split(" (")[0] for line in result.stderr.splitlines()][-1] == "bench auto, 2 threads: 6/6"
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["threads"] for row in rows] == [1, 2]
     assert set(rows[0]) == {"backend", "threads", "load_ms", "preprocess_ms", "views", "median_ms", "p90_ms",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from capsedge import __version__, default_model_path
 from capsedge.cli import main
 from capsedge.metadata import read_metadata, sidecar_path
 
-from conftest import synthetic_xray
+from conftest import implant_data, synthetic_xray
 
 LABELS = ["Cofield", "Depuy", "Tornier", "Zimmer"]
 
@@ -36,13 +37,28 @@ def test_version_and_help() -> None:
     assert result.exit_code == 0 and "classify" in result.stdout and "not a medical device" in result.stdout
 
 
-def test_classify_prints_label_and_every_probability(xray_png: Path) -> None:
-    result = run("classify", str(xray_png))
+def test_classify_prints_label_and_every_probability() -> None:
+    xray = implant_data() / "Zimmer.40.jpg"
+    result = run("classify", str(xray))
     assert result.exit_code == 0, result.stderr
     line = result.stdout.strip()
-    assert line.startswith(f"{xray_png}: ")
+    assert line.startswith(f"{xray}: ")
     assert line.split(": ", 1)[1].split(" ")[0] in LABELS
     assert all(f"{label} " in line for label in LABELS)
+
+
+def test_a_generated_picture_is_not_an_xray(xray_png: Path) -> None:
+    """The synthetic test picture is out of distribution: the text names no maker, the CSV says why."""
+    table = xray_png.parent / "out.csv"
+    result = run("classify", "--csv", str(table), str(xray_png))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith(f"{xray_png}: not a shoulder-implant X-ray, no answer: not like")
+    assert not any(label in result.stdout for label in LABELS)
+    row = next(csv.DictReader(table.open(encoding="utf-8")))
+    assert row["answer"] == "" and row["label"] in LABELS and row["out_of_distribution"] == "true"
+    assert row["ood_reason"].startswith("not like the shoulder-implant X-rays")
+    assert row["model_version"] == "effcaps_ncp_lite0_512-0.6.0"
+    assert float(row["threshold"]) == pytest.approx(0.94, abs=1e-3)
 
 
 def test_json_output_shape(xray_png: Path) -> None:
@@ -51,8 +67,8 @@ def test_json_output_shape(xray_png: Path) -> None:
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(records) == 2
     for record in records:
-        assert set(record) == {"path", "label", "probabilities", "latency_ms", "model_version", "uncertain",
-                               "threshold", "out_of_distribution", "ood_reason"}
+        assert set(record) == {"path", "answer", "label", "probabilities", "latency_ms", "model_version",
+                               "uncertain", "calibrated", "threshold", "out_of_distribution", "ood_reason"}
         assert record["path"] == str(xray_png)
         assert record["model_version"] == "effcaps_ncp_lite0_512-0.6.0"
         assert list(record["probabilities"]) == LABELS
@@ -151,8 +167,8 @@ def test_directory_walk_and_csv(tmp_path: Path) -> None:
     paths = [json.loads(line)["path"] for line in result.stdout.splitlines()]
     assert paths == [str(folder / "IM0001"), str(folder / "a.png"), str(folder / "sub" / "b.jpg")]
     rows = table.read_text(encoding="utf-8").splitlines()
-    assert rows[0] == ("path,label,p_Cofield,p_Depuy,p_Tornier,p_Zimmer,latency_ms,uncertain,"
-                       "out_of_distribution,error")
+    assert rows[0] == ("path,label,answer,p_Cofield,p_Depuy,p_Tornier,p_Zimmer,latency_ms,model_version,"
+                       "uncertain,threshold,out_of_distribution,ood_reason,error")
     assert len(rows) == 4 and rows[1].endswith("not a readable image") and rows[2].split(",")[1] in LABELS
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,25 @@ def test_development_data_layout() -> None:
     assert data.layout == "flat"
     assert data.classes == ("Cofield", "Depuy", "Tornier", "Zimmer")
     assert sum(data.counts().values()) == len(data.paths) >= 400
-    assert "CC BY 4.0" in data.attribution()
+    # The four makers' names prove nothing about where the images came from: no guessed credit.
+    assert "UCI" not in data.attribution()
+    assert "CC BY 4.0" in data.with_attribution("uci-517").attribution()
+
+
+def test_attribution_only_from_a_flag_or_a_manifest(tmp_path: Path) -> None:
+    for name in ("Cofield.1.jpg", "Depuy.1.jpg", "Tornier.1.jpg", "Zimmer.1.jpg"):
+        _save(tmp_path / name)
+    data = read_dataset(tmp_path)
+    assert data.attribution() == "trained on user-supplied images (provenance not given)"
+    assert data.source == tmp_path.resolve()
+    assert data.with_attribution("Hospital X, internal").attribution() == \
+        "trained on images from the Hospital X, internal"
+    (tmp_path / "capsedge-data.json").write_text(json.dumps({"attribution": "My set, CC0"}))
+    assert read_dataset(tmp_path).attribution() == "trained on images from the My set, CC0"
+    assert read_dataset(tmp_path).subset(np.array([0])).credit == "My set, CC0"
+    (tmp_path / "capsedge-data.json").write_text("{")
+    with pytest.raises(DatasetError, match="cannot read"):
+        read_dataset(tmp_path)
 
 
 def test_report_by_hand() -> None:
@@ -85,3 +104,24 @@ def test_splits_are_stratified_and_disjoint() -> None:
     assert sorted(np.concatenate([v for _, v in folds]).tolist()) == list(range(80))
     for _, val in folds:
         assert np.bincount(targets[val], minlength=3).tolist() == [10, 4, 2]
+
+
+def test_metrics_agree_with_scikit_learn() -> None:
+    """The hand-written report is the standard one (to the last bit but F1's, see metrics.py)."""
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        k, n = int(rng.integers(2, 6)), int(rng.integers(1, 60))
+        targets, predictions = rng.integers(0, k, n), rng.integers(0, k, n)
+        labels = list(range(k))
+        report = classification_report(targets, predictions, [str(i) for i in labels])
+        precision, recall, f1, support = metrics.precision_recall_fscore_support(
+            targets, predictions, labels=labels, zero_division=0)
+        per_class = [report["per_class"][str(i)] for i in labels]
+        assert [c["precision"] for c in per_class] == precision.tolist()
+        assert [c["recall"] for c in per_class] == recall.tolist()
+        assert [c["support"] for c in per_class] == support.tolist()
+        np.testing.assert_allclose([c["f1"] for c in per_class], f1, rtol=0, atol=1e-15)
+        matrix = metrics.confusion_matrix(targets, predictions, labels=labels)
+        assert report["confusion_matrix"] == matrix.tolist()
+        assert report["accuracy"] == metrics.accuracy_score(targets, predictions)

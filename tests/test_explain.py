@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,10 @@ from PIL import Image
 
 from capsedge.classifier import Classifier
 from capsedge.cli import main
-from capsedge.explain import heat_colours, occlusion_map, render_overlay
+from capsedge.explain import heat_colours, occlusion_map, render_overlay, title
 from capsedge.metadata import ModelMetadata
 from capsedge.preprocess import Preprocessing
-from capsedge.progress import ProgressBar
+from capsedge.progress import Progress
 
 from conftest import synthetic_xray
 
@@ -93,6 +94,26 @@ def test_explain_command_on_the_bundled_model(tmp_path: Path) -> None:
     assert record["label"] in ("Cofield", "Depuy", "Tornier", "Zimmer")
     with Image.open(out) as overlay:
         assert overlay.format == "PNG" and overlay.width > overlay.height  # 120 wide, 90 high
+    # The generated picture is no X-ray: explain carries classify's flags.
+    assert record["out_of_distribution"] is True and record["answer"] is None
+    assert record["ood_reason"].startswith("not like") and record["uncertain"] in (True, False)
+    assert record["model_version"] == "effcaps_ncp_lite0_512-0.6.0" and record["threshold"] > 0.5
+    text = CliRunner().invoke(main, ["explain", str(image), "--out", str(out), "--grid", "2"])
+    assert text.stdout.startswith(f"{image}: not a shoulder-implant X-ray, no answer: not like")
+    assert not any(maker in text.stdout for maker in ("Cofield", "Depuy", "Tornier", "Zimmer"))
+
+
+def test_overlay_title_carries_the_flags() -> None:
+    classifier, _ = stub_classifier()  # no calibration, no outlier statistics
+    explanation = occlusion_map(classifier, evidence_image(), grid=2)
+    assert explanation.prediction.uncertain is None
+    assert title(explanation).startswith("a (90.0 %, uncalibrated): where hiding")
+    assert explanation.to_dict()["calibrated"] is False
+    flagged = replace(explanation, prediction=replace(explanation.prediction, threshold=0.95, uncertain=True))
+    assert title(flagged).startswith("a (90.0 %, UNCERTAIN)")
+    outside = replace(explanation, prediction=replace(explanation.prediction, out_of_distribution=True))
+    assert title(outside).startswith("Not a shoulder-implant X-ray: no answer")
+    assert "a (" not in title(outside)
 
 
 def test_explain_command_errors_are_one_line(tmp_path: Path) -> None:
@@ -103,17 +124,28 @@ def test_explain_command_errors_are_one_line(tmp_path: Path) -> None:
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("capsedge: error:")
 
 
-def test_progress_bar_is_quiet_for_quick_work_and_one_line_in_logs() -> None:
+def test_progress_is_quiet_for_quick_work_and_plain_lines_in_logs() -> None:
     log = io.StringIO()
-    bar = ProgressBar("job", stream=log, show_after=3600)
-    for done in range(1, 11):
-        bar.update(done, 10)
-    bar.close()
+    with Progress("job", stream=log, show_after=3600) as bar:
+        for done in range(1, 11):
+            bar.update(done, 10)
     assert log.getvalue() == ""  # expected to finish well within the hour
-    bar = ProgressBar("job", stream=log, show_after=0.0)
-    for done in range(1, 11):
-        bar.update(done, 10)
-    bar.close()
-    lines = log.getvalue().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("job [########################] 10/10")
-    assert "3/10" in ProgressBar("job").line(3, 10) and "left" in ProgressBar("job").line(3, 10)
+    with Progress("job", stream=log, show_after=0.0, log_every=3600) as bar:
+        for done in range(1, 11):
+            bar.update(done, 10, note=f"step {done}")
+    lines = log.getvalue().splitlines()  # the first line, then (an hour apart at most) the last
+    assert [line.split(" (")[0] for line in lines] == ["job: 1/10 step 1", "job: 10/10 step 10"]
+    assert all("\r" not in line for line in lines)
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar() -> None:
+    screen = Terminal()
+    with Progress("job", total=4, stream=screen, show_after=0.0) as bar:
+        for done in range(1, 5):
+            bar.update(done, note="x")
+    assert "\r" in screen.getvalue() and "job: 100%" in screen.getvalue() and "4/4" in screen.getvalue()

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from capsedge import Classifier, Preprocessing
+from capsedge import Classifier, Preprocessing, __version__
 from capsedge.metadata import read_embedded, read_onnx_metadata_props, read_sidecar
 
 from conftest import classifier_with_ncps_cfc, synthetic_xray
@@ -138,7 +139,9 @@ def test_metadata_is_embedded_and_in_the_sidecar_and_classify_loads_it(exported:
     assert embedded == sidecar
     assert embedded.labels == LABELS and embedded.preprocessing.input_size == SIZE
     assert embedded.provenance["format"] == fmt
-    assert embedded.version.startswith("tiny_effcaps_ncp-")
+    # The run's own version (name, day, weights' hash), never the package's.
+    assert re.fullmatch(r"tiny_effcaps_ncp-\d{8}-[0-9a-f]{10}", embedded.version), embedded.version
+    assert __version__ not in embedded.version
     # No blank warm-up image: see test_int8_tflite_survives_a_black_image.
     prediction = Classifier.load(path, warm_up=False).classify(synthetic_xray())
     assert prediction.label in LABELS
@@ -312,6 +315,8 @@ def test_cli_cross_validation_goes_into_the_exported_provenance(tiny_run: Path, 
     result = invoke("--model", str(tiny_run), "--out", str(tmp_path / "o"), "--formats", "tflite-f32",
                     "--no-verify", "--cross-validation", str(folder))
     assert result.exit_code == 0, result.output
+    assert ("capsedge: note: no calibration or outlier statistics: the run does not name its training "
+            "images") in result.stderr
     model = tmp_path / "o" / "tiny_effcaps_ncp_tflite_f32.tflite"
     for metadata in (read_embedded(model), read_sidecar(model)):
         assert metadata is not None
@@ -482,3 +487,33 @@ def test_metadata_must_fit_the_graph_input(tmp_path: Path) -> None:
     embed_in_tflite(model, dataclasses.replace(metadata, preprocessing=smaller))
     assert read_metadata(model).preprocessing.input_size == 256
     assert not metadata_fits(model, labels, input_shape(model))
+
+
+def test_the_edgetpu_line_says_whether_the_file_was_compiled(tmp_path: Path) -> None:
+    from capsedge.export.edgetpu_format import compiled_path, describe
+
+    model = tmp_path / "m_edgetpu.tflite"
+    model.write_bytes(b"x")
+    assert describe(model).startswith("the full-integer int8 flatbuffer, NOT compiled for the Edge TPU")
+    compiled_path(model).write_bytes(b"y")
+    assert describe(model) == f"the int8 flatbuffer; compiled for the Edge TPU: {compiled_path(model)}"
+
+
+@pytest.mark.slow
+def test_export_shows_progress_and_nothing_from_tensorflow(tiny_run: Path, images: Path,
+                                                           tmp_path: Path) -> None:
+    """In a log (stderr not a terminal): plain progress lines, the note, and none of the converter's
+    ``fully_quantize: 0, ...`` or LiteRT's ``INFO: Created TensorFlow Lite XNNPACK delegate``."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "capsedge.cli", "export", "--model", str(tiny_run), "--out",
+               str(tmp_path / "o"), "--formats", "tflite-int8", "--calib", str(images), "--allow-fail"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines and all(line.startswith(("export: ", "capsedge: ")) for line in lines), lines
+    assert any(line.startswith("export: 3/3 done") for line in lines), lines
+    assert "fully_quantize" not in done.stderr + done.stdout and "INFO:" not in done.stderr
+    verbose = subprocess.run([*command, "--verbose"], capture_output=True, text=True, timeout=600)
+    assert "fully_quantize" in verbose.stderr  # shown when asked for

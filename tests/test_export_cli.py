@@ -66,3 +66,37 @@ def test_cli_missing_tool_names_the_extra(tmp_path: Path, monkeypatch: pytest.Mo
     result = invoke("--model", str(tmp_path), "--out", str(tmp_path / "o"), "--formats", "onnx")
     assert_one_line_error(result, "format 'onnx' needs capsedge_no_such_tool, which is not installed")
     assert "pip install 'capsedge[export]'" in result.stderr
+
+
+def test_trust_sources_are_the_runs_own_when_it_has_them(tmp_path: Path) -> None:
+    """A ``--folds K --final`` run is calibrated by default; otherwise one line says why not."""
+    import json
+
+    from capsedge.export.run import trust_sources
+
+    data = tmp_path / "data"
+    data.mkdir()
+    recipe = {"model": "m", "epochs": 3, "holdout": 0.0}
+    final = tmp_path / "cv" / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text(json.dumps({"train": recipe, "data": {"source": str(data)}}))
+    summary = {"folds": 2, "accuracy_mean": 0.5, "accuracy_std": 0.1, "macro_f1_mean": 0.4,
+               "macro_f1_std": 0.05, "per_fold": [], "pooled": {}, "train": {**recipe, "holdout": 0.2}}
+    (tmp_path / "cv" / "cv_summary.json").write_text(json.dumps(summary))
+    cv, train_data, note = trust_sources(final, None, None)
+    assert (cv, train_data) == (tmp_path / "cv", data) and note.startswith("trust section fitted on")
+    assert trust_sources(final / "classifier.keras", None, None)[:2] == (tmp_path / "cv", data)
+    assert trust_sources(final, tmp_path / "x", tmp_path / "y") == (tmp_path / "x", tmp_path / "y", None)
+
+    summary["train"]["epochs"] = 9
+    (tmp_path / "cv" / "cv_summary.json").write_text(json.dumps(summary))
+    cv, train_data, note = trust_sources(final, None, None)
+    assert (cv, train_data) == (None, None) and "another recipe" in note and "\n" not in note
+
+    lone = tmp_path / "first"
+    lone.mkdir()
+    (lone / "config.json").write_text(json.dumps({"train": recipe, "data": {}}))
+    cv, train_data, note = trust_sources(lone, None, None)
+    assert (cv, train_data) == (None, None)
+    assert note.startswith("no calibration or outlier statistics: the run has no cross-validation")
+    assert "uncalibrated" in note

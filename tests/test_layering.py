@@ -41,7 +41,7 @@ GROUND = {"capsedge", "capsedge.errors"}
 RUNTIME_MODULES = {"capsedge.classifier", "capsedge.backends", "capsedge.preprocess", "capsedge.metadata",
                    "capsedge.dicom", "capsedge.cli", "capsedge.trust", "capsedge.limits", "capsedge.boundary",
                    "capsedge.folders", "capsedge.views", "capsedge.outputs", "capsedge.quiet",
-                   "capsedge.model_guard"}
+                   "capsedge.model_guard", "capsedge.progress"}
 
 
 def capsedge_modules_after(statement: str) -> set[str]:

@@ -114,6 +114,22 @@ def test_the_part_above_a_frozen_trunk_computes_what_the_whole_network_does() ->
     np.testing.assert_allclose(maps[:, 5].astype("float32"), expected, rtol=2e-3, atol=2e-3)
 
 
+def test_frozen_views_batch_by_batch_are_the_maps_of_each_views_whole_stack() -> None:
+    """Built one batch at a time (less memory), the maps are bit for bit those of ``predict`` over
+    each view's stack of every image, as before; progress counts the batches."""
+    built = build_model(TINY)
+    frozen, _ = frozen_split(built, 5)
+    images = np.random.default_rng(2).random((5, 64, 64, 1), dtype=np.float32)
+    steps: list[tuple[int, int]] = []
+    maps = frozen_views(frozen, images, batch_size=2,
+                        progress=lambda done, total: steps.append((done, total)))
+    for view in range(8):
+        stack = np.stack([dihedral_view(image, view) for image in images])
+        expected = np.asarray(frozen.predict(stack, batch_size=2, verbose=0)).astype(np.float16)
+        np.testing.assert_array_equal(maps[:, view], expected)
+    assert steps[-1] == (24, 24) and len(steps) == 24  # 8 views x 3 batches
+
+
 def test_frozen_view_batches_repeat_per_seed_and_epoch() -> None:
     rng = np.random.default_rng(1)
     images = rng.random((10, 64, 64, 1), dtype=np.float32)

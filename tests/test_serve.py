@@ -351,8 +351,17 @@ def test_page_in_a_real_browser(server: tuple[str, Path], depuy: Path) -> None:
             page.set_input_files("#file", {"name": "scan.dcm", "mimeType": "application/dicom",
                                            "buffer": b"DICM"})
             page.wait_for_selector("#result[data-state=done]")
-            assert page.is_visible("#uncertain") and page.is_visible("#explanation")
+            # Out of distribution: the page leads with what the image is not, and names no maker.
+            assert page.text_content("#label") == "Not a shoulder-implant X-ray"
+            assert page.text_content("#confidence") == "" and page.is_visible("#explanation")
             assert "not a shoulder X-ray" in page.text_content("#ood")
             assert page.is_visible("#no-preview") and page.is_hidden("#preview")
+            # Uncertain, in distribution: a large badge and a sentence, not only small print.
+            stub |= {"out_of_distribution": False, "ood_reason": None}
+            page.set_input_files("#file", {"name": "scan2.dcm", "mimeType": "application/dicom",
+                                           "buffer": b"DICM"})
+            page.wait_for_selector("#label-line[data-state=uncertain]")
+            assert page.is_visible("#uncertain") and "Uncertain" in page.text_content("#caution")
+            assert page.text_content("#label") == answer["label"]
         finally:
             browser.close()

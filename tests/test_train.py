@@ -41,6 +41,7 @@ def test_train_writes_a_complete_run(tiny_data: Path, tmp_path: Path) -> None:
     assert not (run / "backup").exists()  # removed once the run completed
     config = json.loads((run / "config.json").read_text())
     assert config["classes"] == ["Depuy", "Zimmer"] and config["preprocessing"]["input_size"] == 28
+    assert config["data"]["attribution"] == "trained on user-supplied images (provenance not given)"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["train_images"] == 12 and metrics["holdout"]["per_class"]["Zimmer"]["support"] == 2
     assert result.classifier.output_shape == (None, 2)
@@ -134,15 +135,23 @@ def test_train_command_refuses_unusable_data(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_train_command_records_every_option_in_the_run(tiny_data: Path, tmp_path: Path) -> None:
+def test_train_command_records_every_option_in_the_run(tiny_data: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from capsedge import progress
+
+    monkeypatch.setattr(progress, "SHOW_AFTER_SECONDS", 0.0)  # show even this quick work
     args = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "r"), "--model", "effcaps_mnist",
             "--epochs", "1", "--batch-size", "4", "--lr", "0.002", "--beta", "0.9", "--holdout", "0.25",
             "--reconstruction-weight", "0", "--ncp-weight", "0.3", "--augment", "none", "--seed", "3",
             "--mixup", "0.2", "--ema", "0.9", "--weight-decay", "0.01", "--warmup", "0.2",
-            "--label-smoothing", "0.05", "--init", "none", "--freeze-stages", "0"]
+            "--label-smoothing", "0.05", "--init", "none", "--freeze-stages", "0", "--attribution", "uci-517"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "held-out accuracy" in result.stdout
+    assert "reading images: 16/16" in result.stderr  # a plain line: stderr is no terminal here
+    data = json.loads((tmp_path / "r" / "config.json").read_text())["data"]
+    assert "UCI Machine Learning Repository" in data["attribution"]
+    assert data["source"] == str(tiny_data.resolve())
     recorded = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
     assert recorded == {"model": "effcaps_mnist", "epochs": 1, "batch_size": 4, "learning_rate": 0.002,
                         "beta": 0.9, "reconstruction_weight": 0.0, "ncp_weight": 0.3, "holdout": 0.25,

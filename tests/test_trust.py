@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from capsedge import Classifier, ModelError
+from capsedge.cli import format_text
 from capsedge.metadata import ModelMetadata
 from capsedge.trust import (
     Calibration,
@@ -193,8 +194,22 @@ def test_non_xrays_are_flagged_out_of_distribution(bundled: Classifier) -> None:
         assert "\n" not in prediction.ood_reason
 
 
+def test_an_out_of_distribution_image_names_no_maker(bundled: Classifier) -> None:
+    """Text leads with "not a shoulder-implant X-ray" and gives no maker; JSON keeps its keys,
+    with ``answer`` null and ``label`` still the top class."""
+    prediction = bundled.classify(np.full((200, 200), 128, np.uint8))
+    assert prediction.out_of_distribution is True
+    line = format_text("blank.png", prediction)
+    assert line.startswith("blank.png: not a shoulder-implant X-ray, no answer: not like")
+    assert not any(label in line for label in bundled.labels)
+    record = prediction.to_dict()
+    assert record["answer"] is None and record["label"] in bundled.labels
+    assert record["uncertain"] in (True, False) and record["calibrated"] is True
+
+
 def test_a_model_without_trust_flags_nothing(bundled: Classifier) -> None:
-    """Older models (no trust section, probabilities only) still load; the flags are absent."""
+    """Older models (no trust section, probabilities only) still load; the flags are absent and the
+    output says the confidence is uncalibrated (``uncertain`` is null, not a reassuring false)."""
     plain = replace(bundled.metadata, trust=None)
 
     class ProbabilitiesOnly:
@@ -207,7 +222,27 @@ def test_a_model_without_trust_flags_nothing(bundled: Classifier) -> None:
 
     classifier = Classifier(ProbabilitiesOnly(), plain, bundled.model_path)
     prediction = classifier.classify(np.full((64, 64), 7, np.uint8))
-    assert prediction.uncertain is False and prediction.threshold is None
+    assert prediction.uncertain is None and prediction.threshold is None
+    assert prediction.calibrated is False and prediction.to_dict()["uncertain"] is None
+    assert "uncalibrated" in format_text("x.png", prediction)
     assert prediction.out_of_distribution is None and prediction.ood_reason is None
     with pytest.raises(ModelError, match="112 features"):
         Classifier(ProbabilitiesOnly(), bundled.metadata, bundled.model_path)
+
+
+def test_outlier_statistics_give_scikit_learns_pca_distances() -> None:
+    """numpy's SVD is kept (the stored numbers must not change), and it is the standard PCA: the
+    same axes up to sign, the same variances and so the same distances."""
+    decomposition = pytest.importorskip("sklearn.decomposition")
+    from capsedge.export.trust_fit import OUTLIER_COMPONENTS, fit_outliers
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(300, 40)) @ rng.normal(size=(40, 40)) * 0.1 + 1
+    model = fit_outliers(features)
+    pca = decomposition.PCA(n_components=OUTLIER_COMPONENTS, svd_solver="full")
+    pca.fit((features - model.mean) / model.scale)
+    np.testing.assert_allclose(np.abs(pca.components_), np.abs(model.components), atol=1e-10)
+    np.testing.assert_allclose(pca.explained_variance_, model.variances, rtol=1e-12)
+    theirs = replace(model, components=pca.components_, variances=pca.explained_variance_)
+    probes = rng.normal(size=(20, 40)) * 2
+    np.testing.assert_allclose(theirs.distance(probes), model.distance(probes), rtol=1e-9)

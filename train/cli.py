@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from capsedge.boundary import error_boundary, import_tensorflow_quietly
+from capsedge.boundary import error_boundary, import_tensorflow_quietly, quiet_native_logs
 from capsedge.errors import UsageError
 from capsedge.outputs import refuse_inside
 from capsedge.train.augment import AUGMENTATIONS
@@ -72,21 +72,25 @@ DEFAULT = TrainConfig()  # the bundled model's recipe: one source for the option
               help="Threads that augment batches (results do not depend on it).")
 @click.option("--seed", type=int, default=DEFAULT.seed, show_default=True, help="Makes a run repeatable.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--attribution", default=None,
+              help="Credit the data set (name, source, licence), recorded in the run and every export; "
+              "'uci-517' names the public UCI data set. Default: a capsedge-data.json in --data, else "
+              "none.")
 @click.option("--verbose", is_flag=True, help="Show TensorFlow's own start-up and log lines.")
 def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int, learning_rate: float,
             beta: float, reconstruction_weight: float, ncp_weight: float, holdout: float, folds: int | None,
             final: bool, parts: tuple[str, ...], augment: str, mixup: float, ema: float, weight_decay: float,
             warmup: float,
             label_smoothing: float, init: str, freeze_stages: int, int8_trunk: float, workers: int, seed: int,
-            resume: bool, verbose: bool) -> None:
+            resume: bool, attribution: str | None, verbose: bool) -> None:
     """Train a capsule network on labelled X-rays."""
     from capsedge.train.data import read_dataset
     from capsedge.train.trainer import cross_validate, train
 
-    with error_boundary(extra="train"):
+    with error_boundary(extra="train"), quiet_native_logs(verbose):
         # What can be checked without TensorFlow is checked first.
         refuse_inside(run_dir, [data], "--out")
-        dataset = read_dataset(data)
+        dataset = read_dataset(data).with_attribution(attribution)
         config = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                              beta=beta, reconstruction_weight=reconstruction_weight,
                              ncp_weight=ncp_weight, holdout=holdout, augment=augment, seed=seed,

@@ -6,8 +6,10 @@ numpy and the shared preprocessing only; TensorFlow is not needed to read data.
 from __future__ import annotations
 
 import csv
+import json
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +23,10 @@ UCI_SHOULDER_IMPLANTS = (
     "id 517, doi:10.24432/C5F893 (Urban, Porhemmat, Stark, Feeley, Okada, Baldi, "
     "Computational and Structural Biotechnology Journal 18 (2020) 967-972); licence CC BY 4.0"
 )
-IMPLANT_MAKERS = ("Cofield", "Depuy", "Tornier", "Zimmer")
-
-
+#: Short names ``--attribution`` accepts for data sets whose credit capsedge knows.
+KNOWN_SOURCES = {"uci-517": UCI_SHOULDER_IMPLANTS}
+#: A data folder's (or a CSV's folder's) manifest: ``{"attribution": "..."}``.
+MANIFEST = "capsedge-data.json"
 
 class DatasetError(CapsedgeError):
     """A data set is missing, empty, unreadable or has fewer than two classes."""
@@ -38,12 +41,17 @@ class Dataset:
         labels: the class name of each image.
         classes: the sorted class names; a label's index is its class id.
         layout: ``"flat"``, ``"folders"`` or ``"csv"``.
+        source: where the data was read from (the folder or CSV), if known.
+        credit: the data set's provenance (name, licence), only when a flag or a manifest
+            gave it; never guessed from the labels.
     """
 
     paths: tuple[Path, ...]
     labels: tuple[str, ...]
     classes: tuple[str, ...]
     layout: str
+    source: Path | None = None
+    credit: str | None = None
 
     @property
     def targets(self) -> np.ndarray:
@@ -57,10 +65,18 @@ class Dataset:
         return {name: counter[name] for name in self.classes}
 
     def attribution(self) -> str:
-        """Credit for the data: the UCI data set's when these are its four makers."""
-        if self.classes == IMPLANT_MAKERS:
-            return f"trained on images from the {UCI_SHOULDER_IMPLANTS}"
-        return "trained on user-supplied images"
+        """Credit for the data, as given by ``--attribution`` or the folder's manifest; without
+        either, only that the images were the user's (the labels prove nothing about the source)."""
+        if self.credit:
+            return f"trained on images from the {self.credit}"
+        return "trained on user-supplied images (provenance not given)"
+
+    def with_attribution(self, attribution: str | None) -> Dataset:
+        """The same images credited to ``attribution`` (a name of :data:`KNOWN_SOURCES` or free
+        text); ``None`` keeps the manifest's credit."""
+        if attribution is None or not attribution.strip():
+            return self
+        return replace(self, credit=KNOWN_SOURCES.get(attribution.strip(), attribution.strip()))
 
     def subset(self, indices: np.ndarray) -> Dataset:
         """The images at ``indices``, same classes."""
@@ -69,6 +85,8 @@ class Dataset:
             labels=tuple(self.labels[i] for i in indices),
             classes=self.classes,
             layout=self.layout,
+            source=self.source,
+            credit=self.credit,
         )
 
 
@@ -83,8 +101,11 @@ def read_dataset(source: str | Path) -> Dataset:
     - a CSV file with ``path,label`` rows (a header row is optional; relative
       paths are taken from the CSV's folder).
 
+    A manifest ``capsedge-data.json`` in the folder (or beside the CSV) may credit the data:
+    ``{"attribution": "<name, source, licence>"}``.
+
     Raises:
-        DatasetError: nothing usable was found, or fewer than two classes.
+        DatasetError: nothing usable was found, fewer than two classes, or an unreadable manifest.
     """
     root = Path(source)
     if not root.exists():
@@ -113,7 +134,22 @@ def read_dataset(source: str | Path) -> Dataset:
         labels=tuple(label for _, label in pairs),
         classes=classes,
         layout=layout,
+        source=root.resolve(),
+        credit=_manifest_credit(root.parent if root.is_file() else root),
     )
+
+
+def _manifest_credit(folder: Path) -> str | None:
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        credit = json.loads(manifest.read_text(encoding="utf-8"))["attribution"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DatasetError(f"cannot read {manifest} ({type(exc).__name__})") from None
+    if not isinstance(credit, str) or not credit.strip():
+        raise DatasetError(f"{manifest}: 'attribution' must be a non-empty string")
+    return credit.strip()
 
 
 def _read_csv(path: Path) -> list[tuple[Path, str]]:
@@ -136,8 +172,10 @@ def _read_csv(path: Path) -> list[tuple[Path, str]]:
     return pairs
 
 
-def load_images(dataset: Dataset, config: Preprocessing) -> np.ndarray:
-    """Preprocess every image of ``dataset`` into one ``(N, H, W, C)`` float32 array.
+def load_images(dataset: Dataset, config: Preprocessing,
+                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Preprocess every image of ``dataset`` into one ``(N, H, W, C)`` float32 array;
+    ``progress(done, total)`` is told each image read.
 
     Raises:
         DatasetError: an image cannot be decoded (its path is named).
@@ -148,4 +186,6 @@ def load_images(dataset: Dataset, config: Preprocessing) -> np.ndarray:
             images[i] = preprocess(path, config)
         except CapsedgeError as exc:
             raise DatasetError(f"{path}: {exc}") from None
+        if progress is not None:
+            progress(i + 1, len(dataset.paths))
     return images

@@ -15,6 +15,7 @@ of both: what trains then reads the int8 trunk's rounding as well as the float m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -39,23 +40,34 @@ def frozen_split(built: Any, stages: int) -> tuple[keras.Model, keras.Model]:
     return frozen, head
 
 
-def frozen_views(frozen: keras.Model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+def frozen_views(frozen: keras.Model, images: np.ndarray, batch_size: int = 32,
+                 progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """``(N, 8, h, w, c)`` float16: the frozen trunk's output for each image and dihedral view
     (float16 halves the memory; the maps' relative rounding, 5e-4, is far below what training
-    notices)."""
+    notices). One batch of views is built at a time, not a copy of every image per view: the
+    batches, and so the maps, are those of ``frozen.predict`` over each view's whole stack.
+    ``progress(done, total)`` is told the batches run."""
+    count = len(images)
+    starts = range(0, count, batch_size)
+    total = VIEWS * len(starts)
     out = None
     for view in range(VIEWS):
-        batch = np.stack([dihedral_view(image, view) for image in images])
-        maps = np.asarray(frozen.predict(batch, batch_size=batch_size, verbose=0))
-        if out is None:
-            out = np.empty((len(images), VIEWS, *maps.shape[1:]), dtype=np.float16)
-        out[:, view] = maps
+        for k, start in enumerate(starts):
+            batch = np.stack([dihedral_view(image, view) for image in images[start:start + batch_size]])
+            maps = np.asarray(frozen.predict_on_batch(batch))
+            if out is None:
+                out = np.empty((count, VIEWS, *maps.shape[1:]), dtype=np.float16)
+            out[start:start + len(batch), view] = maps
+            if progress is not None:
+                progress(view * len(starts) + k + 1, total)
     return out
 
 
-def int8_frozen_views(frozen: keras.Model, images: np.ndarray, calibration: np.ndarray) -> np.ndarray:
+def int8_frozen_views(frozen: keras.Model, images: np.ndarray, calibration: np.ndarray,
+                      progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """:func:`frozen_views` computed by ``frozen`` converted to full-integer int8 TFLite (its
-    ranges calibrated on ``calibration``, preprocessed images) and run with LiteRT."""
+    ranges calibrated on ``calibration``, preprocessed images) and run with LiteRT;
+    ``progress(done, total)`` is told the images done."""
     import tempfile
     from pathlib import Path
 
@@ -73,6 +85,8 @@ def int8_frozen_views(frozen: keras.Model, images: np.ndarray, calibration: np.n
             for view in range(VIEWS):
                 batch = dihedral_view(image, view)[np.newaxis].astype(np.float32)
                 out[i, view] = backend.run(batch).reshape(shape)
+            if progress is not None:
+                progress(i + 1, len(images))
     return out
 
 

@@ -1,4 +1,11 @@
-"""Classification metrics in plain numpy: accuracy, per-class precision/recall/F1, confusion."""
+"""Classification metrics in plain numpy: accuracy, per-class precision/recall/F1, confusion.
+
+Kept by hand rather than taken from scikit-learn for measured reasons (tests/test_data.py
+checks them against it): its F1 (``2tp / (2tp + fp + fn)``) differs from this ``2pr / (p + r)``
+in the last bit for most reports, which would change every recorded metric file, and its
+``StratifiedKFold`` assigns other folds than :func:`stratified_folds`, which every recorded
+cross-validation (and the bundled model's calibration) was made with.
+"""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -130,7 +130,8 @@ def uses_frozen_views(model_config: Any, config: TrainConfig) -> bool:
             and config.mixup == 0)
 
 
-def _frozen_maps(model_config: Any, config: TrainConfig, images: np.ndarray) -> np.ndarray:
+def _frozen_maps(model_config: Any, config: TrainConfig, images: np.ndarray,
+                 progress: bool = False) -> np.ndarray:
     """The frozen trunk's maps of every image and dihedral view, for all folds at once."""
     import keras
 
@@ -141,7 +142,20 @@ def _frozen_maps(model_config: Any, config: TrainConfig, images: np.ndarray) -> 
     keras.utils.set_random_seed(config.seed)
     built = build_model(model_config)
     _initialise_trunk(built, config)
-    return frozen_views(frozen_split(built, config.freeze_stages)[0], images)
+    with _progress("frozen trunk maps", progress) as bar:
+        return frozen_views(frozen_split(built, config.freeze_stages)[0], images, progress=bar)
+
+
+@contextlib.contextmanager
+def _progress(label: str, shown: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress callback for one long step (on stderr), or ``None`` when progress is off."""
+    if not shown:
+        yield None
+        return
+    from capsedge.progress import Progress
+
+    with Progress(label) as bar:
+        yield bar.update
 
 
 def calibration_indices(train_idx: np.ndarray) -> np.ndarray:
@@ -308,7 +322,8 @@ def train(
         raise DatasetError("the training part has fewer than two classes")
 
     if images is None:
-        images = load_images(dataset, preprocessing)
+        with _progress("reading images", progress) as bar:
+            images = load_images(dataset, preprocessing, progress=bar)
     onehot = np.eye(len(dataset.classes), dtype=np.float32)[targets]
     counts = np.bincount(targets[train_idx], minlength=len(dataset.classes))
 
@@ -324,10 +339,12 @@ def train(
         if uses_frozen_views(model_config, config):
             frozen, fitted = frozen_split(built, config.freeze_stages)
             if frozen_maps is None:
-                frozen_maps = frozen_views(frozen, images)
+                with _progress("frozen trunk maps", progress) as bar:
+                    frozen_maps = frozen_views(frozen, images, progress=bar)
             if config.int8_trunk:
                 calibration = images[calibration_indices(train_idx)]
-                int8_maps = int8_frozen_views(frozen, images[train_idx], calibration)
+                with _progress("int8 trunk maps", progress) as bar:
+                    int8_maps = int8_frozen_views(frozen, images[train_idx], calibration, progress=bar)
         _compile_trainer(fitted, config, counts, steps)
     outputs = set(fitted.output_names)
     reconstruction_size = model_config.reconstruction_size
@@ -400,6 +417,7 @@ def train(
             "images": len(dataset.paths),
             "counts": dataset.counts(),
             "attribution": dataset.attribution(),
+            "source": str(dataset.source) if dataset.source else None,
         },
     })
     _write_json(run_dir / "metrics.json", metrics)
@@ -458,11 +476,13 @@ def cross_validate(
     _write_json(settings_file, settings)
     resume = resume or parts is not None
     wanted = set(range(folds)) | ({"final"} if final else set()) if parts is None else set(parts)
-    images = load_images(dataset, preprocessing)
+    with _progress("reading images", progress) as bar:
+        images = load_images(dataset, preprocessing, progress=bar)
     targets = dataset.targets
     maps = None
     if uses_frozen_views(model_config, config) and config.init == "imagenet":
-        maps = _frozen_maps(model_config, config, images)  # the same frozen weights in every fold
+        # The same frozen weights in every fold.
+        maps = _frozen_maps(model_config, config, images, progress)
     pooled_true, pooled_pred, per_fold = [], [], []
     for k, (train_idx, val_idx) in enumerate(stratified_folds(targets, folds, config.seed)):
         fold_dir = run_dir / f"fold-{k}"

@@ -67,24 +67,36 @@ function explanationSource(value) {
 
 function showResult(result) {
   const probabilities = result.probabilities || {};
-  $("label").textContent = result.label;
-  $("confidence").textContent = result.label in probabilities ? percent(probabilities[result.label]) : "";
+  // Out of distribution: no maker is the answer; the page leads with what the image is not.
+  const outside = result.out_of_distribution === true;
+  $("label").textContent = outside ? "Not a shoulder-implant X-ray" : result.label;
+  $("confidence").textContent = !outside && result.label in probabilities
+    ? percent(probabilities[result.label]) : "";
+  $("label-line").dataset.state = outside ? "outside" : result.uncertain === true ? "uncertain"
+    : result.uncertain === null || result.uncertain === undefined ? "uncalibrated" : "confident";
 
-  // Confidence flags: shown only when the server sends them.
-  $("uncertain").hidden = result.uncertain !== true;
-  if (typeof result.threshold === "number") {
-    $("uncertain").title = "top probability below " + percent(result.threshold);
-  }
+  // Confidence flags, in large print beside the answer.
+  $("uncertain").hidden = outside || result.uncertain !== true;
+  $("uncalibrated").hidden = outside || result.uncertain === true || result.uncertain === false;
+  const caution = $("caution");
+  caution.hidden = outside || result.uncertain === false;
+  caution.textContent = result.uncertain === true
+    ? "Uncertain: the model's confidence is below " +
+      (typeof result.threshold === "number" ? percent(result.threshold) : "its threshold") +
+      ", the least at which its answers held up in cross-validation. Confirm by other means."
+    : "Uncalibrated: this model carries no calibration, so its confidence cannot be trusted " +
+      "and nothing tells a safe answer from a guess.";
   const ood = $("ood");
-  ood.hidden = result.out_of_distribution !== true;
+  ood.hidden = !outside;
   ood.textContent = "This image does not look like the X-rays the model was trained on" +
-    (result.ood_reason ? ": " + result.ood_reason : "") + ". Do not rely on the label.";
+    (result.ood_reason ? ": " + result.ood_reason : "") + ". The model gives no maker for it.";
+  $("bars-caption").hidden = !outside;
 
   const bars = $("bars");
   bars.replaceChildren();
   for (const [name, p] of Object.entries(probabilities)) {
     const row = document.createElement("li");
-    if (name === result.label) row.className = "top";
+    if (name === result.label && !outside) row.className = "top";
     const label = document.createElement("span");
     label.textContent = name;
     const track = document.createElement("span");
