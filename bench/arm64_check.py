@@ -12,8 +12,8 @@ per emulated CPU, and compares every label, flag and probability with the
 same commands on this x86-64 machine and the same bundled model::
 
     apt-get install -y qemu-user        # qemu-aarch64
-    python bench/arm64_check.py         # 4 X-rays of ../shared/data (about 3 minutes)
-    python bench/arm64_check.py --all   # all of them (hours: emulation is ~80x slower)
+    python bench/arm64_check.py         # 4 X-rays of ../shared/data and a DICOM, both CPUs
+    python bench/arm64_check.py --all --cpus cortex-a72   # all of them (hours under emulation)
 
 Emulation checks function and numbers, not speed. The environment is
 assembled once and reused; capsedge itself is reinstalled when the working
@@ -35,6 +35,9 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serve_burst  # noqa: E402  (starts a server and posts an image)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ENV = REPO / ".arm64"
@@ -144,6 +147,9 @@ def private_apt(env: Path) -> list[str]:
         raise RuntimeError("no Debian apt sources found in /etc/apt")
     shutil.copy(sources[0], apt / "etc" / ("sources.list.d" if sources[0].suffix == ".sources" else "")
                 / sources[0].name)
+    keys = apt / "etc" / "trusted.gpg.d"  # for sources without a Signed-By of their own
+    if Path("/etc/apt/trusted.gpg.d").is_dir() and not keys.exists():
+        keys.symlink_to("/etc/apt/trusted.gpg.d")
     return ["-o", "APT::Architecture=arm64", "-o", "APT::Architectures=arm64",
             "-o", f"Dir::Etc={apt / 'etc'}", "-o", f"Dir::State={apt / 'state'}",
             "-o", f"Dir::State::status={apt / 'state' / 'status'}", "-o", f"Dir::Cache={apt / 'cache'}"]
@@ -312,9 +318,6 @@ def api_json(python: Sequence[str], images: Sequence[Path]) -> dict[str, dict]:
 
 def serve_answer(command: Sequence[str], image: Path) -> dict:
     """``capsedge serve`` on a loopback port answers one ``POST /api/classify`` of ``image``."""
-    sys.path.insert(0, str(REPO / "bench"))
-    import serve_burst
-
     with tempfile.NamedTemporaryFile(suffix=".log") as server_log:
         process, url = serve_burst.start_server(log=server_log, command=command, timeout=600)
         try:
