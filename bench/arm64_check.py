@@ -6,10 +6,11 @@ arm64 Python 3.11 (``apt-get install --download-only`` with a private apt
 state, ``dpkg -x``), a virtual environment made by that Python, and capsedge
 installed into it by pip from a wheel built here plus the aarch64 wheels of
 its dependencies (``pip download --platform manylinux_*_aarch64``). Then it
-runs ``capsedge classify --json`` (X-rays and a DICOM made from the first),
-the Python API and ``capsedge serve`` (one request) under qemu-aarch64, once
-per emulated CPU, and compares every label, flag and probability with the
-same commands on this x86-64 machine and the same bundled model::
+runs ``capsedge classify --json`` (X-rays and a DICOM made from the first)
+under qemu-aarch64 on each emulated CPU, the Python API and ``capsedge serve``
+(one request) on the first, and compares every label, flag and probability
+with ``capsedge classify --json`` on this x86-64 machine, same files, same
+bundled model::
 
     apt-get install -y qemu-user        # qemu-aarch64
     python bench/arm64_check.py         # 4 X-rays of ../shared/data and a DICOM, both CPUs
