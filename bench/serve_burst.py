@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.parse
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -33,13 +34,15 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def start_server(*args: str, log: IO[bytes], timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
-    """Start ``capsedge serve --port 0 ARGS``, wait until it is healthy; return it and its URL.
+def start_server(*args: str, log: IO[bytes], timeout: float = 60.0,
+                 command: Sequence[str] = (sys.executable, "-m", "capsedge.cli"),
+                 ) -> tuple[subprocess.Popen, str]:
+    """Start ``COMMAND serve --port 0 ARGS``, wait until it is healthy; return it and its URL.
 
-    The server's output (its messages and uvicorn's access log) goes to ``log``.
+    ``command`` runs capsedge (this Python's, by default). The server's output (its messages
+    and uvicorn's access log) goes to ``log``.
     """
-    command = [sys.executable, "-m", "capsedge.cli", "serve", "--port", "0", *args]
-    process = subprocess.Popen(command, stdout=log, stderr=log)
+    process = subprocess.Popen([*command, "serve", "--port", "0", *args], stdout=log, stderr=log)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
