@@ -6,9 +6,10 @@ test-time views). This converts each fold's classifier to full-integer int8
 (calibrated on up to 200 of the fold's training images, drawn as `--int8-trunk`
 draws them, never on the held-out ones), to dynamic range (int8 weights, float
 activations) and, with `--formats`, to float16 weights; runs each with capsedge's LiteRT
-backend on the held-out images, one view and the average of the four flips, and prints
+backend on the held-out images, one view and the averages of the four flips and of all eight
+flips and quarter turns, and prints
 each one's accuracy and top-1 agreement with the float model, per fold and pooled. With
-`--save`, each format's four-view probabilities go into the fold folder as
+`--save`, each format's eight-view probabilities go into the fold folder as
 `holdout_probabilities_views_<format>.npy` (beside the float model's
 `holdout_probabilities_views.npy`, same images and order).
 
@@ -28,7 +29,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "shoulder-implants"
-VIEW_COUNTS = (1, 4)
+VIEW_COUNTS = (1, 4, 8)
 
 
 def measure_fold(fold: Path, dataset: object, formats: list[str], save: bool = False) -> dict[str, object]:
