@@ -78,7 +78,6 @@ def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int,
 
     with error_boundary(extra="train"):
         # What can be checked without TensorFlow is checked first.
-        refuse_inside(run_dir, [data], "--out")
         dataset = read_dataset(data)
         config = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                              beta=beta, reconstruction_weight=reconstruction_weight,
@@ -86,6 +85,7 @@ def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int,
                              mixup=mixup, ema=ema, weight_decay=weight_decay, warmup=warmup,
                              label_smoothing=label_smoothing, init=init, freeze_stages=freeze_stages,
                              int8_trunk=int8_trunk)
+        refuse_inside(run_dir, [data], "--out")
         import_tensorflow_quietly(verbose)
         if folds:
             summary = cross_validate(dataset, run_dir, config, folds=folds, resume=resume, workers=workers,
