@@ -77,11 +77,14 @@ def quiet_native_logs(verbose: bool = False) -> Iterator[None]:
 
 def import_tensorflow_quietly(verbose: bool = False) -> None:
     """Import TensorFlow and Keras now, under :func:`quiet_native_logs`, and keep their Python
-    loggers to errors (unless ``verbose``)."""
+    loggers to errors (unless ``verbose``). With another Keras backend (``KERAS_BACKEND=jax``
+    on a GPU machine without TensorFlow), Keras alone."""
     import logging
 
     with quiet_native_logs(verbose):
-        import keras  # noqa: F401
+        import keras
+        if keras.backend.backend() != "tensorflow":
+            return
         import tensorflow as tf
     if not verbose:
         tf.get_logger().setLevel(logging.ERROR)

@@ -354,3 +354,60 @@ def check_int8_features(float_file: Classifier, int8_file: Classifier, images: l
     np.testing.assert_allclose(outliers.mean, rounded.mean(axis=0), rtol=1e-5)  # fitted on these features
     assert (outliers.distance(rounded) > outliers.threshold).sum() <= 1  # the 99 % quantile of 12
     assert int8_file.classify(images[0]).out_of_distribution in (True, False)
+
+
+@pytest.mark.slow
+def test_stage_two_starts_every_fold_from_its_own_stage_one_trunk(
+    tiny_models: None, tiny_data: Path, tmp_path: Path
+) -> None:
+    from capsedge.errors import UsageError
+
+    stage1 = TrainConfig(model=TINY_LINEAR.name, epochs=1, batch_size=4, freeze_stages=0, augment="full")
+    # Parts of one cross-validation, as separate processes train them; the last call sums up.
+    assert cross_validate(tiny_data, tmp_path / "s1", stage1, folds=2, final=True, progress=False,
+                          parts=[0]) is None
+    assert not (tmp_path / "s1" / "fold-1").exists()
+    summary = cross_validate(tiny_data, tmp_path / "s1", stage1, folds=2, final=True, progress=False,
+                             parts=[1, "final"])
+    assert summary is not None and len(summary["per_fold"]) == 2
+
+    stage2 = TrainConfig(model=TINY.name, epochs=1, batch_size=4, freeze_stages=7, augment="dihedral",
+                         init=f"run:{tmp_path / 's1'}")
+    cross_validate(tiny_data, tmp_path / "s2", stage2, folds=2, final=True, progress=False)
+    for part in ("fold-0", "fold-1", "final"):
+        metrics = json.loads((tmp_path / "s2" / part / "metrics.json").read_text())
+        assert metrics["trunk_from"]["file"] == str(tmp_path / "s1" / part / "trunk.npz")
+        assert metrics["layers_loaded"] == 96
+        with np.load(tmp_path / "s1" / part / "trunk.npz") as before, \
+                np.load(tmp_path / "s2" / part / "trunk.npz") as after:
+            assert sorted(before.files) == sorted(after.files)
+            for key in before.files:  # the whole trunk stayed frozen in stage 2
+                np.testing.assert_array_equal(before[key], after[key])
+    with np.load(tmp_path / "s1" / "fold-0" / "trunk.npz") as fold0, \
+            np.load(tmp_path / "s1" / "fold-1" / "trunk.npz") as fold1:
+        assert not np.array_equal(fold0["lite0_stem_conv/0"], fold1["lite0_stem_conv/0"])
+    # Another seed makes other folds: a fold's trunk would have seen its held-out images.
+    with pytest.raises(UsageError, match="did not hold out"):
+        cross_validate(tiny_data, tmp_path / "s2-seed1", dataclasses.replace(stage2, seed=1), folds=2,
+                       progress=False)
+
+
+def test_trunk_weights_round_trip_in_float16(tmp_path: Path) -> None:
+    from capsedge.models.efficientnet_lite import WeightsError, load_trunk_weights, save_trunk_weights
+
+    source = build_model(TINY_LINEAR).classifier
+    for layer in source.layers:
+        if layer.name.startswith("lite0_") and layer.weights:
+            layer.set_weights([np.random.default_rng(1).normal(size=w.shape) for w in layer.weights])
+    assert save_trunk_weights(source, tmp_path / "trunk.npz") == 96
+    target = build_model(TINY).classifier  # another head on the same trunk
+    assert load_trunk_weights(target, tmp_path / "trunk.npz") == 96
+    for name in ("lite0_stem_conv", "lite0_block15_project_bn"):
+        for got, want in zip(target.get_layer(name).get_weights(), source.get_layer(name).get_weights(),
+                             strict=True):
+            np.testing.assert_allclose(got, want, rtol=2**-11)
+    with np.load(tmp_path / "trunk.npz") as stored:
+        partial = {k: stored[k] for k in stored.files if not k.startswith("lite0_block15_")}
+    np.savez(tmp_path / "partial.npz", **partial)
+    with pytest.raises(WeightsError, match="lite0_block15"):
+        load_trunk_weights(target, tmp_path / "partial.npz")

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from capsedge.boundary import error_boundary, import_tensorflow_quietly
+from capsedge.errors import UsageError
 from capsedge.outputs import refuse_inside
 from capsedge.train.augment import AUGMENTATIONS
 from capsedge.train.config import INITS, TrainConfig
@@ -40,6 +41,9 @@ DEFAULT = TrainConfig()  # the bundled model's recipe: one source for the option
               help="Stratified K-fold cross-validation instead of one hold-out split.")
 @click.option("--final", is_flag=True,
               help="With --folds: then train the recipe on every image into OUT/final (the weights to ship).")
+@click.option("--fold", "parts", multiple=True, metavar="K|final",
+              help="With --folds: train only this part (repeatable), resuming it; processes training "
+              "different parts can share OUT, and the one that finds every fold done writes the summary.")
 @click.option("--augment", type=click.Choice(list(AUGMENTATIONS)), default=DEFAULT.augment, show_default=True,
               help="d4: flips and quarter turns (+ small rotation, zoom); d4-strong: d4 with more zoom, "
               "shifts, contrast and brightness; full: any rotation, shifts, contrast; none.")
@@ -55,8 +59,10 @@ DEFAULT = TrainConfig()  # the bundled model's recipe: one source for the option
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True),
               default=DEFAULT.label_smoothing, show_default=True,
               help="Label smoothing of the cross-entropy heads (NCP, linear).")
-@click.option("--init", type=click.Choice(INITS), default=DEFAULT.init, show_default=True,
-              help="Start a pretrained trunk from its ImageNet weights, or from random ones.")
+@click.option("--init", default=DEFAULT.init, show_default=True,
+              help=f"Start a pretrained trunk from its ImageNet weights ({INITS[0]}), random ones "
+              f"({INITS[1]}), or the trunk a stage-1 run trained (run:PATH; with --folds, fold K starts "
+              "from PATH/fold-K).")
 @click.option("--freeze-stages", type=click.IntRange(0, 7), default=DEFAULT.freeze_stages, show_default=True,
               help="Keep the trunk's stem and first N stages fixed (faster on a CPU).")
 @click.option("--int8-trunk", type=click.FloatRange(0, 1), default=DEFAULT.int8_trunk, show_default=True,
@@ -69,7 +75,8 @@ DEFAULT = TrainConfig()  # the bundled model's recipe: one source for the option
 @click.option("--verbose", is_flag=True, help="Show TensorFlow's own start-up and log lines.")
 def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int, learning_rate: float,
             beta: float, reconstruction_weight: float, ncp_weight: float, holdout: float, folds: int | None,
-            final: bool, augment: str, mixup: float, ema: float, weight_decay: float, warmup: float,
+            final: bool, parts: tuple[str, ...], augment: str, mixup: float, ema: float, weight_decay: float,
+            warmup: float,
             label_smoothing: float, init: str, freeze_stages: int, int8_trunk: float, workers: int, seed: int,
             resume: bool, verbose: bool) -> None:
     """Train a capsule network on labelled X-rays."""
@@ -85,11 +92,18 @@ def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int,
                              mixup=mixup, ema=ema, weight_decay=weight_decay, warmup=warmup,
                              label_smoothing=label_smoothing, init=init, freeze_stages=freeze_stages,
                              int8_trunk=int8_trunk)
+        if parts and not folds:
+            raise UsageError("--fold needs --folds")
+        chosen = [part if part == "final" else _fold_number(part) for part in parts] or None
         refuse_inside(run_dir, [data], "--out")
         import_tensorflow_quietly(verbose)
         if folds:
             summary = cross_validate(dataset, run_dir, config, folds=folds, resume=resume, workers=workers,
-                                     final=final)
+                                     final=final, parts=chosen)
+            if summary is None:
+                click.echo(f"trained {', '.join(parts)} in {run_dir}; the summary is written once every "
+                           "fold is done")
+                return
             click.echo(
                 f"{folds}-fold accuracy {summary['accuracy_mean']:.3f} ± {summary['accuracy_std']:.3f}, "
                 f"macro-F1 {summary['macro_f1_mean']:.3f} ± {summary['macro_f1_std']:.3f}"
@@ -103,3 +117,10 @@ def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int,
     if held:
         click.echo(f"held-out accuracy {held['accuracy']:.3f}, macro-F1 {held['macro_f1']:.3f}")
     click.echo(f"run written to {result.run_dir}")
+
+
+def _fold_number(part: str) -> int:
+    """A ``--fold`` value that is not ``final``, as a fold number."""
+    if not part.isascii() or not part.isdigit() or len(part) > 3:
+        raise UsageError(f"--fold takes a fold number or final, got {part!r}")
+    return int(part)

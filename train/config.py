@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from capsedge.errors import UsageError
 
 from .augment import get_augmentation
 
-#: Where a pretrained trunk's weights start (see ``TrainConfig.init``).
+#: Where a pretrained trunk's weights start (see ``TrainConfig.init``), besides ``run:PATH``.
 INITS = ("imagenet", "none")
+#: ``init`` of a run that starts from the trunk another run trained (``run:PATH``).
+RUN_INIT = "run:"
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,9 @@ class TrainConfig:
             to ``learning_rate`` before the cosine decay.
         label_smoothing: of the cross-entropy heads (NCP, linear).
         init: ``"imagenet"`` starts a pretrained trunk from its ImageNet weights, ``"none"``
-            from random ones; networks without a trunk ignore it.
+            from random ones, ``"run:PATH"`` from the trunk a stage-1 run trained (its
+            ``trunk.npz``; with cross-validation, fold K starts from ``PATH/fold-K`` and the
+            final run from ``PATH/final``); networks without a trunk ignore it.
         freeze_stages: keep the trunk's stem and first N stages fixed (their batch norm too):
             cheaper steps for CPU training.
         int8_trunk: fraction of the training maps taken from the frozen trunk converted to
@@ -67,6 +72,11 @@ class TrainConfig:
     freeze_stages: int = 5
     int8_trunk: float = 0.0
 
+    @property
+    def init_run(self) -> Path | None:
+        """The stage-1 run folder of ``init="run:PATH"``, else ``None``."""
+        return Path(self.init[len(RUN_INIT):]) if self.init.startswith(RUN_INIT) else None
+
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
@@ -87,8 +97,8 @@ class TrainConfig:
             raise UsageError(f"warmup must be in [0, 1), got {self.warmup!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UsageError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if self.init not in INITS:
-            raise UsageError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.init not in INITS and not (self.init.startswith(RUN_INIT) and len(self.init) > len(RUN_INIT)):
+            raise UsageError(f"init must be one of {', '.join(INITS)} or run:PATH, got {self.init!r}")
         if not isinstance(self.freeze_stages, int) or not 0 <= self.freeze_stages <= 7:
             raise UsageError(f"freeze_stages must be an integer in [0, 7], got {self.freeze_stages!r}")
         if not 0.0 <= self.int8_trunk <= 1.0:

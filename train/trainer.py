@@ -11,6 +11,7 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,30 @@ class TrainResult:
     preprocessing: Preprocessing
     classes: tuple[str, ...]
     metrics: dict[str, Any]
+
+
+def resumable_backup(folder: Path) -> Any:
+    """Keras' ``BackupAndRestore`` into ``folder`` (weights, optimiser and epoch, every epoch),
+    keeping the previous epoch's backup too: a run stopped while it was writing one (killed,
+    out of memory) resumes from the epoch before."""
+    import keras
+
+    class Backup(keras.callbacks.BackupAndRestore):
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            try:
+                super().on_train_begin(logs)
+            except ValueError:  # a half-written weights file opens, but lacks variables
+                previous = Path(self._prev_weights_path)
+                if not previous.is_file():
+                    raise UsageError(f"the backup in {folder} is unreadable (the run stopped while "
+                                     "writing it): delete that folder to restart the run") from None
+                Path(self._weights_path).write_bytes(previous.read_bytes())
+                metadata = Path(self._prev_training_metadata_path)
+                if metadata.is_file():
+                    Path(self._training_metadata_path).write_bytes(metadata.read_bytes())
+                self._load_model()
+
+    return Backup(str(folder), double_checkpoint=True)
 
 
 def _compile_trainer(model: Any, config: TrainConfig, counts: np.ndarray, steps: int) -> None:
@@ -128,13 +153,20 @@ def calibration_indices(train_idx: np.ndarray) -> np.ndarray:
     return np.sort(np.random.default_rng(0).permutation(train_idx)[:CALIBRATION_IMAGES])
 
 
-def _initialise_trunk(built: Any, config: TrainConfig) -> dict[str, Any]:
-    """Load the ImageNet weights into a pretrained trunk and freeze its first stages.
+def _initialise_trunk(built: Any, config: TrainConfig, trunk_file: Path | None = None) -> dict[str, Any]:
+    """Load the starting weights into a pretrained trunk (ImageNet's, or those of the stage-1
+    run of ``init="run:PATH"``: ``trunk_file``, by default that run's own) and freeze its first
+    stages.
 
     Returns what was done, for ``metrics.json``.
     """
     from capsedge.models.build import TRUNK_PREFIX
-    from capsedge.models.efficientnet_lite import LITE0_PROVENANCE, load_lite0_weights, trunk_layers
+    from capsedge.models.efficientnet_lite import (
+        LITE0_PROVENANCE,
+        load_lite0_weights,
+        load_trunk_weights,
+        trunk_layers,
+    )
 
     cfg = built.config
     if cfg.trunk is None:
@@ -143,12 +175,41 @@ def _initialise_trunk(built: Any, config: TrainConfig) -> dict[str, Any]:
     if config.init == "imagenet":
         done["layers_loaded"] = load_lite0_weights(built.classifier, name=TRUNK_PREFIX)
         done["pretrained"] = LITE0_PROVENANCE
+    elif config.init_run is not None:
+        trunk_file = trunk_file or stage1_trunk_file(config.init_run)
+        done["layers_loaded"] = load_trunk_weights(built.classifier, trunk_file, name=TRUNK_PREFIX)
+        done["trunk_from"] = {"file": str(trunk_file), "sha256": _sha256(trunk_file)}
+        done["pretrained"] = LITE0_PROVENANCE
     if config.freeze_stages:
         frozen = trunk_layers(built.classifier, config.freeze_stages, name=TRUNK_PREFIX)
         for layer in frozen:
             layer.trainable = False
         done["layers_frozen"] = len(frozen)
     return done
+
+
+def stage1_trunk_file(run: Path, part: str | None = None) -> Path:
+    """The trunk weights a stage-1 ``run`` hands on: ``run/trunk.npz`` for a single run;
+    for a cross-validation, ``run/PART/trunk.npz`` (``part`` ``"fold-K"``, or ``"final"`` by
+    default).
+
+    Raises:
+        UsageError: no such file.
+    """
+    from capsedge.models.efficientnet_lite import TRUNK_WEIGHTS_FILE
+
+    candidates = [run / part / TRUNK_WEIGHTS_FILE] if part else [run / TRUNK_WEIGHTS_FILE,
+                                                                   run / "final" / TRUNK_WEIGHTS_FILE]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise UsageError(f"no stage-1 trunk in {run} (looked for {', '.join(str(c) for c in candidates)})")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _distribution(devices: list[str] | None) -> Any | None:
@@ -192,6 +253,7 @@ def train(
     devices: list[str] | None = None,
     workers: int = 1,
     frozen_maps: np.ndarray | None = None,
+    trunk_file: Path | None = None,
 ) -> TrainResult:
     """Train a model on ``data`` and write the run folder.
 
@@ -208,6 +270,8 @@ def train(
         workers: threads that augment batches (the results do not depend on it).
         frozen_maps: the frozen trunk's maps of every image of ``data`` (see :mod:`.frozen`),
             if already computed.
+        trunk_file: with ``init="run:PATH"``, the trunk weights to start from (a cross-validation
+            passes each fold its own); default: that run's (see :func:`stage1_trunk_file`).
 
     Raises:
         DatasetError: the data cannot be used.
@@ -251,7 +315,7 @@ def train(
     strategy = _distribution(devices)
     with strategy.scope() if strategy else contextlib.nullcontext():
         built = build_model(model_config)
-        trunk = _initialise_trunk(built, config)
+        trunk = _initialise_trunk(built, config, trunk_file)
         steps = int(np.ceil(len(train_idx) / config.batch_size))
         fitted = built.trainer
         int8_maps = None
@@ -279,7 +343,7 @@ def train(
 
     callbacks = [
         EpochSetter(batches),
-        keras.callbacks.BackupAndRestore(str(backup)),  # resumable, deleted when the run completes
+        resumable_backup(backup),  # deleted when the run completes
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume),
     ]
     start = time.perf_counter()
@@ -319,6 +383,11 @@ def train(
         save_evaluation_pngs(probabilities, targets[held_idx], dataset.classes, run_dir)
     save_learning_curves_png(read_history(run_dir / "history.csv"), run_dir / "learning_curves.png")
     built.classifier.save(run_dir / "classifier.keras")
+    if model_config.trunk is not None:  # what a later stage starts from (init="run:PATH")
+        from capsedge.models.build import TRUNK_PREFIX
+        from capsedge.models.efficientnet_lite import TRUNK_WEIGHTS_FILE, save_trunk_weights
+
+        save_trunk_weights(built.classifier, run_dir / TRUNK_WEIGHTS_FILE, name=TRUNK_PREFIX)
     if built.decoder is not None:
         built.decoder.save(run_dir / "decoder.keras")
     _write_json(run_dir / "config.json", {
@@ -347,7 +416,8 @@ def cross_validate(
     progress: bool = True,
     workers: int = 1,
     final: bool = False,
-) -> dict[str, Any]:
+    parts: Collection[int | str] | None = None,
+) -> dict[str, Any] | None:
     """Stratified K-fold cross-validation; each fold is a run in ``run_dir/fold-K``.
 
     With ``resume``, a fold whose run is complete is not trained again, so an
@@ -357,21 +427,37 @@ def cross_validate(
     pooled per-class report and confusion matrix) and ``confusion.png``. With ``final``, the
     recipe is then trained on every image into ``run_dir/final`` (the weights to ship, beside
     their figures; frozen-trunk maps are computed once for both).
+
+    ``parts`` (fold numbers and/or ``"final"``) trains only those parts, resuming each, so that
+    several processes can share one cross-validation (one part each, e.g. on a GPU machine);
+    the summary is written by the call that finds every fold done, else ``None`` is returned.
+    With ``init="run:PATH"``, fold K starts from the trunk of ``PATH/fold-K``, which must have
+    held out the same images (else the cross-validation would not be honest), and the final run
+    from ``PATH/final``.
     """
     config = config or TrainConfig()
     dataset, model_config, preprocessing = _prepare(data, config)
     run_dir = Path(run_dir)
     settings = {"train": asdict(config), "folds": folds, "images": len(dataset.paths)}
     settings_file = run_dir / "cv_settings.json"
-    if resume:
+    if parts is not None:
+        unknown = [p for p in parts if p != "final" and not (isinstance(p, int) and 0 <= p < folds)]
+        if unknown:
+            raise UsageError(f"no part {unknown[0]!r} in a {folds}-fold cross-validation "
+                             f"(0-{folds - 1} or final)")
+        if "final" in parts and not final:
+            raise UsageError("the final part needs --final")
+    if resume or (parts is not None and settings_file.is_file()):
         if not settings_file.is_file():
             raise UsageError(f"nothing to resume in {run_dir} (no cv_settings.json)")
         if json.loads(settings_file.read_text()) != settings:
             raise UsageError(f"{run_dir} holds a cross-validation with other settings; choose another --out")
-    elif run_dir.is_dir() and any(run_dir.glob("fold-*")):
+    elif parts is None and run_dir.is_dir() and any(run_dir.glob("fold-*")):
         raise UsageError(f"{run_dir} already holds a cross-validation: pass --resume or another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(settings_file, settings)
+    resume = resume or parts is not None
+    wanted = set(range(folds)) | ({"final"} if final else set()) if parts is None else set(parts)
     images = load_images(dataset, preprocessing)
     targets = dataset.targets
     maps = None
@@ -380,14 +466,16 @@ def cross_validate(
     pooled_true, pooled_pred, per_fold = [], [], []
     for k, (train_idx, val_idx) in enumerate(stratified_folds(targets, folds, config.seed)):
         fold_dir = run_dir / f"fold-{k}"
-        done = resume and (fold_dir / "metrics.json").is_file() and not (fold_dir / "backup").is_dir()
-        if not done:
+        done = resume and _finished(fold_dir)
+        if not done and k in wanted:
             if progress:
                 print(f"fold {k + 1}/{folds}: {len(train_idx)} training, {len(val_idx)} validation images",
                       file=sys.stderr)
             train(dataset, fold_dir, config, split=(train_idx, val_idx), images=images,
                   resume=resume and (fold_dir / "backup").is_dir(), progress=progress, workers=workers,
-                  frozen_maps=maps)
+                  frozen_maps=maps, trunk_file=_fold_trunk(config, k, val_idx))
+        if not _finished(fold_dir):
+            continue
         probabilities = np.load(fold_dir / "holdout_probabilities.npy")
         pooled_true.append(targets[val_idx])
         pooled_pred.append(probabilities.argmax(1))
@@ -399,6 +487,16 @@ def cross_validate(
             row |= {f"accuracy_{name}": averaged.get("accuracy"),
                     f"macro_f1_{name}": averaged.get("macro_f1")}
         per_fold.append(row)
+    final_dir = run_dir / "final"
+    if "final" in wanted and not (resume and _finished(final_dir)):
+        if progress:
+            print(f"final: all {len(targets)} images", file=sys.stderr)
+        trunk_file = stage1_trunk_file(config.init_run, "final") if config.init_run else None
+        train(dataset, final_dir, replace(config, holdout=0.0), images=images, progress=progress,
+              resume=resume and (final_dir / "backup").is_dir(), workers=workers, frozen_maps=maps,
+              trunk_file=trunk_file)
+    if len(per_fold) < folds:
+        return None
     accuracy = np.array([f["accuracy"] for f in per_fold])
     macro_f1 = np.array([f["macro_f1"] for f in per_fold])
     pooled = classification_report(np.concatenate(pooled_true), np.concatenate(pooled_pred), dataset.classes)
@@ -426,14 +524,24 @@ def cross_validate(
     _write_json(run_dir / "cv_summary.json", summary)
     indices, probabilities = out_of_fold(run_dir, len(targets))
     save_evaluation_pngs(probabilities, targets[indices], dataset.classes, run_dir)
-    final_dir = run_dir / "final"
-    finished = (final_dir / "metrics.json").is_file() and not (final_dir / "backup").is_dir()
-    if final and not (resume and finished):
-        if progress:
-            print(f"final: all {len(targets)} images", file=sys.stderr)
-        train(dataset, final_dir, replace(config, holdout=0.0), images=images, progress=progress,
-              resume=resume and (final_dir / "backup").is_dir(), workers=workers, frozen_maps=maps)
     return summary
+
+
+def _finished(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a completed run (metrics written, no backup left)."""
+    return (run_dir / "metrics.json").is_file() and not (run_dir / "backup").is_dir()
+
+
+def _fold_trunk(config: TrainConfig, fold: int, val_idx: np.ndarray) -> Path | None:
+    """Fold ``fold``'s stage-1 trunk under ``init="run:PATH"``, checked to have held out ``val_idx``."""
+    if config.init_run is None:
+        return None
+    trunk_file = stage1_trunk_file(config.init_run, f"fold-{fold}")
+    held = trunk_file.parent / "holdout_indices.npy"
+    if not held.is_file() or not np.array_equal(np.sort(np.load(held)), np.sort(val_idx)):
+        raise UsageError(f"{trunk_file.parent} did not hold out fold {fold}'s images: the stage-1 run "
+                         "must be a cross-validation of the same data, folds and seed")
+    return trunk_file
 
 
 def _jsonable(value: Any) -> Any:
@@ -445,4 +553,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    """Write ``data`` to ``path`` atomically (processes training parts of one cross-validation
+    may write the same file at once; a reader never sees half of it)."""
+    import os
+
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, path)
