@@ -143,8 +143,9 @@ def test_explain_never_overwrites_its_image_or_the_model(tmp_path: Path, xray_pn
 def test_train_and_export_never_write_into_their_inputs(tmp_path: Path, xray_png: Path) -> None:
     pytest.importorskip("tensorflow")
     data = tmp_path / "data"
-    (data / "Depuy").mkdir(parents=True)
-    Image.fromarray(synthetic_xray()).save(data / "Depuy" / "a.png")
+    for seed, label in enumerate(("Depuy", "Zimmer")):
+        (data / label).mkdir(parents=True)
+        Image.fromarray(synthetic_xray(seed=seed)).save(data / label / "a.png")
     for out in (data, data / "run", data / "Depuy"):
         one_line_error(run("train", "--data", str(data), "--out", str(out)), "refusing to write there")
     run_dir = tmp_path / "run"

@@ -129,7 +129,8 @@ def test_train_command_refuses_unusable_data(tmp_path: Path) -> None:
     result = runner.invoke(main, ["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and "data not found" in result.stderr
     Image.fromarray(synthetic_xray(seed=1)).save(tmp_path / "Zimmer.1.jpg")
-    args = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--model", "efcaps"]
+    run = tmp_path.with_name(tmp_path.name + "-run")  # a run may not lie inside its data folder
+    args = ["train", "--data", str(tmp_path), "--out", str(run), "--model", "efcaps"]
     bad = runner.invoke(main, args)
     assert bad.exit_code == 1 and "did you mean" in bad.stderr
 

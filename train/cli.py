@@ -89,7 +89,6 @@ def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int,
 
     with error_boundary(extra="train"), quiet_native_logs(verbose):
         # What can be checked without TensorFlow is checked first.
-        refuse_inside(run_dir, [data], "--out")
         dataset = read_dataset(data).with_attribution(attribution)
         config = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                              beta=beta, reconstruction_weight=reconstruction_weight,
@@ -100,6 +99,7 @@ def command(data: Path, run_dir: Path, model: str, epochs: int, batch_size: int,
         if parts and not folds:
             raise UsageError("--fold needs --folds")
         chosen = [part if part == "final" else _fold_number(part) for part in parts] or None
+        refuse_inside(run_dir, [data], "--out")
         import_tensorflow_quietly(verbose)
         if folds:
             summary = cross_validate(dataset, run_dir, config, folds=folds, resume=resume, workers=workers,
