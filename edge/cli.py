@@ -6,7 +6,6 @@ import csv
 import importlib
 import ipaddress
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -183,14 +182,14 @@ def serve(host: str, port: int, model_path: Path | None, workers: int, token: st
         if package not in SERVE_PACKAGES:
             raise
         fail_and_exit(f"'capsedge serve' needs {package}: pip install 'capsedge[serve]'")
-    from .classifier import Classifier
+    from .classifier import Classifier, usable_cores
 
     try:
         sock = server.listen(host, port)
     except OSError as exc:
         fail_and_exit(f"cannot listen on {host} port {port} ({exc.strerror or type(exc).__name__})")
     # Several copies share the cores rather than each taking all of them.
-    threads = None if workers == 1 else max(1, (os.cpu_count() or 1) // workers)
+    threads = None if workers == 1 else max(1, usable_cores() // workers)
     try:
         classifiers = [Classifier.load(model_path, threads=threads) for _ in range(workers)]
     except CapsedgeError as exc:
@@ -260,7 +259,8 @@ def _same_file(target: Path, paths: list[str | Path]) -> bool:
               help="auto (from the model file), litert, onnxruntime or edgetpu.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also write one row per image to this CSV file.")
-@click.option("--threads", type=click.IntRange(1, 64), default=None, help="CPU threads for inference.")
+@click.option("--threads", type=click.IntRange(1, 64), default=None,
+              help="CPU threads for inference. Default: the usable cores, at most 4.")
 def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, backend: str,
              csv_path: Path | None, threads: int | None) -> None:
     """Classify X-ray images (PNG, JPEG, TIFF, BMP, DICOM, ...) or folders of them."""
@@ -314,7 +314,8 @@ def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, ba
 @click.option("--backend", default="auto", show_default=True, help="auto, litert, onnxruntime or edgetpu.")
 @click.option("--grid", type=click.IntRange(2, 32), default=8, show_default=True,
               help="Squares per side hidden in turn (one inference each, after the answer's).")
-@click.option("--threads", type=click.IntRange(1, 64), default=None, help="CPU threads for inference.")
+@click.option("--threads", type=click.IntRange(1, 64), default=None,
+              help="CPU threads for inference. Default: the usable cores, at most 4.")
 @click.option("--json", "as_json", is_flag=True, help="Print the heat grid and figures as JSON.")
 def explain(image: str, out_path: Path | None, model_path: Path | None, backend: str, grid: int,
             threads: int | None, as_json: bool) -> None:
