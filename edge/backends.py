@@ -13,6 +13,7 @@ import ctypes
 import importlib
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -83,32 +84,49 @@ def load_litert_interpreter_class() -> Any:
     )
 
 
+_silence_lock = threading.Lock()
+_silence_depth = 0
+_saved_stderr = -1
+
+
 @contextlib.contextmanager
 def native_stderr_silenced() -> Iterator[None]:
-    """Hide what native code writes to file descriptor 2 (LiteRT's "INFO: Created ... delegate").
+    """Hide what native code writes to file descriptor 2 (LiteRT's "INFO: Created ... delegate",
+    GDCM's libjpeg notes).
 
     Python-level errors still surface as exceptions; only the C++ runtime's
     chatter on stderr, which would break the CLI's one-line error contract, is dropped.
+    Threads may nest it (the server decodes on several): the first one in redirects fd 2,
+    the last one out restores it.
     """
+    global _silence_depth, _saved_stderr
+    with _silence_lock:
+        if _silence_depth == 0:
+            try:
+                sys.stderr.flush()
+                saved = os.dup(2)
+            except (OSError, ValueError):  # no real fd 2 (embedded interpreters)
+                saved = -1
+            if saved >= 0:
+                with open(os.devnull, "wb") as devnull:
+                    os.dup2(devnull.fileno(), 2)
+            _saved_stderr = saved
+        _silence_depth += 1
     try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real fd 2 (embedded interpreters)
         yield
-        return
-    try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        with _silence_lock:
+            _silence_depth -= 1
+            if _silence_depth == 0 and _saved_stderr >= 0:
+                os.dup2(_saved_stderr, 2)
+                os.close(_saved_stderr)
+                _saved_stderr = -1
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, or its type's name when it has none."""
+    """The first line of an exception's message (never its class name: "no details" when empty)."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return text.splitlines()[0] if text else "no details"
 
 
 class LiteRTBackend:

@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .boundary import EXIT_FAILED, error_boundary, fail, fail_and_exit, printable
-from .errors import CapsedgeError, ImageError
+from .errors import CapsedgeError, ImageError, reason
 
 if TYPE_CHECKING:
     from .classifier import Prediction
@@ -187,7 +187,7 @@ def serve(host: str, port: int, model_path: Path | None, workers: int, token: st
     try:
         sock = server.listen(host, port)
     except OSError as exc:
-        fail_and_exit(f"cannot listen on {host} port {port} ({exc.strerror or type(exc).__name__})")
+        fail_and_exit(f"cannot listen on {host} port {port} ({reason(exc)})")
     # Several copies share the cores rather than each taking all of them.
     threads = None if workers == 1 else max(1, usable_cores() // workers)
     try:
@@ -298,7 +298,7 @@ def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, ba
         try:
             write_csv(csv_path, rows, classifier.labels)
         except OSError as exc:
-            fail_and_exit(f"cannot write {csv_path} ({exc.strerror or type(exc).__name__})")
+            fail_and_exit(f"cannot write {csv_path} ({reason(exc)})")
     if failed:
         if len(files) > 1:
             fail(f"{failed} of {len(files)} images failed")
@@ -337,7 +337,7 @@ def explain(image: str, out_path: Path | None, model_path: Path | None, backend:
     try:
         render_overlay(explanation).save(out, format="PNG")
     except OSError as exc:
-        fail_and_exit(f"cannot write {out} ({exc.strerror or type(exc).__name__})")
+        fail_and_exit(f"cannot write {out} ({reason(exc)})")
     if as_json:
         click.echo(json.dumps({"path": image, "overlay": str(out), **explanation.to_dict()}))
     else:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from capsedge.backends import first_line
 from capsedge.boundary import error_boundary, import_tensorflow_quietly, printable
 from capsedge.errors import ModelError
 from capsedge.preprocess import Preprocessing, preprocess
@@ -70,7 +71,7 @@ def load_run_decoder(run_dir: str | Path) -> tuple[Any, Any, tuple[str, ...], Pr
         labels = tuple(str(c) for c in config["classes"])
         preprocessing = Preprocessing.from_dict(config["preprocessing"])
     except Exception as exc:  # noqa: BLE001 - Keras and json raise many kinds for a bad file
-        raise ModelError(f"cannot load the run in {run} ({type(exc).__name__})") from None
+        raise ModelError(f"cannot load the run in {run} ({first_line(exc)})") from None
     return classifier, decoder, labels, preprocessing
 
 
