@@ -25,6 +25,8 @@ from capsedge.preprocess import Preprocessing, preprocess
 DELTAS = tuple(float(d) for d in np.round(np.arange(-0.25, 0.26, 0.05), 2))
 #: Side of each reconstruction tile in the grid, in pixels.
 TILE = 64
+#: Height of the grid's head (input, reconstruction and two lines of text) above the rows.
+HEAD_H = TILE + 48
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def capsule_grid(classifier: Any, decoder: Any, labels: tuple[str, ...], tensor:
 def render_grid(grid: CapsuleGrid) -> Image.Image:
     """The grid as a PNG-ready picture: input and reconstruction on top, then one row per dimension."""
     dims, steps = grid.images.shape[:2]
-    label_w, head_h, gap = 44, TILE + 48, 2
+    label_w, head_h, gap = 44, HEAD_H, 2
     width = label_w + steps * (TILE + gap)
     canvas = Image.new("L", (width, head_h + dims * (TILE + gap) + 4), 255)
     draw = ImageDraw.Draw(canvas)
