@@ -150,6 +150,8 @@ def _undecodable(dataset: Any) -> str:
     compression = _compression(dataset)
     if not compression:
         return "cannot decode DICOM pixel data (unknown or corrupt transfer syntax)"
+    if not dataset.file_meta.TransferSyntaxUID.is_compressed:
+        return "cannot decode DICOM pixel data (corrupt or truncated)"
     if importlib.util.find_spec("gdcm") is None:
         return (f"cannot decode DICOM pixel data compressed as {compression}: its decoder is not "
                 "installed (pip install 'capsedge[dicom]')")

@@ -106,6 +106,16 @@ def test_a_corrupt_codestream_is_refused_in_words(tmp_path: Path) -> None:
     assert "corrupt" in str(error.value) and not CLASS_NAME.search(str(error.value))
 
 
+def test_truncated_uncompressed_pixels_are_refused_in_words(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "t.dcm", twelve_bit())
+    ds = pydicom.dcmread(path)
+    ds.PixelData = ds.PixelData[:100]
+    ds.save_as(path)
+    with pytest.raises(ImageError) as error:
+        preprocess(path, CONFIG)
+    assert str(error.value) == "cannot decode DICOM pixel data (corrupt or truncated)"
+
+
 def pydicom_test_file(name: str) -> Path:
     """One of the files pydicom ships (never downloaded: ``download=False``)."""
     from pydicom.data import get_testdata_file
