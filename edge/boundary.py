@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import click
 
-from .errors import CapsedgeError, missing_extra
+from .errors import CapsedgeError, missing_extra, reason
 
 EXIT_FAILED = 1
 
@@ -46,8 +46,8 @@ def error_boundary(extra: str | None = None) -> Iterator[None]:
     except CapsedgeError as exc:
         fail_and_exit(str(exc))
     except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        fail_and_exit(f"{exc.filename}: {reason}" if exc.filename else reason)
+        why = reason(exc)
+        fail_and_exit(f"{exc.filename}: {why}" if exc.filename else why)
     except ImportError as exc:
         if extra is None:
             raise

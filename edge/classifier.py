@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -19,6 +20,26 @@ from .views import VIEW_COUNTS, orientations
 
 DEFAULT_MODEL_NAME = "default.tflite"
 MAX_THREADS = 64
+#: At most this many threads by default: the 4 cores of the usual edge board (Raspberry Pi,
+#: Jetson Nano); more were not measured.
+DEFAULT_THREADS_CAP = 4
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """Threads a model gets unless told: the usable cores, at most :data:`DEFAULT_THREADS_CAP`.
+
+    LiteRT's own choice (``num_threads=None``) is one thread, which leaves the other cores idle
+    (``bench/default_threads.py``; figures in docs/runtime.md).
+    """
+    return max(1, min(usable_cores(), DEFAULT_THREADS_CAP))
 
 
 def default_model_path() -> Path:
@@ -135,7 +156,7 @@ class Classifier:
         Args:
             path: an exported model; ``None`` for the bundled default model.
             backend: ``"auto"`` (from the file type) or a backend name.
-            threads: CPU threads for the runtime; ``None`` lets it choose.
+            threads: CPU threads for the runtime; ``None``: :func:`default_threads`.
             warm_up: run one inference on a blank image so the first real call is fast.
 
         Raises:
@@ -145,7 +166,7 @@ class Classifier:
         model_path = Path(path) if path is not None else default_model_path()
         if threads is not None and (not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS):
             raise UsageError(f"threads must be an integer from 1 to {MAX_THREADS}, got {threads!r}")
-        runtime = open_backend(model_path, backend, threads)
+        runtime = open_backend(model_path, backend, default_threads() if threads is None else threads)
         # An ONNX session has read the file's metadata already: no second session for it.
         metadata = read_metadata(model_path, getattr(runtime, "metadata_props", None))
         classifier = cls(runtime, metadata, model_path)

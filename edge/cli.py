@@ -6,7 +6,6 @@ import csv
 import importlib
 import ipaddress
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,7 +14,7 @@ import click
 
 from . import __version__
 from .boundary import EXIT_FAILED, error_boundary, fail, fail_and_exit, printable
-from .errors import CapsedgeError, ImageError
+from .errors import CapsedgeError, ImageError, reason
 from .outputs import refuse_overwrite
 
 if TYPE_CHECKING:
@@ -197,7 +196,7 @@ def serve(host: str, port: int, model_path: Path | None, workers: int, token: st
         if package not in SERVE_PACKAGES:
             raise
         fail_and_exit(f"'capsedge serve' needs {package}: pip install 'capsedge[serve]'")
-    from .classifier import Classifier
+    from .classifier import Classifier, usable_cores
 
     spare = open_files_limit() - FILES_BESIDE_CONNECTIONS
     if spare < max_connections:
@@ -207,9 +206,9 @@ def serve(host: str, port: int, model_path: Path | None, workers: int, token: st
     try:
         sock = server.listen(host, port)
     except OSError as exc:
-        fail_and_exit(f"cannot listen on {host} port {port} ({exc.strerror or type(exc).__name__})")
+        fail_and_exit(f"cannot listen on {host} port {port} ({reason(exc)})")
     # Several copies share the cores rather than each taking all of them.
-    threads = None if workers == 1 else max(1, (os.cpu_count() or 1) // workers)
+    threads = None if workers == 1 else max(1, usable_cores() // workers)
     try:
         classifiers = [Classifier.load(model_path, threads=threads) for _ in range(workers)]
     except CapsedgeError as exc:
@@ -296,7 +295,8 @@ def expand_inputs(paths: tuple[str, ...]) -> list[tuple[str, str | None]]:
               help="auto (from the model file), litert, onnxruntime or edgetpu.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also write one row per image to this CSV file.")
-@click.option("--threads", type=click.IntRange(1, 64), default=None, help="CPU threads for inference.")
+@click.option("--threads", type=click.IntRange(1, 64), default=None,
+              help="CPU threads for inference. Default: the usable cores, at most 4.")
 def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, backend: str,
              csv_path: Path | None, threads: int | None) -> None:
     """Classify X-ray images (PNG, JPEG, TIFF, BMP, DICOM, ...) or folders of them."""
@@ -335,7 +335,7 @@ def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, ba
         try:
             write_csv(csv_path, rows, classifier.labels)
         except OSError as exc:
-            fail_and_exit(f"cannot write {csv_path} ({exc.strerror or type(exc).__name__})")
+            fail_and_exit(f"cannot write {csv_path} ({reason(exc)})")
     if failed:
         if len(files) > 1:
             fail(f"{failed} of {len(files)} images failed")
@@ -351,7 +351,8 @@ def classify(images: tuple[str, ...], model_path: Path | None, as_json: bool, ba
 @click.option("--backend", default="auto", show_default=True, help="auto, litert, onnxruntime or edgetpu.")
 @click.option("--grid", type=click.IntRange(2, 32), default=8, show_default=True,
               help="Squares per side hidden in turn (one inference each, after the answer's).")
-@click.option("--threads", type=click.IntRange(1, 64), default=None, help="CPU threads for inference.")
+@click.option("--threads", type=click.IntRange(1, 64), default=None,
+              help="CPU threads for inference. Default: the usable cores, at most 4.")
 @click.option("--json", "as_json", is_flag=True, help="Print the heat grid and figures as JSON.")
 def explain(image: str, out_path: Path | None, model_path: Path | None, backend: str, grid: int,
             threads: int | None, as_json: bool) -> None:
@@ -374,7 +375,7 @@ def explain(image: str, out_path: Path | None, model_path: Path | None, backend:
     try:
         render_overlay(explanation).save(out, format="PNG")
     except OSError as exc:
-        fail_and_exit(f"cannot write {out} ({exc.strerror or type(exc).__name__})")
+        fail_and_exit(f"cannot write {out} ({reason(exc)})")
     if as_json:
         click.echo(json.dumps({"path": image, "overlay": str(out), **explanation.to_dict()}))
     else:

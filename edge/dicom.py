@@ -9,7 +9,9 @@ header value (patient name, IDs, dates) ever appears in a message.
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,13 +63,32 @@ def _read_dicom(source: bytes | Path) -> Image.Image:
         import pydicom
     except ImportError:
         raise missing_extra("pydicom", "dicom") from None
+    _register_plugins()
     try:
         return _decode(pydicom, source)
     except CapsedgeError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a hostile header makes pydicom raise anything
-        # Only the exception's type: pydicom's messages quote raw header bytes (patient data).
-        raise ImageError(f"not a readable DICOM file ({type(exc).__name__})") from None
+    except Exception:  # noqa: BLE001 - a hostile header makes pydicom raise anything
+        # Never pydicom's message: it quotes raw header bytes (patient data).
+        raise ImageError("not a readable DICOM file (corrupt or truncated header)") from None
+
+
+_plugins_lock = threading.Lock()
+_plugins_added = False
+
+
+def _register_plugins() -> None:
+    """Add :mod:`capsedge.dicom_gdcm` to pydicom's 12-bit JPEG Extended decoder, once
+    (pydicom's ``add_plugin`` is not thread-safe)."""
+    global _plugins_added
+    with _plugins_lock:
+        if _plugins_added:
+            return
+        from pydicom.pixels import get_decoder
+        from pydicom.uid import JPEGExtended12Bit
+
+        get_decoder(JPEGExtended12Bit).add_plugin("capsedge-gdcm", ("capsedge.dicom_gdcm", "decode_frame"))
+        _plugins_added = True
 
 
 def _decode(pydicom: ModuleType, source: bytes | Path) -> Image.Image:
@@ -84,24 +105,16 @@ def _decode(pydicom: ModuleType, source: bytes | Path) -> Image.Image:
     try:
         frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
         rows, columns = int(dataset.Rows), int(dataset.Columns)
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise ImageError(f"invalid DICOM image header ({type(exc).__name__})") from None
+    except (AttributeError, TypeError, ValueError):
+        raise ImageError("invalid DICOM image header (no number of rows, columns or frames)") from None
     if rows * columns > MAX_PIXELS:
         raise ImageError(f"image too large (over {MAX_PIXELS:,} pixels)")
     if frames > 1:
         raise ImageError("multi-frame DICOM is not supported; export one frame")
     try:
         pixels = dataset.pixel_array
-    except (NotImplementedError, RuntimeError) as exc:
-        compression = _compression(dataset)
-        if not compression:
-            raise ImageError("cannot decode DICOM pixel data (unknown or corrupt transfer syntax)") from None
-        raise ImageError(
-            f"cannot decode DICOM pixel data compressed as {compression}: install a decoder "
-            f"(pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg) ({type(exc).__name__})"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on corrupt pixel data
-        raise ImageError(f"cannot decode DICOM pixel data ({type(exc).__name__})") from None
+    except Exception:  # noqa: BLE001 - pydicom raises many kinds on missing decoders and corrupt data
+        raise ImageError(_undecodable(dataset)) from None
     photometric = str(getattr(dataset, "PhotometricInterpretation", "MONOCHROME2")).upper()
     values = np.empty(pixels.shape[:2], np.float32)  # filled block by block: no float64 copy
     if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or pixels.ndim == 3:
@@ -116,8 +129,8 @@ def _decode(pydicom: ModuleType, source: bytes | Path) -> Image.Image:
     try:
         for block in _row_blocks(pixels.shape):
             values[block] = apply_voi_lut(apply_modality_lut(pixels[block], dataset), dataset, index=0)
-    except Exception as exc:  # noqa: BLE001 - bad LUT/window values; never quote them (patient data)
-        raise ImageError(f"invalid DICOM rescale, LUT or window values ({type(exc).__name__})") from None
+    except Exception:  # noqa: BLE001 - bad LUT/window values; never quote them (patient data)
+        raise ImageError("invalid DICOM rescale, LUT or window values") from None
     del pixels, dataset
     if photometric == "MONOCHROME1":
         np.subtract(values.max(), values, out=values)
@@ -176,13 +189,27 @@ def _row_blocks(shape: tuple[int, ...]) -> Iterator[slice]:
     return (slice(top, top + step) for top in range(0, shape[0], step))
 
 
+def _undecodable(dataset: Any) -> str:
+    """Why the pixel data could not be decoded: the extra's decoder (GDCM) is not installed
+    (what to install), or the data is corrupt or a variant no installed decoder reads."""
+    compression = _compression(dataset)
+    if not compression:
+        return "cannot decode DICOM pixel data (unknown or corrupt transfer syntax)"
+    if not dataset.file_meta.TransferSyntaxUID.is_compressed:
+        return "cannot decode DICOM pixel data (corrupt or truncated)"
+    if importlib.util.find_spec("gdcm") is None:
+        return (f"cannot decode DICOM pixel data compressed as {compression}: its decoder is not "
+                "installed (pip install 'capsedge[dicom]')")
+    return f"cannot decode DICOM pixel data compressed as {compression} (corrupt or unsupported variant)"
+
+
 def _compression(dataset: Any) -> str:
     """The name of a transfer syntax pydicom knows, from pydicom's own table; ``""`` for any
     other value (a corrupt header can put anything there, patient data included)."""
     try:
         syntax = dataset.file_meta.TransferSyntaxUID
         name = syntax.name
-        if name != str(syntax) and name.isprintable() and len(name) <= 80:
+        if name != str(syntax) and name.isprintable() and len(name) <= 120:
             return name
     except Exception:  # noqa: BLE001 - only a nicety for the message
         pass

@@ -1,5 +1,8 @@
 """The one exception family a user can cause; the CLI turns it into a one-line message."""
 
+import json
+import struct
+
 
 class CapsedgeError(Exception):
     """Base class for every error a user can cause (bad file, bad model, missing runtime)."""
@@ -35,3 +38,31 @@ def preview(value: object, limit: int = 60) -> str:
     """
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def reason(exc: BaseException) -> str:
+    """Why reading or writing failed, in a few words for a one-line message.
+
+    The system's reason for an ``OSError``, else a phrase for the kind of failure. Never the
+    exception's class name (``(RuntimeError)`` tells a user nothing), and never its message: a
+    decoder's can quote the file's bytes, a DICOM header's patient data.
+    """
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, FileNotFoundError):
+        return "no such file or folder"
+    if isinstance(exc, IsADirectoryError):
+        return "a folder, not a file"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not valid JSON at line {exc.lineno}"
+    if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str) and len(exc.args[0]) <= 40:
+        return f"no {exc.args[0]!r} entry"
+    if isinstance(exc, (EOFError, struct.error)):
+        return "the data ends too early"
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    return "corrupt or unsupported data"

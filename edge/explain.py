@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from .classifier import Classifier, Prediction
 from .errors import UsageError
+from .fonts import figure_font
 from .preprocess import ImageSource, content_box, load_grey, to_model_input
 
 #: Default tiling: 8 x 8 squares of the image (64 inferences after the answer's).
@@ -148,17 +149,21 @@ def render_overlay(explanation: Explanation, side: int = OVERLAY_SIDE) -> Image.
     colours = heat_colours(heat).astype(np.float32)
     alpha = (0.65 * heat)[..., np.newaxis]
     blended = picture[..., np.newaxis] * (1 - alpha) + colours * alpha
-    font = ImageFont.load_default()
-    title_h, bar_w, margin = 28, 18, 8
-    canvas = Image.new("RGB", (size[0] + bar_w + 6 * margin, size[1] + title_h + margin), "white")
+    font = figure_font()
+    heading = title(explanation)
+    top_label = f"-{100 * peak:.0f} pts"
+    title_h, bar_w, margin = 34, 18, 8
+    bar_x = size[0] + 2 * margin
+    width = max(bar_x + bar_w + 4 * margin, bar_x + round(font.getlength(top_label)) + margin,
+                round(font.getlength(heading)) + 2 * margin)  # nothing drawn past the edge
+    canvas = Image.new("RGB", (width, size[1] + title_h + margin), "white")
     canvas.paste(Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)), (margin, title_h))
     draw = ImageDraw.Draw(canvas)
     warn = explanation.prediction.out_of_distribution or explanation.prediction.uncertain is not False
-    draw.text((margin, 8), title(explanation), fill="#a11d1d" if warn else "black", font=font)
-    bar_x = size[0] + 2 * margin
+    draw.text((margin, 8), heading, fill="#a11d1d" if warn else "black", font=font)
     ramp = heat_colours(np.linspace(1, 0, size[1]))[:, np.newaxis, :].repeat(bar_w, axis=1)
     canvas.paste(Image.fromarray(ramp), (bar_x, title_h))
     draw.rectangle((bar_x, title_h, bar_x + bar_w - 1, title_h + size[1] - 1), outline="black")
-    draw.text((bar_x, title_h - 12), f"-{100 * peak:.0f} pts", fill="black", font=font)
-    draw.text((bar_x + 2, title_h + size[1] - 12), "0", fill="white", font=font)
+    draw.text((bar_x, title_h - 17), top_label, fill="black", font=font)
+    draw.text((bar_x + 3, title_h + size[1] - 18), "0", fill="white", font=font)
     return canvas

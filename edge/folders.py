@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import reason
+
 #: File name suffixes taken as images when a folder is read (by classify, training, export).
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm", ".dicom"}
@@ -52,7 +54,7 @@ def walk_images(folder: str | Path, *, allow_no_suffix: bool = False
             with os.scandir(current) as listing:
                 entries = list(listing)
         except OSError as exc:
-            problems.append((current, f"cannot read folder ({_reason(exc)})"))
+            problems.append((current, f"cannot read folder ({reason(exc)})"))
             continue
         for entry in entries:
             if entry.name.startswith("."):
@@ -64,9 +66,7 @@ def walk_images(folder: str | Path, *, allow_no_suffix: bool = False
                 elif is_image_file(path, allow_no_suffix=allow_no_suffix):
                     files.append(path)
             except OSError as exc:  # an entry of a folder we may list but not enter
-                problems.append((path, f"cannot read ({_reason(exc)})"))
+                problems.append((path, f"cannot read ({reason(exc)})"))
     return sorted(files), sorted(problems)
 
 
-def _reason(exc: OSError) -> str:
-    return "permission denied" if isinstance(exc, PermissionError) else exc.strerror or type(exc).__name__

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError, RuntimeMissingError, missing_extra, preview
+from .errors import ModelError, RuntimeMissingError, missing_extra, preview, reason
 from .limits import (
     MAX_LABEL_LENGTH,
     MAX_LABELS,
@@ -238,7 +238,7 @@ def read_sidecar(model_path: str | Path) -> ModelMetadata | None:
         with path.open("rb") as handle:
             data = handle.read(MAX_METADATA_BYTES + 1)
     except OSError as exc:
-        raise ModelError(f"cannot read {path.name} ({exc.strerror or type(exc).__name__})") from None
+        raise ModelError(f"cannot read {path.name} ({reason(exc)})") from None
     if len(data) > MAX_METADATA_BYTES:
         raise ModelError(f"{path.name} is too large (over {MAX_METADATA_BYTES // 1024} KiB)")
     try:

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
 from .dicom import looks_like_dicom, read_dicom
-from .errors import CapsedgeError, ImageError, preview
+from .errors import CapsedgeError, ImageError, preview, reason
 from .limits import MAX_IMAGE_BYTES, MAX_PIXELS
 from .quiet import silenced, warnings_raised
 
@@ -126,7 +126,7 @@ def open_image(source: ImageSource) -> Image.Image:
         try:
             data = source.read(MAX_IMAGE_BYTES + 1)
         except Exception as exc:  # noqa: BLE001 - any file-like object: its read is not ours
-            raise ImageError(f"cannot read from the file object ({type(exc).__name__})") from None
+            raise ImageError(f"cannot read from the file object ({reason(exc)})") from None
         if not isinstance(data, (bytes, bytearray)):
             raise ImageError("a file object must be opened in binary mode ('rb')")
         return _open_bytes(_bounded(bytes(data)))
@@ -179,7 +179,7 @@ def _open_path(source: str | os.PathLike) -> Image.Image:
     except ValueError:  # an embedded NUL character
         raise ImageError("invalid path") from None
     except OSError as exc:
-        raise ImageError(f"cannot read file ({exc.strerror or type(exc).__name__})") from None
+        raise ImageError(f"cannot read file ({reason(exc)})") from None
     if data is None:
         return read_dicom(path)
     return _open_bytes(_bounded(data), path.name)
@@ -196,7 +196,7 @@ def _open_bytes(data: bytes, name: str = "") -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError("not a readable image") from None
     except Exception as exc:  # noqa: BLE001 - Pillow's messages can quote the file's bytes
-        raise ImageError(f"not a readable image ({type(exc).__name__})") from None
+        raise ImageError(f"not a readable image ({reason(exc)})") from None
 
 
 def _array_to_image(array: np.ndarray) -> Image.Image:
@@ -260,7 +260,7 @@ def load_grey(source: ImageSource, size_hint: int = 0) -> Image.Image:
     except CapsedgeError:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow and pydicom raise many kinds on corrupt data
-        raise ImageError(f"cannot decode image ({type(exc).__name__})") from None
+        raise ImageError(f"cannot decode image ({reason(exc)})") from None
 
 
 def _load_grey(source: ImageSource, size_hint: int) -> Image.Image:

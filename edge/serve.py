@@ -405,7 +405,7 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
 
 async def image_error(request: Request, exc: CapsedgeError) -> Response:
     # CapsedgeError messages are one line and never carry DICOM header values.
-    return error(422, str(exc) or type(exc).__name__)
+    return error(422, str(exc) or "cannot process the image")
 
 
 async def client_gone(request: Request, exc: Exception) -> Response:

@@ -16,6 +16,10 @@ import numpy as np
 #: How many views a model may average: one, the four flips, all eight orientations.
 VIEW_COUNTS = (1, 4, 8)
 
+#: The views the training recipe's models average (the bundled model's four flips); what
+#: ``capsedge export`` records unless told otherwise.
+RECIPE_VIEWS = 4
+
 
 def orientations(images: np.ndarray, count: int) -> list[np.ndarray]:
     """The first ``count`` views of an ``(..., H, W, C)`` array (one image or a batch).

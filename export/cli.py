@@ -12,6 +12,7 @@ from capsedge.export.run import trust_sources
 from capsedge.export.writer import check_arguments, export, export_and_verify, steps
 from capsedge.outputs import refuse_overwrite
 from capsedge.progress import Progress
+from capsedge.views import RECIPE_VIEWS
 
 
 class StepCounter:
@@ -52,10 +53,11 @@ def _cli() -> Any:
                   help="The images the run was trained on: with --cross-validation, the files get "
                        "calibrated confidence, an 'uncertain' threshold and outlier statistics. "
                        "Default: the data folder the run recorded.")
-    @click.option("--test-time-views", "test_time_views", type=click.Choice(["1", "4", "8"]), default="1",
-                  show_default=True,
-                  help="Orientations of each image the runtime averages (4: the flips, 8: flips and "
-                       "transposes); with --train-data the calibration is fitted for that average.")
+    @click.option("--test-time-views", "test_time_views", type=click.Choice(["1", "4", "8"]),
+                  default=str(RECIPE_VIEWS), show_default=True,
+                  help="Orientations of each image the runtime averages (4: the flips, as in the recipe "
+                       "and the bundled model; 8: flips and transposes); with --train-data the "
+                       "calibration is fitted for that average.")
     @click.option("--no-verify", is_flag=True, help="Write the files only; no report.")
     @click.option("--verbose", is_flag=True, help="Show TensorFlow's own start-up and log lines.")
     @click.option("--allow-fail", is_flag=True,

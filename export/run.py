@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from capsedge.backends import is_readable_file
-from capsedge.errors import CapsedgeError, ImageError, ModelError, missing_extra
+from capsedge.backends import first_line, is_readable_file
+from capsedge.errors import CapsedgeError, ImageError, ModelError, missing_extra, reason
 from capsedge.export.quantization import CALIBRATION_IMAGES
 from capsedge.folders import image_files
 from capsedge.preprocess import Preprocessing, preprocess
@@ -130,11 +130,11 @@ def load_run(path: str | Path, cross_validation: str | Path | None = None) -> Tr
         labels = tuple(str(label) for label in config["classes"])
         preprocessing = Preprocessing.from_dict(config["preprocessing"])
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"{run_dir} is not a complete run ({type(exc).__name__}: {exc})") from None
+        raise ModelError(f"{run_dir} is not a complete run ({reason(exc)})") from None
     try:
         classifier = keras.models.load_model(model_file, compile=False)
     except Exception as exc:  # noqa: BLE001 - Keras raises many kinds for a bad file
-        raise ModelError(f"cannot load {model_file} ({type(exc).__name__}: {exc})") from None
+        raise ModelError(f"cannot load {model_file} ({first_line(exc)})") from None
     if any(type(layer).__name__ == "CfC" for layer in classifier.layers):
         classifier = _rebuilt(classifier, config, model_file)
     provenance = {
@@ -187,7 +187,7 @@ def cross_validation_summary(folder: str | Path, recipe: dict[str, Any]) -> dict
         pooled = _summary(summary["pooled"])
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise CapsedgeError(f"no readable cross-validation summary at {summary_file} "
-                            f"({type(exc).__name__})") from None
+                            f"({reason(exc)})") from None
     def same(key: str) -> bool:
         if key not in settings or key not in recipe:
             return settings.get(key, recipe.get(key)) in _OFF

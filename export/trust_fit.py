@@ -27,6 +27,7 @@ from capsedge.trust import (
     expected_calibration_error,
     reliability_bins,
 )
+from capsedge.views import RECIPE_VIEWS
 
 #: The trunk stage whose mean map is the outlier feature (frozen in the bundled recipe).
 OUTLIER_STAGE = 5
@@ -165,7 +166,7 @@ def unit_range_outliers(outliers: OutlierModel) -> OutlierModel:
 
 
 def fit_file_trust(path: str | Path, images: np.ndarray, targets: np.ndarray, trust: Trust,
-                   cross_validation: str | Path, test_time_views: int = 1) -> Trust:
+                   cross_validation: str | Path, test_time_views: int = RECIPE_VIEWS) -> Trust:
     """``trust`` refitted for the int8 file at ``path`` from that file's own outputs.
 
     - Outlier statistics: from the features the file computes for the training ``images``
@@ -228,7 +229,7 @@ class TrustFit:
 
 
 def fit_trust(classifier: Any, labels: tuple[str, ...], cross_validation: str | Path,
-              train_data: str | Path, preprocessing: Any, test_time_views: int = 1) -> TrustFit:
+              train_data: str | Path, preprocessing: Any, test_time_views: int = RECIPE_VIEWS) -> TrustFit:
     """Fit calibration (from ``cross_validation``'s out-of-fold predictions, averaged over
     ``test_time_views`` views as the runtime will) and outlier
     statistics (from the features of ``train_data``'s images under ``classifier``; none for a

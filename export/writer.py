@@ -22,6 +22,7 @@ from capsedge.export.run import TrainedRun, calibration_files, calibration_image
 from capsedge.folders import image_files
 from capsedge.metadata import ModelMetadata
 from capsedge.trust import Trust
+from capsedge.views import RECIPE_VIEWS
 
 #: Told the name of each step of an export as it starts (see :func:`steps`).
 Progress = Callable[[str], None]
@@ -41,7 +42,7 @@ def export_run(
     version: str | None = None,
     calibration_limit: int = CALIBRATION_IMAGES,
     trust: Trust | None = None,
-    test_time_views: int = 1,
+    test_time_views: int = RECIPE_VIEWS,
     train_data: str | Path | None = None,
     cross_validation: str | Path | None = None,
     progress: Progress | None = None,
@@ -163,7 +164,7 @@ def export(
     version: str | None = None,
     cross_validation: str | Path | None = None,
     train_data: str | Path | None = None,
-    test_time_views: int = 1,
+    test_time_views: int = RECIPE_VIEWS,
     progress: Progress | None = None,
 ) -> dict[str, Path]:
     """Export a trained run (folder or ``classifier.keras``) to each of ``formats`` in ``out_dir``
@@ -189,7 +190,7 @@ def export(
 
 
 def fit_run_trust(run: TrainedRun, cross_validation: str | Path | None, train_data: str | Path | None,
-                  out_dir: str | Path, test_time_views: int = 1,
+                  out_dir: str | Path, test_time_views: int = RECIPE_VIEWS,
                   progress: Progress | None = None) -> Trust | None:
     """The ``trust`` section when ``train_data`` is given (its figures also go to
     ``out_dir/trust.json``), calibrated for the average of ``test_time_views``; ``None``
@@ -226,7 +227,7 @@ def export_and_verify(
     version: str | None = None,
     cross_validation: str | Path | None = None,
     train_data: str | Path | None = None,
-    test_time_views: int = 1,
+    test_time_views: int = RECIPE_VIEWS,
     progress: Progress | None = None,
 ) -> tuple[dict[str, Path], Any]:
     """Export, then verify every file on ``evaluation`` (default: the calibration folder).

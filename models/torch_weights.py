@@ -120,7 +120,7 @@ def _load(unpickler: _Unpickler, what: str) -> Any:
     except WeightsError:
         raise
     except Exception as err:  # garbage can make the unpickler raise almost anything
-        raise WeightsError(f"cannot read the {what}: {type(err).__name__}: {err}") from err
+        raise WeightsError(f"cannot read the {what} (corrupt, or not a PyTorch checkpoint)") from err
 
 
 def _read_storage(f: BinaryIO, storage: _Storage, byteorder: str, remaining: int) -> np.ndarray:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,10 +95,93 @@ def test_multi_frame_is_refused(tmp_path: Path) -> None:
         preprocess(path, CONFIG)
 
 
-def test_undecodable_compression_is_refused(tmp_path: Path) -> None:
+#: No message ends in an exception's class name, as "(RuntimeError)" did.
+CLASS_NAME = re.compile(r"\(\w*(Error|Exception|Warning)\)")
+
+
+def test_a_corrupt_codestream_is_refused_in_words(tmp_path: Path) -> None:
     path = write_dicom(tmp_path / "c.dcm", twelve_bit(), syntax=JPEG2000Lossless)
-    with pytest.raises(ImageError, match="cannot decode DICOM pixel data"):
+    with pytest.raises(ImageError, match="cannot decode DICOM pixel data") as error:
         preprocess(path, CONFIG)
+    assert "corrupt" in str(error.value) and not CLASS_NAME.search(str(error.value))
+
+
+def test_truncated_uncompressed_pixels_are_refused_in_words(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "t.dcm", twelve_bit())
+    ds = pydicom.dcmread(path)
+    ds.PixelData = ds.PixelData[:100]
+    ds.save_as(path)
+    with pytest.raises(ImageError) as error:
+        preprocess(path, CONFIG)
+    assert str(error.value) == "cannot decode DICOM pixel data (corrupt or truncated)"
+
+
+def pydicom_test_file(name: str) -> Path:
+    """One of the files pydicom ships (never downloaded: ``download=False``)."""
+    from pydicom.data import get_testdata_file
+
+    found = get_testdata_file(name, download=False)
+    if found is None:
+        pytest.skip(f"pydicom does not ship {name}")
+    return Path(found)
+
+
+# The transfer syntaxes hospital PACS exports use, in pydicom's own test files. The lossless
+# ones are the same 64x64 MR image as the uncompressed MR_small.dcm.
+LOSSLESS = ["MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS Lossless
+            "MR_small_jp2klossless.dcm",  # JPEG 2000 Lossless
+            "MR_small_RLE.dcm"]  # RLE Lossless
+LOSSY = ["JPGExtended.dcm",  # JPEG Extended, 12-bit
+         "JPEG-lossy.dcm",  # JPEG Extended, 12-bit, a broken scan stop value
+         "SC_rgb_jpeg_dcmtk.dcm",  # JPEG Baseline, 8-bit
+         "SC_rgb_jpeg_gdcm.dcm",  # JPEG Lossless, first-order prediction (process 14, SV1)
+         "JPEGLSNearLossless_16.dcm",  # JPEG-LS near-lossless
+         "JPEG2000.dcm"]  # JPEG 2000
+
+
+@pytest.mark.parametrize("name", LOSSLESS)
+def test_lossless_compressed_dicom_decodes_to_the_uncompressed_image(name: str) -> None:
+    from capsedge.dicom import read_dicom
+
+    reference = np.asarray(read_dicom(pydicom_test_file("MR_small.dcm")))
+    np.testing.assert_array_equal(np.asarray(read_dicom(pydicom_test_file(name))), reference)
+
+
+@pytest.mark.parametrize("name", LOSSY)
+def test_compressed_dicom_decodes(name: str) -> None:
+    image = np.asarray(preprocess(pydicom_test_file(name), CONFIG))
+    assert image.shape == (32, 32, 1) and np.isfinite(image).all() and image.std() > 0
+
+
+@pytest.mark.parametrize("name", ["JPGExtended.dcm", "JPEG-lossy.dcm"])
+def test_twelve_bit_jpeg_extended_meets_pydicoms_reference_values(name: str) -> None:
+    """pydicom's own reference pixels for these files (its tests/pixels/pixels_reference.py),
+    decoded through capsedge's GDCM plugin: pydicom's GDCM plugin refuses 12 bits."""
+    from capsedge.dicom import _register_plugins
+
+    _register_plugins()
+    pixels = pydicom.dcmread(pydicom_test_file(name)).pixel_array
+    assert pixels[420, 140] == 244 and pixels[230, 120] == 95
+
+
+def test_twelve_bit_jpeg_prints_nothing_from_the_native_decoder() -> None:
+    """GDCM's libjpeg writes "Unsupported JPEG data precision 12" to fd 2 before it succeeds."""
+    path = pydicom_test_file("JPGExtended.dcm")
+    code = f"from capsedge.dicom import read_dicom; print(read_dicom({str(path)!r}).size)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "(256, 1024)" and run.stderr == "", run.stderr
+
+
+def test_without_the_decoders_the_message_names_the_extra() -> None:
+    """With GDCM missing, a compressed file is refused with what to install, in words."""
+    path = pydicom_test_file("MR_small_jpeg_ls_lossless.dcm")
+    code = ("import sys; sys.modules['gdcm'] = None\n"
+            "from capsedge.dicom import read_dicom\n"
+            f"try:\n    read_dicom({str(path)!r})\nexcept Exception as exc:\n    print(exc)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    message = run.stdout.strip()
+    assert message == ("cannot decode DICOM pixel data compressed as JPEG-LS Lossless Image Compression: "
+                       "its decoder is not installed (pip install 'capsedge[dicom]')"), run.stderr
 
 
 def test_broken_dicom_is_an_image_error(tmp_path: Path) -> None:

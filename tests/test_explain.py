@@ -70,7 +70,7 @@ def test_occlusion_heat_sits_on_the_evidence() -> None:
 def test_overlay_keeps_the_aspect_ratio_and_colours_only_the_evidence() -> None:
     classifier, _ = stub_classifier()
     picture = np.asarray(render_overlay(occlusion_map(classifier, evidence_image(), grid=4), side=256))
-    title, margin = 28, 8
+    title, margin = 34, 8
     image = picture[title:title + 128, margin:margin + 256].astype(int)  # 64x32 scaled to 256x128
     assert picture.shape[1] > 256 and picture.shape[0] == 128 + title + margin
     hot = image[40:56, 136:184]  # inside the patch (rows 8-16, columns 32-48 of the original, x4)

@@ -100,3 +100,18 @@ def test_trust_sources_are_the_runs_own_when_it_has_them(tmp_path: Path) -> None
     assert (cv, train_data) == (None, None)
     assert note.startswith("no calibration or outlier statistics: the run has no cross-validation")
     assert "uncalibrated" in note
+
+
+def test_test_time_views_default_is_the_recipes() -> None:
+    """One default everywhere: the four flips the recipe and the bundled model average."""
+    import inspect
+
+    from capsedge.classifier import default_model_path
+    from capsedge.export import trust_fit, writer
+    from capsedge.metadata import read_metadata
+
+    option = next(p for p in command.params if p.name == "test_time_views")
+    functions = (writer.export, writer.export_and_verify, writer.export_run, writer.fit_run_trust,
+                 trust_fit.fit_trust, trust_fit.fit_file_trust)
+    defaults = {inspect.signature(f).parameters["test_time_views"].default for f in functions}
+    assert defaults == {int(option.default)} == {read_metadata(default_model_path()).test_time_views} == {4}

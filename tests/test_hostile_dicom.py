@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -193,3 +194,4 @@ def test_pydicom_exceptions_are_image_errors(tag: bytes, offset: int, value: byt
     with pytest.raises(ImageError) as error:
         preprocess(bytes(data), CONFIG)
     assert not leaked(str(error.value)) and "\n" not in str(error.value)
+    assert not re.search(r"\(\w*(Error|Exception)\)", str(error.value)), str(error.value)  # words, no class

@@ -204,3 +204,19 @@ def test_text_mode_and_failing_file_objects_are_image_errors(classifier: Classif
         classifier.classify(Failing())
     with xray_png.open("rb") as handle:
         assert classifier.classify(handle).label in classifier.labels
+
+
+def test_reasons_are_words_never_class_names() -> None:
+    """What a one-line message says after a failure: the system's words, or a phrase; never
+    "(RuntimeError)" and never the exception's own text (it may quote a file's bytes)."""
+    import struct
+
+    from capsedge.errors import reason
+
+    assert reason(PermissionError(13, "Permission denied")) == "permission denied"
+    assert reason(OSError(28, "No space left on device")) == "No space left on device"
+    assert reason(json.JSONDecodeError("x", "{", 0)) == "not valid JSON at line 1"
+    assert reason(KeyError("classes")) == "no 'classes' entry"
+    assert reason(struct.error("unpack requires a buffer of 4 bytes")) == "the data ends too early"
+    for exc in (RuntimeError("Secret^Patient"), ValueError(), OSError("image file is truncated")):
+        assert reason(exc) == "corrupt or unsupported data"

@@ -302,9 +302,9 @@ def test_training_on_int8_trunk_maps_reads_them_for_the_training_images_only(
     seen = []
     original = frozen.int8_frozen_views
 
-    def spy(model: keras.Model, images: np.ndarray, calibration: np.ndarray) -> np.ndarray:
+    def spy(model: keras.Model, images: np.ndarray, calibration: np.ndarray, **options: object) -> np.ndarray:
         seen.append((len(images), len(calibration)))
-        return original(model, images, calibration)
+        return original(model, images, calibration, **options)
 
     monkeypatch.setattr(frozen, "int8_frozen_views", spy)
     config = TrainConfig(model=TINY.name, epochs=1, batch_size=4, holdout=0.25, freeze_stages=5,

@@ -4,14 +4,17 @@ the page in headless Chromium."""
 from __future__ import annotations
 
 import base64
+import importlib
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import anyio
 import numpy as np
@@ -310,12 +313,39 @@ def test_burst_of_concurrent_requests(server: tuple[str, Path], depuy: Path) -> 
     assert filename not in text  # ...and carries no file name
 
 
-CHROMIUM_MISSING = not Path(serve_burst.CHROMIUM).exists()
+#: Set by .ci/run: there the browser test fails instead of skipping when it cannot run, so that
+#: a green CI cannot hide a broken page.
+REQUIRE_BROWSER = "CAPSEDGE_REQUIRE_BROWSER"
 
 
-@pytest.mark.skipif(CHROMIUM_MISSING, reason=f"no {serve_burst.CHROMIUM} (apt-get install chromium)")
+def browser_or_skip() -> ModuleType:
+    """playwright's sync API, with the system's chromium there to drive; a skip without them,
+    a failure where :data:`REQUIRE_BROWSER` is set."""
+    if not Path(serve_burst.CHROMIUM).exists():
+        problem = f"no {serve_burst.CHROMIUM} (apt-get install chromium)"
+    else:
+        try:
+            return importlib.import_module("playwright.sync_api")
+        except ImportError:
+            problem = "no playwright (pip install playwright)"
+    if os.environ.get(REQUIRE_BROWSER):
+        pytest.fail(f"the browser test cannot run: {problem}")
+    pytest.skip(problem)
+
+
+def test_the_browser_test_fails_instead_of_skipping_where_ci_requires_it(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+    monkeypatch.setattr(serve_burst, "CHROMIUM", str(tmp_path / "no-chromium"))
+    monkeypatch.delenv(REQUIRE_BROWSER, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install chromium"):
+        browser_or_skip()
+    monkeypatch.setenv(REQUIRE_BROWSER, "1")
+    with pytest.raises(pytest.fail.Exception, match="the browser test cannot run: no "):
+        browser_or_skip()
+
+
 def test_page_in_a_real_browser(server: tuple[str, Path], depuy: Path) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    sync_api = browser_or_skip()
     url, _ = server
     _, answer = serve_burst.post_image(url, depuy.read_bytes())
     with sync_api.sync_playwright() as playwright:

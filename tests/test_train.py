@@ -75,7 +75,7 @@ def check_capsule_grid(run: Path, data: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from capsedge.cli import main
-    from capsedge.train.capsule_view import DELTAS, TILE
+    from capsedge.train.capsule_view import DELTAS, HEAD_H, TILE
 
     out = tmp_path / "grid.png"
     image = str(data / "Depuy.0.jpg")
@@ -83,10 +83,10 @@ def check_capsule_grid(run: Path, data: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     with Image.open(out) as grid:
         pixels = np.asarray(grid)
-    dims = (pixels.shape[0] - (TILE + 40) - 4) // (TILE + 2)
+    dims = (pixels.shape[0] - HEAD_H - 4) // (TILE + 2)
     assert dims == 16  # effcaps_mnist's class capsules have 16 dimensions
     assert pixels.shape[1] == 44 + len(DELTAS) * (TILE + 2)
-    row = pixels[TILE + 40: TILE + 40 + TILE]
+    row = pixels[HEAD_H: HEAD_H + TILE]
     first, last = row[:, 44:44 + TILE], row[:, 44 + 10 * (TILE + 2): 44 + 10 * (TILE + 2) + TILE]
     assert not np.array_equal(first, last)  # shifting a dimension changes the reconstruction
     missing = CliRunner().invoke(main, ["capsules", str(data / "Depuy.0.jpg"), "--run", str(tmp_path),

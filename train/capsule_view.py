@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from capsedge.backends import first_line
 from capsedge.boundary import error_boundary, import_tensorflow_quietly, printable
 from capsedge.errors import ModelError
+from capsedge.fonts import figure_font
 from capsedge.outputs import refuse_overwrite
 from capsedge.preprocess import Preprocessing, preprocess
 
@@ -24,6 +26,8 @@ from capsedge.preprocess import Preprocessing, preprocess
 DELTAS = tuple(float(d) for d in np.round(np.arange(-0.25, 0.26, 0.05), 2))
 #: Side of each reconstruction tile in the grid, in pixels.
 TILE = 64
+#: Height of the grid's head (input, reconstruction and two lines of text) above the rows.
+HEAD_H = TILE + 48
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ def load_run_decoder(run_dir: str | Path) -> tuple[Any, Any, tuple[str, ...], Pr
         labels = tuple(str(c) for c in config["classes"])
         preprocessing = Preprocessing.from_dict(config["preprocessing"])
     except Exception as exc:  # noqa: BLE001 - Keras and json raise many kinds for a bad file
-        raise ModelError(f"cannot load the run in {run} ({type(exc).__name__})") from None
+        raise ModelError(f"cannot load the run in {run} ({first_line(exc)})") from None
     return classifier, decoder, labels, preprocessing
 
 
@@ -96,26 +100,27 @@ def capsule_grid(classifier: Any, decoder: Any, labels: tuple[str, ...], tensor:
 def render_grid(grid: CapsuleGrid) -> Image.Image:
     """The grid as a PNG-ready picture: input and reconstruction on top, then one row per dimension."""
     dims, steps = grid.images.shape[:2]
-    label_w, head_h, gap = 44, TILE + 40, 2
+    label_w, head_h, gap = 44, HEAD_H, 2
     width = label_w + steps * (TILE + gap)
     canvas = Image.new("L", (width, head_h + dims * (TILE + gap) + 4), 255)
     draw = ImageDraw.Draw(canvas)
+    font = figure_font()
 
     def tile(array: np.ndarray) -> Image.Image:
         return Image.fromarray(np.round(255 * np.clip(array, 0, 1)).astype(np.uint8)).resize(
             (TILE, TILE), Image.Resampling.BILINEAR)
 
-    canvas.paste(tile(grid.target), (label_w, 16))
-    canvas.paste(tile(grid.reconstruction), (label_w + TILE + 8, 16))
-    draw.text((label_w, 2), "input", fill=0)
-    draw.text((label_w + TILE + 8, 2), "decoded", fill=0)
+    canvas.paste(tile(grid.target), (label_w, 22))
+    canvas.paste(tile(grid.reconstruction), (label_w + TILE + 8, 22))
+    draw.text((label_w, 2), "input", fill=0, font=font)
+    draw.text((label_w + TILE + 8, 2), "decoded", fill=0, font=font)
     text_x = label_w + 2 * TILE + 20
-    draw.text((text_x, 24), f"winning capsule: {grid.label} (length {grid.length:.2f})", fill=0)
-    draw.text((text_x, 40), f"rows: dimensions 0-{dims - 1}; columns: shift "
-              f"{DELTAS[0]:+.2f} .. {DELTAS[-1]:+.2f}", fill=0)
+    draw.text((text_x, 26), f"winning capsule: {grid.label} (length {grid.length:.2f})", fill=0, font=font)
+    draw.text((text_x, 46), f"rows: dimensions 0-{dims - 1}; columns: shift "
+              f"{DELTAS[0]:+.2f} .. {DELTAS[-1]:+.2f}", fill=0, font=font)
     for d in range(dims):
         top = head_h + d * (TILE + gap)
-        draw.text((4, top + TILE // 2 - 5), f"d{d}", fill=0)
+        draw.text((4, top + TILE // 2 - 8), f"d{d}", fill=0, font=font)
         for s in range(steps):
             canvas.paste(tile(grid.images[d, s]), (label_w + s * (TILE + gap), top))
     return canvas

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from capsedge.errors import CapsedgeError
+from capsedge.errors import CapsedgeError, reason
 from capsedge.folders import IMAGE_SUFFIXES, is_image_file, label_from_name
 from capsedge.preprocess import Preprocessing, preprocess
 
@@ -146,7 +146,7 @@ def _manifest_credit(folder: Path) -> str | None:
     try:
         credit = json.loads(manifest.read_text(encoding="utf-8"))["attribution"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DatasetError(f"cannot read {manifest} ({type(exc).__name__})") from None
+        raise DatasetError(f"cannot read {manifest} ({reason(exc)})") from None
     if not isinstance(credit, str) or not credit.strip():
         raise DatasetError(f"{manifest}: 'attribution' must be a non-empty string")
     return credit.strip()

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from capsedge.errors import CapsedgeError
+from capsedge.errors import CapsedgeError, reason
 from capsedge.views import orientations
 
 from .figures import TRAIN_COLOUR, save_confusion_png, save_per_class_png, save_reliability_png
@@ -107,7 +107,7 @@ def out_of_fold(cross_validation: str | Path, images: int, views: int = 1,
             else average_views(np.load(f / name), views) for f in folds])
     except (OSError, ValueError) as exc:
         raise CapsedgeError(f"cannot read the held-out predictions in {cross_validation} "
-                            f"({type(exc).__name__})") from None
+                            f"({reason(exc)})") from None
     if sorted(indices.tolist()) != list(range(images)):
         raise CapsedgeError(f"the folds of {cross_validation} do not cover the {images} training images "
                             "exactly once: was it trained on other data?")

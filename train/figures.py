@@ -1,4 +1,5 @@
-"""The pictures a training run writes, drawn with Pillow (no plotting library).
+"""The pictures a training run writes, drawn with Pillow (no plotting library); text in
+:func:`capsedge.fonts.figure_font`.
 
 confusion matrix, learning curves (loss and accuracy per epoch, train vs validation),
 reliability diagram (accuracy against confidence per bin), per-class precision/recall bars.
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from capsedge.fonts import figure_font
 
 TRAIN_COLOUR = (31, 119, 180)
 VALIDATION_COLOUR = (214, 39, 40)
@@ -27,17 +30,17 @@ class Axes:
         self.x_range, self.y_range = x_range, y_range
         left, top, right, bottom = box
         draw.rectangle(box, outline="black")
-        draw.text((left, top - 14), title, fill="black")
+        draw.text((left, top - 19), title, fill="black", font=figure_font())
         for fraction in (0.0, 0.5, 1.0):
             y = y_range[0] + fraction * (y_range[1] - y_range[0])
             py = self.y(y)
             draw.line((left - 4, py, left, py), fill="black")
-            draw.text((left - 34, py - 5), f"{y:.2g}", fill="black")
+            draw.text((left - 36, py - 8), f"{y:.2g}", fill="black", font=figure_font())
             if x_ticks:
                 x = x_range[0] + fraction * (x_range[1] - x_range[0])
                 px = self.x(x)
                 draw.line((px, bottom, px, bottom + 4), fill="black")
-                draw.text((px - 8, bottom + 6), f"{x:.3g}", fill="black")
+                draw.text((px - 8, bottom + 6), f"{x:.3g}", fill="black", font=figure_font())
 
     def x(self, value: float) -> float:
         """Pixel column of ``value``."""
@@ -62,9 +65,9 @@ class Axes:
     def legend(self, entries: Sequence[tuple[str, tuple[int, int, int]]]) -> None:
         """Coloured labels in the top-left corner."""
         for i, (text, colour) in enumerate(entries):
-            x, y = self.box[0] + 8, self.box[1] + 6 + 14 * i
-            self.draw.rectangle((x, y + 3, x + 10, y + 9), fill=colour)
-            self.draw.text((x + 14, y), text, fill="black")
+            x, y = self.box[0] + 8, self.box[1] + 6 + 19 * i
+            self.draw.rectangle((x, y + 5, x + 10, y + 13), fill=colour)
+            self.draw.text((x + 14, y), text, fill="black", font=figure_font())
 
 
 def save_confusion_png(matrix: np.ndarray, classes: tuple[str, ...], path: Path) -> None:
@@ -75,16 +78,16 @@ def save_confusion_png(matrix: np.ndarray, classes: tuple[str, ...], path: Path)
     draw = ImageDraw.Draw(image)
     peak = max(1, int(matrix.max()))
     for i, row in enumerate(matrix):
-        draw.text((4, margin + i * cell + cell // 2 - 5), classes[i], fill="black")
-        draw.text((margin + i * cell + 4, margin - 20), classes[i], fill="black")
+        draw.text((4, margin + i * cell + cell // 2 - 8), classes[i], fill="black", font=figure_font())
+        draw.text((margin + i * cell + 4, margin - 22), classes[i], fill="black", font=figure_font())
         for j, count in enumerate(row):
             shade = 255 - int(200 * count / peak)
             left, top = margin + j * cell, margin + i * cell
             box = (left, top, left + cell - 1, top + cell - 1)
             draw.rectangle(box, fill=(shade, shade, 255), outline="grey")
-            draw.text((box[0] + cell // 2 - 8, box[1] + cell // 2 - 5), str(int(count)),
-                      fill="black" if shade > 120 else "white")
-    draw.text((4, 4), "rows: true class, columns: predicted", fill="black")
+            draw.text((box[0] + cell // 2 - 8, box[1] + cell // 2 - 8), str(int(count)),
+                      fill="black" if shade > 120 else "white", font=figure_font())
+    draw.text((4, 4), "rows: true class, columns: predicted", fill="black", font=figure_font())
     image.save(path)
 
 
@@ -131,7 +134,7 @@ def save_reliability_png(curves: Sequence[tuple[str, Sequence[dict], tuple[int, 
             x, y = axes.x(b["confidence"]), axes.y(b["accuracy"])
             draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=colour, width=2)
     axes.legend([(name, colour) for name, _, colour in curves])
-    draw.text((150, 380), "confidence (x) / accuracy (y)", fill="black")
+    draw.text((130, 378), "confidence (x) / accuracy (y)", fill="black", font=figure_font())
     image.save(path)
 
 
@@ -147,6 +150,6 @@ def save_per_class_png(report: dict, path: Path) -> None:
         for j, (key, colour) in enumerate((("precision", TRAIN_COLOUR), ("recall", SECOND_COLOUR))):
             left = axes.x(i + 0.15 + 0.35 * j)
             draw.rectangle((left, axes.y(figures[key]), left + 0.33 * 110, axes.y(0.0)), fill=colour)
-        draw.text((axes.x(i + 0.2), 268), name, fill="black")
+        draw.text((axes.x(i + 0.2), 268), name, fill="black", font=figure_font())
     axes.legend([("precision", TRAIN_COLOUR), ("recall", SECOND_COLOUR)])
     image.save(path)
