@@ -89,8 +89,8 @@ def test_dequantization_casts_before_subtracting() -> None:
 @pytest.mark.parametrize(("cores", "expected"), [(1, 1), (2, 2), (3, 3), (16, 4)])
 def test_without_threads_the_model_gets_the_usable_cores_up_to_four(
         cores: int, expected: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """LiteRT's own choice is one thread (92 against 49 ms for two on a quiet 2-core machine,
-    docs/runtime.md); the classifier asks for the cores it may use instead, at most 4."""
+    """LiteRT's own choice is one thread (109 against 60 ms for two on the 2-core development
+    machine, docs/runtime.md); the classifier asks for the cores it may use instead, at most 4."""
     import capsedge.classifier as module
 
     monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
