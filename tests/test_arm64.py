@@ -29,11 +29,14 @@ def arm() -> arm64_check.ArmEnv:
 @pytest.mark.slow
 def test_arm64_answers_as_x86_64(arm: arm64_check.ArmEnv) -> None:
     images = arm64_check.pick_images(implant_data(), 2)
-    report = arm64_check.check(arm, images, cpus=list(arm64_check.CPUS), api_images=1)
+    # A Raspberry Pi 4's CPU only, to keep CI's time down (emulation runs a classification in
+    # about 10 s); `python bench/arm64_check.py` compares the Pi 5's Cortex-A76 too.
+    cpus = ["cortex-a72"]
+    report = arm64_check.check(arm, images, cpus=cpus, api_images=1)
 
     assert report["env"]["machine"] == "aarch64"
     # Per CPU: the X-rays and the DICOM made from the first; then the API and the server.
-    assert report["compared"] == len(arm64_check.CPUS) * (len(images) + 1) + 2
+    assert report["compared"] == len(cpus) * (len(images) + 1) + 2
     assert report["mismatches"] == []
     assert report["labels_differ"] == 0
     assert report["max_difference"] <= report["tolerance"] < 0.01  # one step of the int8 output
