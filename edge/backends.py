@@ -85,6 +85,22 @@ def load_litert_interpreter_class() -> Any:
     )
 
 
+def onnxruntime_options() -> tuple[Any, Any]:
+    """onnxruntime and session options that log errors only (its warnings would break the
+    CLI's one-line output), for running a model or reading its metadata.
+
+    Raises:
+        RuntimeMissingError: onnxruntime (the ``onnx`` extra) is not installed.
+    """
+    try:
+        ort = importlib.import_module("onnxruntime")
+    except ImportError:
+        raise missing_extra("onnxruntime", "onnx") from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort, options
+
+
 @contextlib.contextmanager
 def native_stderr_silenced() -> Iterator[None]:
     """Hide what native code writes to file descriptor 2 (LiteRT's "INFO: Created ... delegate",
@@ -209,12 +225,7 @@ class OnnxBackend:
                 float model.
             RuntimeMissingError: onnxruntime is not installed.
         """
-        try:
-            ort = importlib.import_module("onnxruntime")
-        except ImportError:
-            raise missing_extra("onnxruntime", "onnx") from None
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: warnings would break the CLI's one-line output
+        ort, options = onnxruntime_options()
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1

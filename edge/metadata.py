@@ -10,7 +10,6 @@ beside it, which is read when nothing is embedded.
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import zipfile
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError, RuntimeMissingError, missing_extra, preview, reason
+from .errors import ModelError, RuntimeMissingError, preview, reason
 from .limits import (
     MAX_LABEL_LENGTH,
     MAX_LABELS,
@@ -210,12 +209,9 @@ def read_onnx_metadata_props(model_path: str | Path) -> dict[str, str]:
         ModelError: onnxruntime cannot load the file, or its metadata is too large.
         RuntimeMissingError: onnxruntime is not installed.
     """
-    try:
-        ort = importlib.import_module("onnxruntime")
-    except ImportError:
-        raise missing_extra("onnxruntime", "onnx") from None
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only
+    from .backends import onnxruntime_options
+
+    ort, options = onnxruntime_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only reading
     try:
         session = ort.InferenceSession(str(model_path), sess_options=options,
