@@ -3,7 +3,6 @@ for int8 calibration."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,12 +35,10 @@ def run_version(name: str, model_file: Path) -> str:
     """The run's own version: its network's name, the day its weights were saved (UTC) and the
     first 10 hex digits of their SHA-256 (``effcaps_ncp_lite0_512-20261204-3f2a9c1d0e``); never
     the package's version, which says nothing about a user's weights."""
-    digest = hashlib.sha256()
-    with model_file.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    from capsedge.model_guard import file_digest
+
     day = datetime.fromtimestamp(model_file.stat().st_mtime, tz=timezone.utc).strftime("%Y%m%d")
-    return f"{name}-{day}-{digest.hexdigest()[:10]}"
+    return f"{name}-{day}-{file_digest(model_file)[:10]}"
 
 
 def run_folder(path: str | Path) -> Path:

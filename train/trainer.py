@@ -174,6 +174,7 @@ def _initialise_trunk(built: Any, config: TrainConfig, trunk_file: Path | None =
 
     Returns what was done, for ``metrics.json``.
     """
+    from capsedge.model_guard import file_digest
     from capsedge.models.build import TRUNK_PREFIX
     from capsedge.models.efficientnet_lite import (
         LITE0_PROVENANCE,
@@ -192,7 +193,7 @@ def _initialise_trunk(built: Any, config: TrainConfig, trunk_file: Path | None =
     elif config.init_run is not None:
         trunk_file = trunk_file or stage1_trunk_file(config.init_run)
         done["layers_loaded"] = load_trunk_weights(built.classifier, trunk_file, name=TRUNK_PREFIX)
-        done["trunk_from"] = {"file": str(trunk_file), "sha256": _sha256(trunk_file)}
+        done["trunk_from"] = {"file": str(trunk_file), "sha256": file_digest(trunk_file)}
         done["pretrained"] = LITE0_PROVENANCE
     if config.freeze_stages:
         frozen = trunk_layers(built.classifier, config.freeze_stages, name=TRUNK_PREFIX)
@@ -218,12 +219,6 @@ def stage1_trunk_file(run: Path, part: str | None = None) -> Path:
         if candidate.is_file():
             return candidate
     raise UsageError(f"no stage-1 trunk in {run} (looked for {', '.join(str(c) for c in candidates)})")
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _distribution(devices: list[str] | None) -> Any | None:
