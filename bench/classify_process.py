@@ -1,14 +1,14 @@
 """Whole-process time of `capsedge classify` on one X-ray, and of one classification in-process.
 
-Usage: python bench/classify_process.py [IMAGE] [--runs N]
+Usage: python bench/classify_process.py [IMAGE] [--data DIR] [--runs N] [--json] [--out DIR]
 
-Prints a small table (and --json); run on the machine you want to describe and
+IMAGE defaults to Depuy.5.jpg of the data folder. Prints a small table (or --json; with
+--out, also OUT/classify_process.json); run on the machine you want to describe and
 name that machine when you quote the figures.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import shutil
@@ -18,8 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGE = REPO.parent / "shared" / "data" / "shoulder-implants" / "Depuy.5.jpg"
+import common
 
 
 def time_process(command: list[str], runs: int) -> list[float]:
@@ -34,11 +33,12 @@ def time_process(command: list[str], runs: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("image", nargs="?", type=Path, default=DEFAULT_IMAGE)
+    parser = common.parser(__doc__)
+    parser.add_argument("image", nargs="?", type=Path, default=None)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    args.image = args.image or common.example_image(args)
 
     capsedge = shutil.which("capsedge") or sys.exit("capsedge is not installed (pip install .)")
     process = time_process([capsedge, "classify", str(args.image)], args.runs)
@@ -59,6 +59,7 @@ def main() -> None:
         "in_process_load_ms": round(load_ms, 1),
         "in_process_classify_ms_median": round(statistics.median(latencies), 2),
     }
+    common.save_json(args, "classify_process.json", result)
     if args.json:
         print(json.dumps(result))
     else:

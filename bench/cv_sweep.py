@@ -6,7 +6,7 @@ of them at a time (on a GPU machine several small runs share the GPU well).
 Results are read back from each run's ``cv_summary.json``, so a recipe that
 already finished in ``--out`` is not trained again.
 
-    python bench/cv_sweep.py --out runs/sweep --jobs 4 \\
+    python bench/cv_sweep.py --data DIR --out runs/sweep --jobs 4 \\
         "--epochs 60" "--epochs 300" "--epochs 300 --augment d4-strong"
 
 With ``KERAS_BACKEND=jax`` (or ``torch``) the runs use that Keras backend.
@@ -14,7 +14,6 @@ With ``KERAS_BACKEND=jax`` (or ``torch``) the runs use that Keras backend.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import subprocess
@@ -23,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "shoulder-implants"
+import common
 
 
 def slug(recipe: str) -> str:
@@ -52,17 +51,15 @@ def run_recipe(recipe: str, data: Path, out: Path, folds: int) -> tuple[str, dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__, out_required=True)
     parser.add_argument("recipes", nargs="+", help="capsedge train options, one string per recipe")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=1)
     args = parser.parse_args()
+    data = common.data_folder(args)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda r: run_recipe(r, args.data, args.out, args.folds), args.recipes))
+        results = list(pool.map(lambda r: run_recipe(r, data, args.out, args.folds), args.recipes))
     print("| recipe | accuracy | macro-F1 | with test-time flips | per-class recall (pooled) | seconds |")
     print("| --- | ---: | ---: | ---: | --- | ---: |")
     for recipe, summary in results:

@@ -6,25 +6,26 @@ the usable cores, and capsedge's default (`capsedge.classifier.default_threads`)
 configurations take turns in `--rounds` blocks, so a slow spell of a shared machine falls on
 all of them alike.
 
-Usage: python bench/default_threads.py [IMAGE] [--model M] [--runs 60] [--rounds 6] [--json]
+Usage: python bench/default_threads.py [IMAGE] [--data DIR] [--model M] [--runs 60] [--rounds 6] [--json]
+    [--out DIR]
 
-Writes nothing; name the machine (printed first) when you quote the figures.
+IMAGE defaults to Depuy.5.jpg of the data folder. Writes nothing but OUT/default_threads.json
+with --out; name the machine (printed first) when you quote the figures.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import common
+
 if TYPE_CHECKING:
     from capsedge.classifier import Classifier
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGE = REPO.parent / "shared" / "data" / "shoulder-implants" / "Depuy.5.jpg"
 
 
 def cpu_name() -> str:
@@ -48,13 +49,14 @@ def open_classifier(model: Path | None, threads: int | None) -> Classifier:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("image", nargs="?", type=Path, default=DEFAULT_IMAGE)
+    parser = common.parser(__doc__)
+    parser.add_argument("image", nargs="?", type=Path, default=None)
     parser.add_argument("--model", type=Path, default=None, help="Default: the bundled model.")
     parser.add_argument("--runs", type=int, default=60, help="Timed classifications per configuration.")
     parser.add_argument("--rounds", type=int, default=6, help="Blocks the runs are split into.")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    args.image = args.image or common.example_image(args)
 
     from capsedge.bench import machine_summary
     from capsedge.classifier import default_threads, usable_cores
@@ -78,8 +80,10 @@ def main() -> None:
                    "p90_ms": round(sorted(t)[int(0.9 * len(t))], 1), "runs": len(t)}
             for name, t in times.items()}
     machine = f"{cpu_name()}, {machine_summary()}"
+    result = {"machine": machine, "image": args.image.name, "rows": rows}
+    common.save_json(args, "default_threads.json", result)
     if args.json:
-        print(json.dumps({"machine": machine, "image": args.image.name, "rows": rows}))
+        print(json.dumps(result))
         return
     print(f"{machine}; {args.image.name}; one classification (preprocessing + every view)")
     for name, row in rows.items():

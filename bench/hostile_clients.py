@@ -4,8 +4,8 @@ Starts ``capsedge serve`` (default limits) on a free loopback port with its open
 to 256, then measures four cases one after another: stalled uploads, explanations whose
 clients hang up, slow clients, and a deflated-DICOM bomb uploaded::
 
-    python bench/hostile_clients.py
-    python bench/hostile_clients.py --pythonpath /tmp/old   # an older capsedge, for "before"
+    python bench/hostile_clients.py --data DIR      # uploads Depuy.5.jpg of DIR (or --image X)
+    python bench/hostile_clients.py --data DIR --pythonpath /tmp/old   # an older capsedge, for "before"
 
 (``--pythonpath`` is put first on the server's ``PYTHONPATH``: a folder holding a
 ``capsedge`` link to another checkout's ``edge/``.)
@@ -13,7 +13,6 @@ clients hang up, slow clients, and a deflated-DICOM bomb uploaded::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
@@ -28,10 +27,10 @@ import time
 import zlib
 from pathlib import Path
 
+import common
 from serve_burst import request, stop_server
 
 FILE_LIMIT = 256
-IMAGE = Path(__file__).resolve().parents[2] / "shared" / "data" / "shoulder-implants" / "Depuy.5.jpg"
 
 
 def deflated_bomb(inflated_mib: int) -> bytes:
@@ -63,7 +62,8 @@ def multipart(data: bytes, boundary: str = "b0undary") -> tuple[bytes, str]:
 
 
 class Server:
-    def __init__(self, pythonpath: str | None) -> None:
+    def __init__(self, pythonpath: str | None, image: bytes) -> None:
+        self.image = image  # the X-ray the cases upload
         env = dict(os.environ)
         if pythonpath:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
@@ -126,7 +126,7 @@ def stalled(server: Server) -> None:
 
 
 def hung_up(server: Server) -> None:
-    body, content_type = multipart(IMAGE.read_bytes())
+    body, content_type = multipart(server.image)
     clients = []
     for _ in range(6):
         sock = socket.create_connection((server.host, server.port))
@@ -136,7 +136,7 @@ def hung_up(server: Server) -> None:
     for sock in clients:
         sock.close()
     start = time.monotonic()
-    status, _ = server.post(IMAGE.read_bytes())
+    status, _ = server.post(server.image)
     print(f"6 explain=1&grid=16 hung up after 1 s, then a classify: {status} "
           f"in {time.monotonic() - start:.1f} s")
     time.sleep(2)
@@ -170,10 +170,12 @@ def slow(server: Server) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, out=False)
+    parser.add_argument("--image", type=Path, default=None, help="The X-ray to upload "
+                        "(default: Depuy.5.jpg of --data).")
     parser.add_argument("--pythonpath", default=None, help="Put this first on the server's PYTHONPATH.")
     args = parser.parse_args()
-    server = Server(args.pythonpath)
+    server = Server(args.pythonpath, (args.image or common.example_image(args)).read_bytes())
     try:
         for case in (stalled, hung_up, slow, bomb):  # the bomb last: freed memory stays mapped
             case(server)

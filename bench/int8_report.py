@@ -16,18 +16,17 @@ For a run folder, over every image of a data folder (calibrated, like
 
 Usage:
     python bench/int8_report.py --run RUN_DIR [--data DIR] [--compare OLD.tflite]
+
+Prints only; writes nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 from pathlib import Path
 
+import common
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "shoulder-implants"
 
 
 def runner(flatbuffer: bytes):  # noqa: ANN201 - a function of one image
@@ -117,11 +116,11 @@ def debugger_errors(model: object, calibration: object) -> list[tuple[float, str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, out=False)
     parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--compare", type=Path)
     args = parser.parse_args()
+    data = common.data_folder(args)
 
     import keras
 
@@ -131,9 +130,9 @@ def main() -> None:
     from capsedge.preprocess import preprocess
 
     run = load_run(args.run)
-    files = sorted(calibration_files(args.data))
+    files = sorted(calibration_files(data))
     images = np.stack([preprocess(path, run.preprocessing) for path in files])
-    int8 = Quantization.for_int8(calibration_images(args.data, run.preprocessing))
+    int8 = Quantization.for_int8(calibration_images(data, run.preprocessing))
     float32 = Quantization.for_float32()
 
     float_file = convert_to_tflite(run.classifier, float32)

@@ -5,7 +5,9 @@ accuracy of its classifier on the last 2,000. Setup of Mazzia et al. 2021 (MNIST
 loss + 0.392 x reconstruction MSE, Adam (lr 5e-4) with an exponential decay of 0.97 per
 epoch, small random shifts and rotations.
 
-    python bench/mnist_sanity.py --out runs/mnist_sanity.json
+    python bench/mnist_sanity.py --mnist DIR --out runs   # also runs/mnist_sanity.json
+
+DIR holds MNIST's t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz.
 """
 
 from __future__ import annotations
@@ -19,10 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist-t10k"
 N_TRAIN = 8000
 RECONSTRUCTION_WEIGHT = 0.392
 
@@ -44,8 +45,7 @@ def load(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of t10k-*.gz")
+    parser = common.parser(__doc__, data=False, mnist=True)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -53,7 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shift", type=float, default=2.0, help="max random shift, pixels")
     parser.add_argument("--rotation", type=float, default=10.0, help="max random rotation, deg")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="write the result JSON here")
     return parser.parse_args(argv)
 
 
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     from capsedge.models.losses import MarginLoss, ReconstructionLoss
 
     keras.utils.set_random_seed(args.seed)
-    images, labels = load(args.data)
+    images, labels = load(common.mnist_folder(args))
     x_train, y_train = images[:N_TRAIN], labels[:N_TRAIN]
     x_test, y_test = images[N_TRAIN:], labels[N_TRAIN:]
     onehot = np.eye(10, dtype="float32")[y_train]
@@ -146,9 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    common.save_json(args, "mnist_sanity.json", result)
     return result
 
 

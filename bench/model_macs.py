@@ -4,7 +4,7 @@ The figure that scales a published latency of another network to this one (READM
 "Devices": the Raspberry Pi estimate)::
 
     python bench/model_macs.py                      # the bundled model
-    python bench/model_macs.py --model other.tflite
+    python bench/model_macs.py --model other.tflite [--out DIR]   # also OUT/model_macs.json
 
 Counts CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED and BATCH_MATMUL, which hold all but a
 negligible share of the arithmetic of a convolutional network.
@@ -12,10 +12,10 @@ negligible share of the arithmetic of a convolutional network.
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 from pathlib import Path
 
+import common
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
@@ -43,7 +43,7 @@ def count_macs(model: Path) -> Counter[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.parser(__doc__, data=False)
     parser.add_argument("--model", type=Path, default=None, help="A .tflite file (default: the bundled one).")
     args = parser.parse_args()
     model = args.model or default_model_path()
@@ -52,6 +52,7 @@ def main() -> None:
         print(f"{name:18s} {count / 1e6:10.1f} M")
     total = sum(macs.values()) / 1e6
     print(f"{'total':18s} {total:10.1f} M multiply-accumulates per inference ({model.name})")
+    common.save_json(args, "model_macs.json", {"model": model.name, "macs": dict(macs.most_common())})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Peak memory (VmHWM) of classifying the largest image capsedge accepts, each case in a fresh process.
 
-Usage: python bench/peak_memory.py [--json]
+Usage: python bench/peak_memory.py [--json] [--out DIR]   # with --out, also OUT/peak_memory.json
 
 Cases: the bundled model loaded and warmed up, classifying nothing (the
 baseline); a 7999x7999 RGBA PNG (the most pixels under the limit, the most
@@ -13,13 +13,14 @@ Name the machine when you quote the figures.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import common
 
 CHILD = """
 import sys
@@ -72,7 +73,7 @@ def peak_mib(image: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, data=False)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
@@ -83,9 +84,10 @@ def main() -> None:
         }
         sizes = {name: Path(path).stat().st_size for name, path in cases.items() if path != "-"}
         results = {name: peak_mib(path) for name, path in cases.items()}
+    result = {"machine": platform.processor() or platform.machine(), "peak_mib": results, "file_bytes": sizes}
+    common.save_json(args, "peak_memory.json", result)
     if args.json:
-        print(json.dumps({"machine": platform.processor() or platform.machine(), "peak_mib": results,
-                          "file_bytes": sizes}))
+        print(json.dumps(result))
         return
     print(f"# {platform.machine()}, Python {platform.python_version()}; VmHWM of a fresh process per case")
     print(f"{'case':36s} {'file MiB':>9s} {'peak MiB':>9s}")

@@ -4,15 +4,14 @@ Starts ``capsedge serve`` on a free loopback port, sends two warm-up requests,
 then REQUESTS uploads of one X-ray from CLIENTS threads at once, and reads the
 server's peak resident memory (VmHWM in /proc/<pid>/status) before stopping it::
 
-    python bench/serve_burst.py --image ../shared/data/shoulder-implants/Depuy.5.jpg
-    python bench/serve_burst.py --image X --screenshot docs/serve.png   # also the README's picture
+    python bench/serve_burst.py --data DIR            # Depuy.5.jpg of DIR (or --image X)
+    python bench/serve_burst.py --data DIR --screenshot --out docs   # also the README's docs/serve.png
 
 tests/test_serve.py runs the same server and burst (and checks every answer).
 """
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import re
@@ -27,6 +26,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
+
+import common
 
 #: Chromium as root in a container: no sandbox, no GPU, nothing phoned home.
 CHROMIUM = "/usr/bin/chromium"
@@ -145,13 +146,19 @@ def screenshot(url: str, image: Path, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--image", type=Path, required=True, help="The X-ray to send.")
+    parser = common.parser(__doc__)
+    parser.add_argument("--image", type=Path, default=None, help="The X-ray to send "
+                        "(default: Depuy.5.jpg of --data).")
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1, help="capsedge serve --workers.")
-    parser.add_argument("--screenshot", type=Path, default=None, help="Also save a picture of the page.")
+    parser.add_argument("--screenshot", action="store_true", help="Also save a picture of the page "
+                        "as OUT/serve.png.")
     args = parser.parse_args()
+    args.image = args.image or common.example_image(args)
+    picture = common.out_path(args, "serve.png") if args.screenshot else None
+    if args.screenshot and picture is None:
+        parser.error("--screenshot needs --out")
 
     data = args.image.read_bytes()
     with tempfile.NamedTemporaryFile(suffix=".log") as log:
@@ -161,8 +168,8 @@ def main() -> None:
                 post_image(url, data)
             wall, results = burst(url, data, args.requests, args.clients)
             peak = peak_rss_mib(process.pid)
-            if args.screenshot is not None:
-                screenshot(url, args.image, args.screenshot)
+            if picture is not None:
+                screenshot(url, args.image, picture)
         finally:
             stop_server(process)
     latencies = sorted(1000 * seconds for seconds, _, _ in results)

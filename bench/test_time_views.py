@@ -3,38 +3,35 @@
 Each fold's classifier scores its held-out images in all eight orientations (the four
 flips and their quarter turns: the dihedral views it was trained on). The script prints
 the pooled and per-fold accuracy and macro-F1 of one view, of the four flips' average
-and of all eight, averaging probabilities (arithmetic) or log-probabilities (geometric),
-and saves each fold's ``holdout_probabilities_views.npy`` (images x 8 views x classes)
-beside its other out-of-fold files.
+and of all eight, averaging probabilities (arithmetic) or log-probabilities (geometric).
+A fold without ``holdout_probabilities_views.npy`` (images x 8 views x classes; runs
+trained before the trainer wrote it) is scored afresh; with ``--out``, those views go into
+``OUT/fold-K/`` (``--out`` the cross-validation folder itself completes an old run) and the
+figures into ``OUT/test_time_views.json``.
 
 Usage:
-    python bench/test_time_views.py --cv runs/cv512f5 [--data DIR] [--json OUT]
+    python bench/test_time_views.py --cv runs/cv512f5 [--data DIR] [--out DIR]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+import common
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "shoulder-implants"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--cv", type=Path, required=True, help="a capsedge train --folds K folder")
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
     from capsedge.export.run import load_run
     from capsedge.preprocess import preprocess
     from capsedge.train.data import read_dataset
     from capsedge.train.evaluation import VIEWS_FILE, predict_views
-    dataset = read_dataset(args.data)
+    dataset = read_dataset(common.data_folder(args))
     targets = np.asarray(dataset.targets)
     folds = sorted(p for p in args.cv.glob("fold-*") if p.is_dir())
     pooled_views, pooled_targets, per_fold = [], [], []
@@ -47,7 +44,10 @@ def main() -> None:
             trained = load_run(fold)
             images = np.stack([preprocess(dataset.paths[i], trained.preprocessing) for i in held])
             views = predict_views(trained.classifier, images)
-            np.save(saved, views)
+            target = common.out_path(args, f"{fold.name}/{VIEWS_FILE}")
+            if target is not None:
+                target.parent.mkdir(exist_ok=True)
+                np.save(target, views)
         identity = np.load(fold / "holdout_probabilities.npy")
         if not np.allclose(views[:, 0], identity, atol=1e-4):
             raise SystemExit(f"{fold}: view 0 does not reproduce holdout_probabilities.npy")
@@ -72,10 +72,8 @@ def main() -> None:
             for name in per_fold[0]
         },
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=2))
+    common.save_json(args, "test_time_views.json", result)
 
 
 def _scores(views: np.ndarray, truth: np.ndarray, classes: tuple[str, ...]) -> dict[str, dict[str, float]]:

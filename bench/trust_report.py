@@ -1,28 +1,29 @@
 """How far the bundled model's answers can be trusted: calibration, "uncertain", out of distribution.
 
-    python bench/trust_report.py --cv runs/cv512f5 [--model M] [--png docs/reliability.png]
+    python bench/trust_report.py --cv runs/cv512f5 --data DIR --mnist DIR [--model M] [--out docs]
 
 1. Calibration, from the out-of-fold predictions of the cross-validation the model's
    temperature was fitted on (averaged over the model's test-time views, as the runtime
    averages them; for an int8 model calibrated on the folds' int8 files, theirs): ECE before
    and after, the coverage/accuracy table, and a cross-validated check of the whole rule
    (temperature and threshold fitted on four folds' predictions, scored on the fifth).
-   Writes the reliability diagram.
+   With --out, writes the reliability diagram (OUT/reliability.png) and the figures
+   (OUT/trust_report.json).
 2. Out of distribution: the share of non-implant images the model flags (photographs and
    scikit-image samples, pydicom's CT/MR test images, MNIST digits, generated blank/noise/
    pattern images) and of the 477 development X-rays (in-sample for the feature statistics;
    the cross-validated rate is in the model's metadata).
 
-Needs the dev extras (scikit-image, pydicom) and the data in ../shared/data.
+Needs the dev extras (scikit-image, pydicom), the development X-rays (--data) and MNIST's
+t10k images (--mnist).
 """
 
 from __future__ import annotations
 
-import argparse
 import gzip
-import json
 from pathlib import Path
 
+import common
 import numpy as np
 
 from capsedge import Classifier
@@ -31,7 +32,6 @@ from capsedge.folders import image_files, label_from_name
 from capsedge.train.evaluation import out_of_fold
 from capsedge.trust import calibrate, expected_calibration_error, reliability_bins
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PHOTOS = ("astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee", "coins", "colorwheel",
           "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms",
           "moon", "page", "retina", "rocket", "shepp_logan_phantom", "text", "checkerboard")
@@ -63,15 +63,15 @@ def generated_images(count: int = 10, seed: int = 0) -> list[np.ndarray]:
     return images
 
 
-def mnist_digits(every: int = 50) -> list[np.ndarray]:
-    """Every ``every``-th MNIST test digit (200 by default)."""
-    with gzip.open(DATA / "mnist-t10k" / "t10k-images-idx3-ubyte.gz") as handle:
+def mnist_digits(mnist: Path, every: int = 50) -> list[np.ndarray]:
+    """Every ``every``-th MNIST test digit of the folder ``mnist`` (200 by default)."""
+    with gzip.open(mnist / "t10k-images-idx3-ubyte.gz") as handle:
         digits = np.frombuffer(handle.read(), np.uint8, offset=16).reshape(-1, 28, 28)
     return [digits[i] for i in range(0, len(digits), every)]
 
 
-def non_implant_sets() -> dict[str, list]:
-    """The out-of-distribution image sets, by name."""
+def non_implant_sets(mnist: Path) -> dict[str, list]:
+    """The out-of-distribution image sets, by name (the MNIST digits from the folder ``mnist``)."""
     import skimage.data
     from pydicom.data import get_testdata_file
 
@@ -79,7 +79,7 @@ def non_implant_sets() -> dict[str, list]:
     dicoms = [get_testdata_file(name) for name in DICOMS]
     return {"photographs and scikit-image samples": photos,
             "pydicom CT/MR/dose test images": [d for d in dicoms if d],
-            "MNIST digits": mnist_digits(), "generated images": generated_images()}
+            "MNIST digits": mnist_digits(mnist), "generated images": generated_images()}
 
 
 def flag_rates(classifier: Classifier, images: list) -> dict[str, float]:
@@ -109,16 +109,15 @@ def cross_validated_rule(raw: np.ndarray, targets: np.ndarray, folds: int = 5, s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, mnist=True)
     parser.add_argument("--cv", type=Path, required=True, help="the cross-validation folder of the model")
     parser.add_argument("--model", type=Path, default=None, help="default: the bundled model")
-    parser.add_argument("--png", type=Path, default=None, help="write the reliability diagram here")
-    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
+    data, mnist = common.data_folder(args), common.mnist_folder(args)
 
     classifier = Classifier.load(args.model, threads=2)
     calibration = classifier.metadata.trust.calibration
-    files = sorted(image_files(DATA / "shoulder-implants"))
+    files = sorted(image_files(data))
     labels = classifier.labels
     targets = np.array([labels.index(label_from_name(f)) for f in files])
     calibrated_on = classifier.metadata.trust.provenance.get("calibrated_on", "")
@@ -136,9 +135,10 @@ def main() -> None:
         "cross_validated_rule": cross_validated_rule(raw, targets),
         "flags": {"development X-rays (477)": flag_rates(classifier, [str(f) for f in files])},
     }
-    for name, images in non_implant_sets().items():
+    for name, images in non_implant_sets(mnist).items():
         report["flags"][name] = flag_rates(classifier, images)
-    if args.png:
+    png = common.out_path(args, "reliability.png")
+    if png is not None:
         from capsedge.train.figures import SECOND_COLOUR, TRAIN_COLOUR, save_reliability_png
 
         save_reliability_png([(f"raw (ECE {report['ece_before']:.3f})", reliability_bins(raw, targets),
@@ -146,9 +146,8 @@ def main() -> None:
                               (f"calibrated, T={calibration.temperature:.2f} "
                                f"(ECE {report['ece_after']:.3f})", reliability_bins(calibrated, targets),
                                TRAIN_COLOUR)],
-                             args.png, title="out-of-fold reliability, 477 development X-rays")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+                             png, title="out-of-fold reliability, 477 development X-rays")
+    common.save_json(args, "trust_report.json", report)
     print(f"temperature {report['temperature']:.3f}; "
           f"ECE {report['ece_before']:.3f} -> {report['ece_after']:.3f}; "
           f"uncertain below {report['uncertain_below']:.3f}")
