@@ -24,7 +24,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ENV = REPO / ".arm64"
-DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "shoulder-implants"
 
 #: Raspberry Pi OS bookworm's Python; ai-edge-litert has aarch64 wheels for it.
 PYTHON = "3.11"

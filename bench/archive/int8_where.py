@@ -8,21 +8,21 @@ one view and the average of the four flips. Operations are chosen by the Lite0 t
 names: the stem, `lite0_blockN_*`, and everything after the frozen stages.
 
 Usage:
-    python bench/int8_where.py --fold runs/cv512f5/fold-0 [--data DIR] [--frozen-blocks 10]
+    python bench/archive/int8_where.py --fold runs/cv512f5/fold-0 [--data DIR] [--frozen-blocks 10]
 """
 
 from __future__ import annotations
 
-import argparse
 import re
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "shoulder-implants"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common
+import common  # noqa: E402
 
 
 def block_of(name: str) -> int | None:
@@ -34,9 +34,8 @@ def block_of(name: str) -> int | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, out=False)
     parser.add_argument("--fold", type=Path, required=True)
-    parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--frozen-blocks", type=int, default=10,
                         help="the last block of the frozen trunk (10: --freeze-stages 5)")
     args = parser.parse_args()
@@ -52,7 +51,7 @@ def main() -> None:
     from capsedge.views import orientations
 
     trained = load_run(args.fold)
-    dataset = read_dataset(args.data)
+    dataset = read_dataset(common.data_folder(args))
     held = np.load(args.fold / "holdout_indices.npy")
     training = np.setdiff1d(np.arange(len(dataset.paths)), held)
     calibration = [preprocess(dataset.paths[i], trained.preprocessing) for i in calibration_indices(training)]

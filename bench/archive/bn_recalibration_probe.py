@@ -8,20 +8,21 @@ moving statistics as the average of its batch statistics over the training image
 random dihedral view each, batches of 32; "precise BN") and probes again.
 
 Usage:
-    python bench/bn_recalibration_probe.py --stage1 runs/stage1-gpu [--fold 0] [--data DIR]
+    python bench/archive/bn_recalibration_probe.py --stage1 runs/stage1-gpu [--fold 0] [--data DIR]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "shoulder-implants"
 PENALTIES = (1, 10, 100, 1000)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common
+import common  # noqa: E402
 
 
 def probe(features: np.ndarray, targets: np.ndarray, train: np.ndarray, held: np.ndarray) -> dict[int, float]:
@@ -39,10 +40,9 @@ def probe(features: np.ndarray, targets: np.ndarray, train: np.ndarray, held: np
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, out=False)
     parser.add_argument("--stage1", type=Path, required=True, help="a stage-1 cross-validation folder")
     parser.add_argument("--fold", type=int, default=0)
-    parser.add_argument("--data", type=Path, default=DATA)
     args = parser.parse_args()
 
     import keras
@@ -54,7 +54,7 @@ def main() -> None:
     from capsedge.train.data import load_images, read_dataset
     from capsedge.train.metrics import stratified_folds
 
-    dataset = read_dataset(args.data)
+    dataset = read_dataset(common.data_folder(args))
     images = load_images(dataset, Preprocessing(input_size=512))
     targets = dataset.targets
     train, held = list(stratified_folds(targets, 5, 0))[args.fold]

@@ -8,15 +8,15 @@
 3. Peak resident memory of the `capsedge classify` process.
 
 Usage:
-    python bench/compare_runtime.py --run RUN_DIR [--image X.jpg] [--threads 1] [--json OUT]
+    python bench/archive/compare_runtime.py --run RUN_DIR [--data DIR] [--image X.jpg] [--threads 1]
+        [--out DIR]
 
 Needs the export extra (TensorFlow) to build the int8 models; writes nothing
-outside a temporary folder unless --json is given.
+outside a temporary folder but OUT/compare_runtime.json with --out.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import shutil
@@ -29,9 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGE = REPO.parent / "shared" / "data" / "shoulder-implants" / "Depuy.5.jpg"
-DEFAULT_CALIB = REPO.parent / "shared" / "data" / "shoulder-implants"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common
+import common  # noqa: E402
 
 
 def steady_latency_ms(
@@ -94,15 +93,14 @@ def build_int8_models(run: Path, calib: Path, out: Path) -> tuple[Path, Path, in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--run", type=Path, required=True, help="run folder with classifier.keras")
-    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
-    parser.add_argument("--calib", type=Path, default=DEFAULT_CALIB)
+    parser.add_argument("--image", type=Path, default=None, help="default: Depuy.5.jpg of --data")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--process-runs", type=int, default=5)
-    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    args.image = args.image or common.example_image(args)
 
     from capsedge.bench import machine_summary
     from capsedge.preprocess import Preprocessing, preprocess
@@ -121,7 +119,7 @@ def main() -> None:
     keras_s, _ = process_seconds([sys.executable, "-c", keras_script], args.process_runs)
 
     with tempfile.TemporaryDirectory(prefix="capsedge-bench-") as folder:
-        ours, theirs, size = build_int8_models(args.run, args.calib, Path(folder))
+        ours, theirs, size = build_int8_models(args.run, common.data_folder(args), Path(folder))
         tensor = preprocess(args.image, Preprocessing(input_size=size))
         ours_ms, theirs_ms = steady_latency_ms([ours, theirs], tensor, args.threads, args.runs)
         ours_kib, theirs_kib = ours.stat().st_size / 1024, theirs.stat().st_size / 1024
@@ -138,8 +136,7 @@ def main() -> None:
         "capsedge_classify_peak_rss_mib": round(classify_rss, 1),
     }
     print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    common.save_json(args, "compare_runtime.json", result)
 
 
 if __name__ == "__main__":

@@ -5,22 +5,22 @@ both rebuilt from the stratified 80/20 split with the run's seed (the split
 `capsedge train` uses), as folders of links in a temporary directory.
 
 Usage:
-    python bench/export_report.py --run RUN_DIR --out DIR [--data ../shared/data/shoulder-implants]
+    python bench/archive/export_report.py --run RUN_DIR --out DIR [--data DIR]
 
 Writes the artifacts, report.json and report.md into DIR; exits 1 when a check fails.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "shoulder-implants"
 ALL_FORMATS = ("tflite-f32", "tflite-f16", "tflite-int8", "onnx", "onnx-int8", "edgetpu")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common
+import common  # noqa: E402
 
 
 def link_folder(paths: list[Path], folder: Path) -> Path:
@@ -32,10 +32,8 @@ def link_folder(paths: list[Path], folder: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, out_required=True)
     parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--formats", default=",".join(ALL_FORMATS))
     args = parser.parse_args()
 
@@ -45,7 +43,7 @@ def main() -> None:
 
     config = json.loads((args.run / "config.json").read_text())
     train = config["train"]
-    dataset = read_dataset(args.data)
+    dataset = read_dataset(common.data_folder(args))
     train_idx, held_idx = stratified_split(dataset.targets, train["holdout"], train["seed"])
     with tempfile.TemporaryDirectory(prefix="capsedge-report-") as folder:
         calibration = link_folder([dataset.paths[i] for i in train_idx], Path(folder) / "train")

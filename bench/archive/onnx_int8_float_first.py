@@ -10,17 +10,17 @@ them, evenly spaced: onnxruntime's percentile calibrator keeps every calibrated 
 every image in memory, about 100 MB per image at 512x512, so few images fit).
 
 Usage:
-    python bench/onnx_int8_float_first.py --onnx exported/effcaps_ncp_lite0_512_onnx.onnx \\
+    python bench/archive/onnx_int8_float_first.py --onnx exported/effcaps_ncp_lite0_512_onnx.onnx \\
         [--data DIR] [--keep 0,2,4]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
 import logging
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -29,9 +29,8 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "shoulder-implants"
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common
+import common  # noqa: E402
 
 #: Operator types quantized to int8.
 QUANTIZED_OP_TYPES = ("Conv",)
@@ -81,9 +80,8 @@ def quantize_qdq(float_model: Any, calibration: Callable[[], Iterable[np.ndarray
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, out=False)
     parser.add_argument("--onnx", type=Path, required=True, help="a float .onnx export")
-    parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--keep", default="0,2,4", help="comma-separated counts of float first convolutions")
     args = parser.parse_args()
 
@@ -96,7 +94,7 @@ def main() -> None:
 
     config = read_metadata(args.onnx).preprocessing
     classes = len(read_metadata(args.onnx).labels)
-    images = [preprocess(path, config) for path in sorted(image_files(args.data))]
+    images = [preprocess(path, config) for path in sorted(image_files(common.data_folder(args)))]
     calibration = images[:: max(1, len(images) // 16)][:16]
 
     def answers(path: Path) -> np.ndarray:
