@@ -71,7 +71,7 @@ def quiet_native_logs(verbose: bool = False) -> Iterator[None]:
         return
     import os
 
-    from .backends import native_stderr_silenced
+    from .quiet import native_stderr_silenced
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
