@@ -14,12 +14,12 @@ from . import bundled
 from .backends import Backend, open_backend
 from .bundled import DEFAULT_MODEL_NAME, default_model_path  # noqa: F401 - capsedge.classifier's names
 from .errors import ModelError, UsageError
+from .limits import MAX_THREADS
 from .metadata import ModelMetadata, read_metadata
 from .preprocess import ImageSource, preprocess
 from .trust import calibrate
 from .views import VIEW_COUNTS, orientations
 
-MAX_THREADS = 64
 #: At most this many threads by default: the 4 cores of the usual edge board (Raspberry Pi,
 #: Jetson Nano); more were not measured.
 DEFAULT_THREADS_CAP = 4
