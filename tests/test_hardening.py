@@ -20,10 +20,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from capsedge import Classifier, ModelError
+from capsedge.bundled import bundled_digest
 from capsedge.classifier import default_model_path
 from capsedge.cli import main
 from capsedge.limits import MAX_INFLATED_DICOM_BYTES
-from capsedge.bundled import bundled_digest
 from capsedge.model_guard import file_digest
 
 from conftest import synthetic_xray
