@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "Classifier": "classifier",
     "Prediction": "classifier",
-    "default_model_path": "classifier",
+    "default_model_path": "bundled",
     "CapsedgeError": "errors",
     "ImageError": "errors",
     "ModelError": "errors",
@@ -63,7 +63,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .classifier import Classifier, Prediction, default_model_path
+    from .bundled import default_model_path
+    from .classifier import Classifier, Prediction
     from .errors import CapsedgeError, ImageError, ModelError, RuntimeMissingError
     from .metadata import ModelMetadata, read_metadata
     from .preprocess import Preprocessing, preprocess

@@ -8,21 +8,20 @@ extra); each runtime is imported only when a model of its kind is opened.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import importlib
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import ModelError, RuntimeMissingError, missing_extra
+from .errors import ModelError, RuntimeMissingError
 from .limits import MAX_MODEL_BYTES
 from .model_guard import check_tflite
-from .quiet import LOCK
+from .onnx_runtime import onnxruntime_options
+from .quiet import native_stderr_silenced
 
 
 class Backend(Protocol):
@@ -83,48 +82,6 @@ def load_litert_interpreter_class() -> Any:
     raise RuntimeMissingError(
         "no TFLite runtime is installed; install it with: pip install ai-edge-litert"
     )
-
-
-def onnxruntime_options() -> tuple[Any, Any]:
-    """onnxruntime and session options that log errors only (its warnings would break the
-    CLI's one-line output), for running a model or reading its metadata.
-
-    Raises:
-        RuntimeMissingError: onnxruntime (the ``onnx`` extra) is not installed.
-    """
-    try:
-        ort = importlib.import_module("onnxruntime")
-    except ImportError:
-        raise missing_extra("onnxruntime", "onnx") from None
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort, options
-
-
-@contextlib.contextmanager
-def native_stderr_silenced() -> Iterator[None]:
-    """Hide what native code writes to file descriptor 2 (LiteRT's "INFO: Created ... delegate",
-    GDCM's libjpeg notes).
-
-    Python-level errors still surface as exceptions; only the C++ runtime's
-    chatter on stderr, which would break the CLI's one-line error contract, is dropped.
-    File descriptor 2 is the process's: threads loading models at once take turns (under
-    :data:`capsedge.quiet.LOCK`), so none restores another's silenced descriptor.
-    """
-    with LOCK:
-        try:
-            sys.stderr.flush()
-            saved = os.dup(2)
-        except (OSError, ValueError):  # no real fd 2 (embedded interpreters)
-            yield
-            return
-        try:
-            with open(os.devnull, "wb") as devnull:
-                os.dup2(devnull.fileno(), 2)
-                yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def first_line(exc: BaseException) -> str:

@@ -11,6 +11,7 @@ from typing import NoReturn
 import click
 
 from .errors import CapsedgeError, missing_extra, reason
+from .extras import missing_package
 
 EXIT_FAILED = 1
 
@@ -49,9 +50,10 @@ def error_boundary(extra: str | None = None) -> Iterator[None]:
         why = reason(exc)
         fail_and_exit(f"{exc.filename}: {why}" if exc.filename else why)
     except ImportError as exc:
-        if extra is None:
+        package = missing_package(exc)
+        if extra is None or package is None:
             raise
-        fail_and_exit(str(missing_extra(exc.name or "a required package", extra)))
+        fail_and_exit(str(missing_extra(package, extra)))
 
 
 @contextlib.contextmanager
@@ -71,7 +73,7 @@ def quiet_native_logs(verbose: bool = False) -> Iterator[None]:
         return
     import os
 
-    from .backends import native_stderr_silenced
+    from .quiet import native_stderr_silenced
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:

@@ -6,20 +6,20 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
+from . import bundled
 from .backends import Backend, open_backend
+from .bundled import DEFAULT_MODEL_NAME, default_model_path  # noqa: F401 - capsedge.classifier's names
 from .errors import ModelError, UsageError
+from .limits import MAX_THREADS
 from .metadata import ModelMetadata, read_metadata
 from .preprocess import ImageSource, preprocess
 from .trust import calibrate
 from .views import VIEW_COUNTS, orientations
 
-DEFAULT_MODEL_NAME = "default.tflite"
-MAX_THREADS = 64
 #: At most this many threads by default: the 4 cores of the usual edge board (Raspberry Pi,
 #: Jetson Nano); more were not measured.
 DEFAULT_THREADS_CAP = 4
@@ -40,11 +40,6 @@ def default_threads() -> int:
     60 ms for two on the 2-core development machine (``bench/default_threads.py``, docs/runtime.md).
     """
     return max(1, min(usable_cores(), DEFAULT_THREADS_CAP))
-
-
-def default_model_path() -> Path:
-    """The model bundled with the package."""
-    return Path(str(resources.files("capsedge") / "assets" / DEFAULT_MODEL_NAME))
 
 
 @dataclass(frozen=True)
@@ -163,7 +158,7 @@ class Classifier:
             ModelError: the model or its metadata is missing, corrupt or inconsistent.
             RuntimeMissingError: the runtime for this model is not installed.
         """
-        model_path = Path(path) if path is not None else default_model_path()
+        model_path = Path(path) if path is not None else bundled.default_model_path()
         if threads is not None and (not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS):
             raise UsageError(f"threads must be an integer from 1 to {MAX_THREADS}, got {threads!r}")
         runtime = open_backend(model_path, backend, default_threads() if threads is None else threads)

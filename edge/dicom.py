@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .errors import CapsedgeError, ImageError, missing_extra
+from .errors import CapsedgeError, ImageError, pip_install
+from .extras import require
 from .limits import MAX_INFLATED_DICOM_BYTES, MAX_PIXELS
 from .quiet import silenced
 
@@ -59,10 +60,7 @@ def read_dicom(data: bytes | Path) -> Image.Image:
 
 
 def _read_dicom(source: bytes | Path) -> Image.Image:
-    try:
-        import pydicom
-    except ImportError:
-        raise missing_extra("pydicom", "dicom") from None
+    pydicom = require("pydicom", extra="dicom", needed_by="a DICOM file")
     _register_plugins()
     try:
         return _decode(pydicom, source)
@@ -199,7 +197,7 @@ def _undecodable(dataset: Any) -> str:
         return "cannot decode DICOM pixel data (corrupt or truncated)"
     if importlib.util.find_spec("gdcm") is None:
         return (f"cannot decode DICOM pixel data compressed as {compression}: its decoder is not "
-                "installed (pip install 'capsedge[dicom]')")
+                f"installed ({pip_install('dicom')})")
     return f"cannot decode DICOM pixel data compressed as {compression} (corrupt or unsupported variant)"
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydicom.uid import JPEGExtended12Bit
 
-from .backends import native_stderr_silenced
+from .quiet import native_stderr_silenced
 
 try:
     import gdcm

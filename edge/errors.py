@@ -24,11 +24,24 @@ class RuntimeMissingError(CapsedgeError):
     """An optional runtime or extra is not installed."""
 
 
-def missing_extra(module: str, extra: str) -> RuntimeMissingError:
-    """Build the error for an optional dependency that is not installed."""
-    return RuntimeMissingError(
-        f"{module} is not installed; install it with: pip install 'capsedge[{extra}]'"
-    )
+#: The pip extras of capsedge (setup.py ``extras_require``) that a message may name.
+EXTRAS = ("serve", "dicom", "onnx", "train", "export", "dev")
+
+
+def pip_install(extra: str) -> str:
+    """The command that installs an extra: ``pip install 'capsedge[serve]'``."""
+    if extra not in EXTRAS:
+        raise ValueError(f"unknown extra {extra!r}; known: {', '.join(EXTRAS)}")
+    return f"pip install 'capsedge[{extra}]'"
+
+
+def missing_extra(package: str, extra: str, needed_by: str | None = None) -> RuntimeMissingError:
+    """The error for an optional ``package`` that is not installed, in one line:
+    ``"<needed_by> needs <package>: pip install 'capsedge[<extra>]'"``, or
+    ``"<package> is not installed: ..."`` when ``needed_by`` is not given. The lazy imports go
+    through :func:`capsedge.extras.require`, which raises it."""
+    what = f"{needed_by} needs {package}" if needed_by else f"{package} is not installed"
+    return RuntimeMissingError(f"{what}: {pip_install(extra)}")
 
 
 def preview(value: object, limit: int = 60) -> str:

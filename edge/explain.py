@@ -21,10 +21,9 @@ from PIL import Image, ImageDraw
 from .classifier import Classifier, Prediction
 from .errors import UsageError
 from .fonts import figure_font
+from .limits import DEFAULT_GRID, MAX_GRID, MIN_GRID
 from .preprocess import ImageSource, content_box, load_grey, to_model_input
 
-#: Default tiling: 8 x 8 squares of the image (64 inferences after the answer's).
-DEFAULT_GRID = 8
 #: The overlay's longer image side, in pixels.
 OVERLAY_SIDE = 512
 #: Colour map anchors (dark blue -> purple -> orange -> yellow), for heat 0 .. 1.
@@ -82,15 +81,15 @@ def occlusion_map(classifier: Classifier, image: ImageSource, grid: int = DEFAUL
     """Occlusion sensitivity of ``classifier``'s answer on ``image``.
 
     Args:
-        grid: squares per side (2 to 32).
+        grid: squares per side, :data:`~capsedge.limits.MIN_GRID` to :data:`~capsedge.limits.MAX_GRID`.
         progress: called as ``progress(done, total)`` after each inference.
 
     Raises:
         UsageError: ``grid`` out of range.
         ImageError: the image cannot be read.
     """
-    if isinstance(grid, bool) or not isinstance(grid, int) or not 2 <= grid <= 32:
-        raise UsageError(f"grid must be an integer from 2 to 32, got {grid!r}")
+    if isinstance(grid, bool) or not isinstance(grid, int) or not MIN_GRID <= grid <= MAX_GRID:
+        raise UsageError(f"grid must be an integer from {MIN_GRID} to {MAX_GRID}, got {grid!r}")
     start = time.perf_counter()
     config = classifier.metadata.preprocessing
     grey = load_grey(image, config.input_size)

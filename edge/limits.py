@@ -32,3 +32,14 @@ MAX_LABEL_LENGTH = 64
 
 #: Longest model name or version string, in characters.
 MAX_NAME_LENGTH = 128
+
+#: CPU threads a model may be given (``--threads``, ``Classifier.load(threads=...)``).
+MAX_THREADS = 64
+
+#: Squares per side of an occlusion map (``capsedge explain --grid``, ``?grid=``): each one
+#: inference; 8 x 8 unless asked.
+MIN_GRID, MAX_GRID = 2, 32
+DEFAULT_GRID = 8
+#: The service's bound on ``?grid=``: a request's work is ``grid**2`` inferences, so a client
+#: of ``capsedge serve`` gets at most 256 of them per upload (a local ``explain`` up to 1024).
+MAX_SERVED_GRID = 16

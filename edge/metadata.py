@@ -26,6 +26,7 @@ from .limits import (
     MAX_METADATA_DEPTH,
     MAX_NAME_LENGTH,
 )
+from .onnx_runtime import onnxruntime_options
 from .preprocess import Preprocessing
 from .trust import Trust
 from .views import VIEW_COUNTS
@@ -209,8 +210,6 @@ def read_onnx_metadata_props(model_path: str | Path) -> dict[str, str]:
         ModelError: onnxruntime cannot load the file, or its metadata is too large.
         RuntimeMissingError: onnxruntime is not installed.
     """
-    from .backends import onnxruntime_options
-
     ort, options = onnxruntime_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only reading
     try:

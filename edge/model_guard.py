@@ -21,6 +21,7 @@ import sys
 import threading
 from pathlib import Path
 
+from . import bundled
 from .errors import ModelError
 
 #: Seconds the child may take to load and run the model once.
@@ -50,16 +51,6 @@ _verified: set[str] = set()
 _lock = threading.Lock()
 
 
-def bundled_digest() -> str:
-    """The SHA-256 (hex) the bundled model must have; ``""`` when the file is missing."""
-    from .classifier import default_model_path
-
-    try:
-        return default_model_path().with_suffix(".sha256").read_text(encoding="ascii").split()[0]
-    except (OSError, UnicodeDecodeError, IndexError):
-        return ""
-
-
 def file_digest(path: Path) -> str:
     """SHA-256 of a file, read a megabyte at a time."""
     digest = hashlib.sha256()
@@ -75,13 +66,11 @@ def check_tflite(path: Path) -> None:
     Raises:
         ModelError: the bundled model is corrupt, or the runtime crashed or hung on the file.
     """
-    from .classifier import default_model_path
-
     digest = file_digest(path)
-    expected = bundled_digest()
+    expected = bundled.bundled_digest()
     if digest == expected or digest in _verified:
         return
-    if expected and _same(path, default_model_path()):
+    if expected and _same(path, bundled.default_model_path()):
         raise ModelError("the bundled model file is corrupt (checksum mismatch); reinstall capsedge")
     with _lock:
         if digest in _verified:

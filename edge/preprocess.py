@@ -49,6 +49,9 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 class Preprocessing:
     """How a model's input tensor is made from an image.
 
+    Every model carries its own (its metadata; a network's in ``ModelConfig.preprocessing``):
+    there is no default input size.
+
     Attributes:
         input_size: side of the square input, in pixels.
         channels: channels of the input tensor (1: greyscale).
@@ -58,7 +61,7 @@ class Preprocessing:
         letterbox: keep the aspect ratio and pad with black to a square.
     """
 
-    input_size: int = 128
+    input_size: int
     channels: int = 1
     layout: str = "NHWC"
     intensity: str = "minmax"
@@ -93,6 +96,8 @@ class Preprocessing:
         if unknown:
             names = preview(sorted(unknown))
             raise ValueError(f"unknown preprocessing keys {names}; valid: {sorted(known)}")
+        if "input_size" not in data:
+            raise ValueError("preprocessing must give its input_size")
         return cls(**data)
 
     @property

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -44,3 +46,29 @@ def warnings_raised(category: type[Warning]) -> Iterator[None]:
     with LOCK, warnings.catch_warnings():
         warnings.simplefilter("error", category)
         yield
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Hide what native code writes to file descriptor 2 (LiteRT's "INFO: Created ... delegate",
+    GDCM's libjpeg notes).
+
+    Python-level errors still surface as exceptions; only the C++ runtime's
+    chatter on stderr, which would break the CLI's one-line error contract, is dropped.
+    File descriptor 2 is the process's: threads loading models at once take turns (under
+    :data:`LOCK`), so none restores another's silenced descriptor.
+    """
+    with LOCK:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no real fd 2 (embedded interpreters)
+            yield
+            return
+        try:
+            with open(os.devnull, "wb") as devnull:
+                os.dup2(devnull.fileno(), 2)
+                yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

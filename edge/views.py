@@ -20,6 +20,33 @@ VIEW_COUNTS = (1, 4, 8)
 #: ``capsedge export`` records unless told otherwise.
 RECIPE_VIEWS = 4
 
+#: All dihedral orientations: the views training augments over and :func:`view` numbers.
+DIHEDRAL_VIEWS = 8
+
+#: The averages a cross-validation reports beside one view: name -> views.
+VIEW_AVERAGES = {"flips": 4, "dihedral": DIHEDRAL_VIEWS}
+
+
+def view(images: np.ndarray, index: int) -> np.ndarray:
+    """View ``index`` (0-7, numbered as above) of an ``(..., H, W, C)`` array, as a new
+    contiguous array: the one definition of the eight orientations.
+
+    Raises:
+        ValueError: ``index`` is not 0-7, or a transposed view of a non-square image is asked for.
+    """
+    if type(index) is not int or not 0 <= index < DIHEDRAL_VIEWS:
+        raise ValueError(f"view must be an integer from 0 to {DIHEDRAL_VIEWS - 1}, got {index!r}")
+    images = np.asarray(images)
+    if images.ndim < 3:
+        raise ValueError(f"expected (..., H, W, C) images, got shape {images.shape}")
+    flipped = images[..., :: -1 if index & 2 else 1, :: -1 if index & 1 else 1, :]
+    if index >= 4:
+        height, width = images.shape[-3:-1]
+        if height != width:
+            raise ValueError(f"transposed views need square images, got {height}x{width}")
+        flipped = np.swapaxes(flipped, -3, -2)
+    return np.ascontiguousarray(flipped)
+
 
 def orientations(images: np.ndarray, count: int) -> list[np.ndarray]:
     """The first ``count`` views of an ``(..., H, W, C)`` array (one image or a batch).
@@ -31,11 +58,7 @@ def orientations(images: np.ndarray, count: int) -> list[np.ndarray]:
     if type(count) is not int or count not in VIEW_COUNTS:
         raise ValueError(f"test-time views must be one of {VIEW_COUNTS}, got {count!r}")
     images = np.asarray(images)
-    if images.ndim < 3:
-        raise ValueError(f"expected (..., H, W, C) images, got shape {images.shape}")
-    height, width = images.shape[-3:-1]
-    flips = [images, images[..., :, ::-1, :], images[..., ::-1, :, :], images[..., ::-1, ::-1, :]]
-    if count == 8 and height != width:
+    if count == DIHEDRAL_VIEWS and images.ndim >= 3 and images.shape[-3] != images.shape[-2]:
+        height, width = images.shape[-3:-1]
         raise ValueError(f"transposed views need square images, got {height}x{width}")
-    views = flips if count < 8 else flips + [np.swapaxes(view, -3, -2) for view in flips]
-    return [np.ascontiguousarray(view) for view in views[:count]]
+    return [view(images, index) for index in range(count)]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from capsedge.errors import CapsedgeError
+
+if TYPE_CHECKING:
+    from capsedge.preprocess import Preprocessing
 
 ROUTINGS = ("self_attention", "dynamic")
 DECODERS = ("dense", "lean")
@@ -169,6 +172,26 @@ class ModelConfig:
                 f"ncp_units must be >= num_classes + 3 = {self.num_classes + 3} for an AutoNCP "
                 f"wiring, received {self.ncp_units!r}"
             )
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The class names in output order: ``class_names``, else ``"0"`` to ``"K-1"``."""
+        return self.class_names or tuple(str(k) for k in range(self.num_classes))
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How an image becomes this network's input (stored with every model exported from it):
+        the runtime's :class:`~capsedge.preprocess.Preprocessing` at ``input_shape``'s size.
+
+        Raises:
+            ModelConfigError: the input is not square (the runtime letterboxes to a square).
+        """
+        from capsedge.preprocess import Preprocessing
+
+        height, width, channels = self.input_shape
+        if height != width:
+            raise ModelConfigError(f"the runtime feeds square inputs, {self.name!r} takes {height}x{width}")
+        return Preprocessing(input_size=height, channels=channels)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists); ``from_dict`` reverses it."""

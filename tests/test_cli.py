@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +186,24 @@ def test_empty_model_file(tmp_path: Path, xray_png: Path) -> None:
     result = run("classify", "--model", str(model), str(xray_png))
     assert result.exit_code == 1
     assert_one_line_error(result, "not a valid TFLite model")
+
+
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """One helper (capsedge.extras.require) imports every optional package; its error says what
+    to install, and a module of capsedge itself missing is a bug shown as such."""
+    from capsedge.errors import RuntimeMissingError
+    from capsedge.extras import require
+
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # as if not installed
+    with pytest.raises(RuntimeMissingError) as info:
+        require("pydicom", extra="dicom", needed_by="a DICOM file")
+    assert str(info.value) == "a DICOM file needs pydicom: pip install 'capsedge[dicom]'"
+    with pytest.raises(ImportError):
+        require("capsedge.no_such_module", extra="serve")
+    with pytest.raises(ValueError, match="unknown extra"):
+        require("pydicom", extra="dicomm")
+    dicom = tmp_path / "scan.dcm"
+    dicom.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    result = run("classify", str(dicom))
+    assert result.exit_code == 1
+    assert "a DICOM file needs pydicom: pip install 'capsedge[dicom]'" in result.stderr

@@ -20,10 +20,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from capsedge import Classifier, ModelError
+from capsedge.bundled import bundled_digest
 from capsedge.classifier import default_model_path
 from capsedge.cli import main
 from capsedge.limits import MAX_INFLATED_DICOM_BYTES
-from capsedge.model_guard import bundled_digest, file_digest
+from capsedge.model_guard import file_digest
 
 from conftest import synthetic_xray
 
@@ -197,14 +198,14 @@ def test_a_model_that_crashes_litert_is_a_model_error(tmp_path: Path) -> None:
 def test_a_corrupt_bundled_model_is_refused_before_litert(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Any changed byte of the bundled file (even one LiteRT would survive) is refused."""
-    import capsedge.classifier
+    import capsedge.bundled
 
     data = bytearray(default_model_path().read_bytes())
     data[len(data) // 2] ^= 0x01
     corrupt = tmp_path / "default.tflite"
     corrupt.write_bytes(bytes(data))
     (tmp_path / "default.sha256").write_text(bundled_digest())
-    monkeypatch.setattr(capsedge.classifier, "default_model_path", lambda: corrupt)
+    monkeypatch.setattr(capsedge.bundled, "default_model_path", lambda: corrupt)
     with pytest.raises(ModelError, match="bundled model file is corrupt"):
         Classifier.load()
 

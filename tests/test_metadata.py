@@ -75,7 +75,7 @@ def test_invalid_sidecar_is_a_model_error(tmp_path: Path, text: str, message: st
 
 def test_labels_must_be_distinct() -> None:
     with pytest.raises(ValueError, match="distinct"):
-        ModelMetadata("x", "1", ("a", "a"), Preprocessing())
+        ModelMetadata("x", "1", ("a", "a"), Preprocessing(input_size=64))
 
 
 def test_labels_must_be_a_list() -> None:

@@ -137,6 +137,21 @@ def test_config_dict_round_trip(name):
         ModelConfig.from_dict({**data, "depth": 3})
 
 
+def test_config_carries_its_preprocessing_and_labels():
+    from capsedge.classifier import default_model_path
+    from capsedge.metadata import read_metadata
+    from capsedge.models.registry import IMPLANT_CLASSES
+
+    shipped = read_metadata(default_model_path())
+    cfg = get_model_config(shipped.name)
+    assert cfg.preprocessing == shipped.preprocessing and cfg.preprocessing.input_size == 512
+    assert cfg.labels == shipped.labels == IMPLANT_CLASSES
+    assert get_model_config("effcaps_mnist").labels == tuple("0123456789")
+    assert "preprocessing" not in cfg.to_dict() and "labels" not in cfg.to_dict()  # config.json unchanged
+    with pytest.raises(ValueError, match="square"):
+        _ = dataclasses.replace(cfg, input_shape=(512, 256, 1), primary_kernel=8).preprocessing
+
+
 @pytest.mark.parametrize(
     "change, text",
     [

@@ -165,6 +165,11 @@ def test_preprocessing_round_trips_and_validates() -> None:
         Preprocessing(input_size=3)
     with pytest.raises(ValueError, match="unknown preprocessing keys"):
         Preprocessing.from_dict({**config.to_dict(), "mean": 0.5})
+    # no default size: the model says it (the bundled one takes 512, an old default was 128)
+    with pytest.raises(TypeError):
+        Preprocessing()  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="must give its input_size"):
+        Preprocessing.from_dict({k: v for k, v in config.to_dict().items() if k != "input_size"})
 
 
 def test_training_pipeline_and_runtime_make_the_tensor_worked_out_by_hand(

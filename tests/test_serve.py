@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
-import anyio
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -30,6 +29,7 @@ from conftest import REPO, implant_data, synthetic_xray
 pytest.importorskip("starlette", reason="needs the serve extra: pip install 'capsedge[serve]'")
 pytest.importorskip("httpx", reason="Starlette's TestClient needs httpx")
 
+import anyio  # noqa: E402  (the serve extra's)
 from starlette.testclient import TestClient  # noqa: E402
 
 from capsedge.serve import MULTIPART_OVERHEAD, create_app  # noqa: E402
@@ -272,6 +272,13 @@ def test_port_in_use_is_one_line() -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         assert_cli_error(run_cli("--port", str(port)), f"cannot listen on 127.0.0.1 port {port}")
+
+
+def test_serve_shares_the_backend_and_threads_options() -> None:
+    """``--backend`` and ``--threads`` are the ones classify takes (capsedge.cli_options)."""
+    assert_cli_error(run_cli("--port", "0", "--backend", "nope"), "unknown backend 'nope'")
+    bad = run_cli("--port", "0", "--threads", "65")
+    assert bad.exit_code == 2 and "1<=x<=64" in bad.output
 
 
 def test_missing_extra_names_it() -> None:

@@ -13,7 +13,7 @@ from capsedge.errors import CapsedgeError, ModelError, UsageError
 from capsedge.explain import occlusion_map
 from capsedge.metadata import ModelMetadata
 from capsedge.preprocess import Preprocessing
-from capsedge.views import orientations
+from capsedge.views import DIHEDRAL_VIEWS, orientations, view
 
 SIZE = 32
 
@@ -49,6 +49,22 @@ def test_transposed_views_need_a_square() -> None:
     assert len(orientations(np.zeros((4, 6, 1)), 4)) == 4
     with pytest.raises(ValueError, match="square"):
         orientations(np.zeros((4, 6, 1)), 8)
+    assert view(np.zeros((4, 6, 1)), 3).shape == (4, 6, 1)
+    with pytest.raises(ValueError, match="square"):
+        view(np.zeros((4, 6, 1)), 4)
+
+
+def test_one_view_by_its_number_is_the_same_as_in_the_list() -> None:
+    """Training picks views one at a time (a random one per image); they must be the runtime's."""
+    batch = np.random.default_rng(0).random((3, 5, 5, 1), dtype=np.float32)
+    every = orientations(batch, DIHEDRAL_VIEWS)
+    for index in range(DIHEDRAL_VIEWS):
+        one = view(batch, index)
+        assert one.flags.c_contiguous and np.array_equal(one, every[index])
+        assert np.array_equal(view(batch[1], index), every[index][1])
+    for bad in (-1, 8, True, 1.0):
+        with pytest.raises(ValueError, match="from 0 to 7"):
+            view(batch, bad)  # type: ignore[arg-type]
 
 
 class LeftBrightBackend:
@@ -113,7 +129,7 @@ def test_classify_reports_the_average_and_explain_agrees_with_it() -> None:
 
 
 def test_metadata_keeps_the_views_and_refuses_nonsense() -> None:
-    metadata = ModelMetadata("m", "m-1", ("a", "b"), Preprocessing(), test_time_views=8)
+    metadata = ModelMetadata("m", "m-1", ("a", "b"), Preprocessing(input_size=SIZE), test_time_views=8)
     data = json.loads(metadata.to_json())
     assert data["test_time_views"] == 8
     assert ModelMetadata.from_dict(data).test_time_views == 8
