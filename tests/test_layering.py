@@ -40,10 +40,9 @@ print("SERVER", server)
 
 #: The floors, bottom up: the ground (errors), the runtime, the networks; training and export on top.
 GROUND = {"capsedge", "capsedge.errors"}
-RUNTIME_MODULES = {"capsedge.classifier", "capsedge.backends", "capsedge.preprocess", "capsedge.metadata",
-                   "capsedge.dicom", "capsedge.cli", "capsedge.trust", "capsedge.limits", "capsedge.boundary",
-                   "capsedge.folders", "capsedge.views", "capsedge.outputs", "capsedge.quiet",
-                   "capsedge.model_guard", "capsedge.progress"}
+#: Every module of the runtime (edge/), read from the folder so a new one cannot slip past.
+RUNTIME_MODULES = {f"capsedge.{path.stem}" for path in (REPO / "edge").glob("*.py")
+                   if path.stem != "__init__"} - GROUND
 
 
 def capsedge_modules_after(statement: str) -> set[str]:
