@@ -98,7 +98,7 @@ def debugger_errors(model: object, calibration: object) -> list[tuple[float, str
 
     import tensorflow as tf
 
-    from capsedge.models.tflite import set_full_integer, write_saved_model
+    from capsedge.export.converter import set_full_integer, write_saved_model
 
     with tempfile.TemporaryDirectory() as saved_model:
         write_saved_model(model, saved_model)
@@ -124,15 +124,17 @@ def main() -> None:
 
     import keras
 
+    from capsedge.export.calibration import calibration_files, calibration_images
     from capsedge.export.quantization import Quantization
-    from capsedge.export.run import calibration_files, calibration_images, load_run
+    from capsedge.export.run import load_run
     from capsedge.export.tflite_format import convert_to_tflite
     from capsedge.preprocess import preprocess
+    from capsedge.workshop.dataset import ImageCache
 
     run = load_run(args.run)
     files = sorted(calibration_files(data))
     images = np.stack([preprocess(path, run.preprocessing) for path in files])
-    int8 = Quantization.for_int8(calibration_images(data, run.preprocessing))
+    int8 = Quantization.for_int8(calibration_images(data, ImageCache(run.preprocessing)))
     float32 = Quantization.for_float32()
 
     float_file = convert_to_tflite(run.classifier, float32)

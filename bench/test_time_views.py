@@ -29,33 +29,32 @@ def main() -> None:
 
     from capsedge.export.run import load_run
     from capsedge.preprocess import preprocess
-    from capsedge.train.data import read_dataset
-    from capsedge.train.evaluation import VIEWS_FILE, predict_views
+    from capsedge.train.evaluation import predict_views
+    from capsedge.workshop.dataset import read_dataset
+    from capsedge.workshop.run import CrossValidation, views_name
     dataset = read_dataset(common.data_folder(args))
     targets = np.asarray(dataset.targets)
-    folds = sorted(p for p in args.cv.glob("fold-*") if p.is_dir())
+    folds = CrossValidation(args.cv).folds()
     pooled_views, pooled_targets, per_fold = [], [], []
     for fold in folds:
-        saved = fold / VIEWS_FILE
-        held = np.load(fold / "holdout_indices.npy")
-        if saved.is_file():
-            views = np.load(saved)
+        held = fold.read_holdout_indices()
+        if fold.views_file().is_file():
+            views = fold.read_views()
         else:
-            trained = load_run(fold)
+            trained = load_run(fold.path)
             images = np.stack([preprocess(dataset.paths[i], trained.preprocessing) for i in held])
             views = predict_views(trained.classifier, images)
-            target = common.out_path(args, f"{fold.name}/{VIEWS_FILE}")
+            target = common.out_path(args, f"{fold.path.name}/{views_name()}")
             if target is not None:
                 target.parent.mkdir(exist_ok=True)
                 np.save(target, views)
-        identity = np.load(fold / "holdout_probabilities.npy")
-        if not np.allclose(views[:, 0], identity, atol=1e-4):
-            raise SystemExit(f"{fold}: view 0 does not reproduce holdout_probabilities.npy")
+        if not np.allclose(views[:, 0], fold.read_holdout_probabilities(), atol=1e-4):
+            raise SystemExit(f"{fold.path}: view 0 does not reproduce {fold.holdout_probabilities.name}")
         pooled_views.append(views)
         pooled_targets.append(targets[held])
         per_fold.append(_scores(views, targets[held], dataset.classes))
         accuracies = {name: round(row["accuracy"], 4) for name, row in per_fold[-1].items()}
-        print(fold.name, json.dumps(accuracies), flush=True)
+        print(fold.path.name, json.dumps(accuracies), flush=True)
 
     views = np.concatenate(pooled_views)
     truth = np.concatenate(pooled_targets)
@@ -90,7 +89,7 @@ def _scores(views: np.ndarray, truth: np.ndarray, classes: tuple[str, ...]) -> d
 
 def _averaged(views: np.ndarray, count: int, geometric: bool) -> np.ndarray:
     """The runtime's arithmetic mean of the first ``count`` views, or their geometric mean."""
-    from capsedge.train.evaluation import average_views
+    from capsedge.workshop.run import average_views
 
     if not geometric:
         return average_views(views, count)

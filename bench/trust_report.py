@@ -29,8 +29,8 @@ import numpy as np
 from capsedge import Classifier
 from capsedge.export.trust_fit import choose_threshold, coverage_table, fit_temperature
 from capsedge.folders import image_files, label_from_name
-from capsedge.train.evaluation import out_of_fold
 from capsedge.trust import calibrate, expected_calibration_error, reliability_bins
+from capsedge.workshop.run import CrossValidation
 
 PHOTOS = ("astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee", "coins", "colorwheel",
           "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms",
@@ -122,7 +122,7 @@ def main() -> None:
     targets = np.array([labels.index(label_from_name(f)) for f in files])
     calibrated_on = classifier.metadata.trust.provenance.get("calibrated_on", "")
     quantized = "int8" if "int8 files" in calibrated_on else None  # see export's fit_file_trust
-    indices, raw = out_of_fold(args.cv, len(files), classifier.test_time_views, quantized)
+    indices, raw = CrossValidation(args.cv).out_of_fold(len(files), classifier.test_time_views, quantized)
     targets = targets[indices]
     calibrated = calibrate(raw, calibration.temperature)
     report = {

@@ -51,8 +51,8 @@ def main() -> None:
     from capsedge.models.efficientnet_lite import load_trunk_weights
     from capsedge.preprocess import Preprocessing
     from capsedge.train.augment import dihedral_view
-    from capsedge.train.data import load_images, read_dataset
     from capsedge.train.metrics import stratified_folds
+    from capsedge.workshop.dataset import load_images, read_dataset
 
     dataset = read_dataset(common.data_folder(args))
     images = load_images(dataset, Preprocessing(input_size=512))

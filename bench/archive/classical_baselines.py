@@ -60,8 +60,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from capsedge.preprocess import Preprocessing
-    from capsedge.train.data import load_images, read_dataset
     from capsedge.train.metrics import classification_report, stratified_folds
+    from capsedge.workshop.dataset import load_images, read_dataset
 
     dataset = read_dataset(common.data_folder(args))
     images = load_images(dataset, Preprocessing(input_size=128))

@@ -75,12 +75,14 @@ def build_int8_models(run: Path, calib: Path, out: Path) -> tuple[Path, Path, in
     """Our classifier and MobileNetV2-0.35, both converted to full-int8 TFLite."""
     import keras
 
+    from capsedge.export.calibration import calibration_images
     from capsedge.export.quantization import Quantization
-    from capsedge.export.run import calibration_images, load_run
+    from capsedge.export.run import load_run
     from capsedge.export.tflite_format import convert_to_tflite
+    from capsedge.workshop.dataset import ImageCache
 
     trained = load_run(run)
-    calibration = calibration_images(calib, trained.preprocessing, limit=100)
+    calibration = calibration_images(calib, ImageCache(trained.preprocessing), limit=100)
     ours = out / "ours_int8.tflite"
     ours.write_bytes(convert_to_tflite(trained.classifier, Quantization.for_int8(calibration)))
     size = trained.preprocessing.input_size

@@ -37,9 +37,10 @@ def main() -> None:
     parser.add_argument("--formats", default=",".join(ALL_FORMATS))
     args = parser.parse_args()
 
-    from capsedge.export.writer import export_and_verify
-    from capsedge.train.data import read_dataset
+    from capsedge.export.verify import verify_export
+    from capsedge.export.writer import ExportOptions, export
     from capsedge.train.metrics import stratified_split
+    from capsedge.workshop.dataset import read_dataset
 
     config = json.loads((args.run / "config.json").read_text())
     train = config["train"]
@@ -48,7 +49,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="capsedge-report-") as folder:
         calibration = link_folder([dataset.paths[i] for i in train_idx], Path(folder) / "train")
         evaluation = link_folder([dataset.paths[i] for i in held_idx], Path(folder) / "holdout")
-        _, report = export_and_verify(args.run, args.out, args.formats.split(","), calibration, evaluation)
+        options = ExportOptions(formats=tuple(args.formats.split(",")), calibration=calibration)
+        report = verify_export(export(args.run, args.out, options), evaluation)
     print((args.out / "report.md").read_text())
     sys.exit(0 if report.passed else 1)
 

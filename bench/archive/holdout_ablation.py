@@ -121,8 +121,8 @@ def main() -> None:
     from capsedge.preprocess import Preprocessing
     from capsedge.train.augment import get_augmentation
     from capsedge.train.batches import EpochSetter, TrainingBatches
-    from capsedge.train.data import load_images, read_dataset
     from capsedge.train.metrics import classification_report, stratified_split
+    from capsedge.workshop.dataset import load_images, read_dataset
 
     keras.utils.set_random_seed(args.seed)
     dataset = read_dataset(common.data_folder(args))

@@ -43,12 +43,12 @@ def main() -> None:
     import tensorflow as tf
 
     from capsedge.backends import LiteRTBackend
+    from capsedge.export.converter import set_full_integer, write_saved_model
     from capsedge.export.run import load_run
-    from capsedge.models.tflite import set_full_integer, write_saved_model
     from capsedge.preprocess import preprocess
-    from capsedge.train.data import read_dataset
     from capsedge.train.trainer import calibration_indices
     from capsedge.views import orientations
+    from capsedge.workshop.dataset import read_dataset
 
     trained = load_run(args.fold)
     dataset = read_dataset(common.data_folder(args))

@@ -55,18 +55,18 @@ def build_int8(name: str, calib: Path, out: Path) -> Path:
     """``name``'s network with the ImageNet trunk, as full-integer int8 TFLite."""
     import keras
 
+    from capsedge.export.calibration import calibration_images
     from capsedge.export.quantization import Quantization
-    from capsedge.export.run import calibration_images
     from capsedge.export.tflite_format import convert_to_tflite
     from capsedge.models import build_model, get_model_config
     from capsedge.models.efficientnet_lite import load_lite0_weights
-    from capsedge.preprocess import Preprocessing
+    from capsedge.workshop.dataset import ImageCache
 
     keras.utils.set_random_seed(0)
     cfg = get_model_config(name)
     model = build_model(cfg).classifier
     load_lite0_weights(model)
-    calibration = calibration_images(calib, Preprocessing(input_size=cfg.input_shape[0]), limit=32)
+    calibration = calibration_images(calib, ImageCache(cfg.preprocessing), limit=32)
     path = out / f"{name}_int8.tflite"
     path.write_bytes(convert_to_tflite(model, Quantization.for_int8(calibration)))
     return path

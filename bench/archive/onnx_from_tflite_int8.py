@@ -34,11 +34,13 @@ def main() -> None:
     import onnxruntime as ort
     from ai_edge_litert.interpreter import Interpreter
 
+    from capsedge.export.calibration import calibration_images
+    from capsedge.export.converter import keras_to_tflite
     from capsedge.export.onnx_format import tflite_to_onnx
-    from capsedge.export.run import calibration_images, load_run
+    from capsedge.export.run import load_run
     from capsedge.folders import image_files
-    from capsedge.models.tflite import keras_to_tflite
     from capsedge.preprocess import preprocess
+    from capsedge.workshop.dataset import ImageCache
 
     run = load_run(args.run)
     files = image_files(common.data_folder(args))[: args.limit]
@@ -46,7 +48,7 @@ def main() -> None:
     reference = run.classifier.predict(images, batch_size=16, verbose=0).argmax(axis=1)
     # the export's onnx-int8 route (capsedge.export.onnx_format.translate_tflite_int8), keeping
     # the TFLite file it translates to run beside it
-    calibration = calibration_images(common.data_folder(args), run.preprocessing)
+    calibration = calibration_images(common.data_folder(args), ImageCache(run.preprocessing))
     flatbuffer = keras_to_tflite(run.classifier, "int8", calibration,
                                  float_io=True, keep_names=True)
     interpreter = Interpreter(model_content=flatbuffer)
