@@ -30,13 +30,14 @@ from capsedge.models.losses import weighted_categorical_crossentropy  # noqa: E4
 from capsedge.train.augment import DRAWN_VIEWS, drawn_view, orientation  # noqa: E402
 from capsedge.train.batches import average_pool  # noqa: E402
 from capsedge.train.config import TrainConfig  # noqa: E402
+from capsedge.train.cross_validation import cross_validate  # noqa: E402
 from capsedge.train.frozen import (  # noqa: E402
     FrozenViewBatches,
     frozen_split,
     frozen_views,
     int8_frozen_views,
 )
-from capsedge.train.trainer import cross_validate, train  # noqa: E402
+from capsedge.train.trainer import train  # noqa: E402
 
 # A 64x64 member of the family: the whole trunk (a 2x2 map), 16 primary capsules, decoder at 32.
 TINY = dataclasses.replace(
@@ -201,7 +202,7 @@ def test_int8_frozen_views_are_the_float_maps_rounded_by_an_int8_trunk() -> None
 def test_the_int8_trunk_calibrates_like_the_export() -> None:
     from capsedge.export.quantization import CALIBRATION_IMAGES as EXPORT_IMAGES
     from capsedge.models.tflite import CALIBRATION_IMAGES
-    from capsedge.train.trainer import calibration_indices
+    from capsedge.train.plan import calibration_indices
 
     assert CALIBRATION_IMAGES == EXPORT_IMAGES
     train_idx = np.arange(1000, 1500)

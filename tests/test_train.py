@@ -17,7 +17,8 @@ from conftest import synthetic_xray
 pytest.importorskip("tensorflow")
 
 from capsedge.train.config import TrainConfig  # noqa: E402
-from capsedge.train.trainer import cross_validate, train  # noqa: E402
+from capsedge.train.cross_validation import cross_validate  # noqa: E402
+from capsedge.train.trainer import train  # noqa: E402
 
 FAST = TrainConfig(model="effcaps_mnist", epochs=1, batch_size=4, holdout=0.25)
 
