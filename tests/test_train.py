@@ -242,7 +242,7 @@ def test_the_plan_starts_each_part_from_the_same_part_of_a_stage_one_run(tmp_pat
         config = TrainConfig(model="lite0_linear_224", init=init)
         return TrainingPlan.build(config, get_model_config(config.model), ("Depuy", "Zimmer"))
 
-    assert plan("imagenet").stage1_run is None and plan("imagenet").stage1_trunk("fold-0") is None
+    assert plan("imagenet").stage1_run is None and plan("imagenet").stage1_trunk(0) is None
     stage1 = tmp_path / "s1"
     staged = plan(f"run:{stage1}")
     assert staged.stage1_run == stage1 and not staged.parts_share_frozen_maps
@@ -253,10 +253,10 @@ def test_the_plan_starts_each_part_from_the_same_part_of_a_stage_one_run(tmp_pat
         (stage1 / part / "trunk.npz").write_bytes(b"")
         np.save(stage1 / part / "holdout_indices.npy", np.array(held))
     assert staged.stage1_trunk() == stage1 / "final" / "trunk.npz"  # a single run: the final trunk
-    assert staged.stage1_trunk("fold-0", np.array([2, 0])) == stage1 / "fold-0" / "trunk.npz"
+    assert staged.stage1_trunk(0, np.array([2, 0])) == stage1 / "fold-0" / "trunk.npz"
     assert staged.stage1_trunk("final", np.array([], dtype=int)) == stage1 / "final" / "trunk.npz"
     with pytest.raises(ValueError, match="did not hold out fold 0's images"):
-        staged.stage1_trunk("fold-0", np.array([0, 1]))
+        staged.stage1_trunk(0, np.array([0, 1]))
 
 
 def test_every_train_setting_is_an_option_of_the_command_with_its_default() -> None:

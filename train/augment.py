@@ -11,6 +11,7 @@ numbered as there; :data:`DRAWN_VIEWS` says which of them a random draw picks.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -101,10 +102,23 @@ def _affine(grey: np.ndarray, spec: Augmentation, rng: np.random.Generator) -> n
 
 def orientation(images: np.ndarray, view: int) -> np.ndarray:
     """View ``view`` (0-7, numbered as in :func:`capsedge.views.orientations`) of an
-    ``(..., H, W, C)`` square image or batch."""
+    ``(..., H, W, C)`` square image or batch; a new array.
+
+    The pixels are gathered where :func:`capsedge.views.orientations` moves them (learnt once
+    per image size from that function): one view at the cost of one copy, not eight.
+    """
     if type(view) is not int or not 0 <= view < 8:
         raise ValueError(f"view must be in [0, 8), got {view!r}")
-    return orientations(images, 8)[view]
+    height, width, channels = images.shape[-3:]
+    pixels = images.reshape(*images.shape[:-3], height * width, channels)
+    return np.take(pixels, _view_pixels(height, width)[view], axis=-2)
+
+
+@functools.lru_cache(maxsize=4)
+def _view_pixels(height: int, width: int) -> np.ndarray:
+    """``(8, H, W)``: for each view, which pixel of the ``H x W`` image lands at each place."""
+    grid = np.arange(height * width, dtype=np.int32).reshape(height, width, 1)
+    return np.stack([view[..., 0] for view in orientations(grid, 8)])
 
 
 def drawn_view(images: np.ndarray, draw: int) -> np.ndarray:

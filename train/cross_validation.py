@@ -71,7 +71,7 @@ def cross_validate(
                       file=sys.stderr)
             train(dataset, fold_dir, config, resume=resume and (fold_dir / "backup").is_dir(),
                   progress=progress, workers=workers,
-                  part=Part(f"fold-{k}", (train_idx, val_idx), images, maps))
+                  part=Part(k, (train_idx, val_idx), images, maps))
         if not _finished(fold_dir):
             continue
         probabilities = np.load(fold_dir / "holdout_probabilities.npy")

@@ -79,11 +79,12 @@ class TrainingPlan:
         maps are computed once for all of them."""
         return self.frozen_trunk and self.config.init == "imagenet"
 
-    def stage1_trunk(self, part: str | None = None, held_out: np.ndarray | None = None) -> Path | None:
+    def stage1_trunk(self, part: int | str | None = None, held_out: np.ndarray | None = None) -> Path | None:
         """The trunk weights this run starts from under ``init="run:PATH"`` (else ``None``): for a
-        single run, that run's (see :func:`stage1_trunk_file`); for part ``fold-K`` or ``final`` of a
-        cross-validation, the same part of the stage-1 run, whose fold must have held out the same
-        images (``held_out``), else the cross-validation would not be honest.
+        single run (``part`` ``None``), that run's (see :func:`stage1_trunk_file`); for fold ``part``
+        (a number) or the ``"final"`` run of a cross-validation, the same part of the stage-1 run,
+        whose fold must have held out the same images (``held_out``), else the cross-validation
+        would not be honest.
 
         Raises:
             UsageError: no such trunk, or its fold held out other images.
@@ -91,14 +92,12 @@ class TrainingPlan:
         if self.stage1_run is None:
             return None
         trunk_file = stage1_trunk_file(self.stage1_run, part)
-        if held_out is not None and part is not None and part != "final":
+        if isinstance(part, int) and held_out is not None:
             held = trunk_file.parent / "holdout_indices.npy"
             if not held.is_file() or not np.array_equal(np.sort(np.load(held)), np.sort(held_out)):
-                fold = part.removeprefix("fold-")
-                raise UsageError(f"{trunk_file.parent} did not hold out fold {fold}'s images: the stage-1 "
+                raise UsageError(f"{trunk_file.parent} did not hold out fold {part}'s images: the stage-1 "
                                  "run must be a cross-validation of the same data, folds and seed")
         return trunk_file
-
 
 def plan_training(data: str | Path | Dataset, config: TrainConfig) -> tuple[Dataset, TrainingPlan]:
     """The data set of ``data`` (read unless it is one) and the plan of ``config`` for it.
@@ -115,9 +114,9 @@ def plan_training(data: str | Path | Dataset, config: TrainConfig) -> tuple[Data
     return dataset, TrainingPlan.build(config, model, dataset.classes)
 
 
-def stage1_trunk_file(run: Path, part: str | None = None) -> Path:
+def stage1_trunk_file(run: Path, part: int | str | None = None) -> Path:
     """The trunk weights a stage-1 ``run`` hands on: ``run/trunk.npz`` for a single run;
-    for a cross-validation, ``run/PART/trunk.npz`` (``part`` ``"fold-K"``, or ``"final"`` by
+    for a cross-validation, that of fold ``part`` (a number) or of the ``"final"`` run (by
     default).
 
     Raises:
@@ -125,13 +124,13 @@ def stage1_trunk_file(run: Path, part: str | None = None) -> Path:
     """
     from capsedge.models.efficientnet_lite import TRUNK_WEIGHTS_FILE
 
-    candidates = [run / part / TRUNK_WEIGHTS_FILE] if part else [run / TRUNK_WEIGHTS_FILE,
-                                                                   run / "final" / TRUNK_WEIGHTS_FILE]
+    folder = f"fold-{part}" if isinstance(part, int) else part
+    candidates = [run / folder / TRUNK_WEIGHTS_FILE] if folder else [run / TRUNK_WEIGHTS_FILE,
+                                                                       run / "final" / TRUNK_WEIGHTS_FILE]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise UsageError(f"no stage-1 trunk in {run} (looked for {', '.join(str(c) for c in candidates)})")
-
 
 def calibration_indices(train_idx: np.ndarray) -> np.ndarray:
     """The training images that calibrate the int8 trunk of ``--int8-trunk``: up to

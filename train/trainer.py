@@ -63,15 +63,15 @@ class Part:
     """A run that is one part of a cross-validation (see :mod:`.cross_validation`).
 
     Attributes:
-        name: ``"fold-K"`` or ``"final"`` (under ``init="run:PATH"``, the part of the stage-1 run
-            whose trunk it starts from).
+        name: the fold's number, or ``"final"`` (under ``init="run:PATH"``, the same part of the
+            stage-1 run gives the trunk it starts from).
         split: its (training, held-out) image indices.
         images: the preprocessed images of the whole data set, read once for every part.
         frozen_maps: the frozen trunk's maps of every image (see :mod:`.frozen`), when every part
             shares them; else ``None``.
     """
 
-    name: str
+    name: int | str
     split: tuple[np.ndarray, np.ndarray]
     images: np.ndarray
     frozen_maps: np.ndarray | None = None
