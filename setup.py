@@ -29,10 +29,11 @@ setup(
     python_requires=">=3.10",
     # The runtime is the top-level package; the heavy parts (TensorFlow) are
     # sub-packages that a device never imports.
-    packages=["capsedge", "capsedge.models", "capsedge.train", "capsedge.export"],
+    packages=["capsedge", "capsedge.models", "capsedge.workshop", "capsedge.train", "capsedge.export"],
     package_dir={
         "capsedge": "edge",
         "capsedge.models": "models",
+        "capsedge.workshop": "workshop",
         "capsedge.train": "train",
         "capsedge.export": "export",
     },

@@ -11,7 +11,8 @@ flips and quarter turns, and prints
 each one's accuracy and top-1 agreement with the float model, per fold and pooled. With
 `--save`, each format's eight-view probabilities go into the fold folder as
 `holdout_probabilities_views_<format>.npy` (beside the float model's
-`holdout_probabilities_views.npy`, same images and order).
+`holdout_probabilities_views.npy`, same images and order); `capsedge export --score-folds`
+saves the int8 ones as a release step.
 
 Usage:
     python bench/heldout_int8.py --cv runs/cv512f5 [--folds 0,1] [--data DIR] [--formats int8,dynamic,float16]
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,35 +33,20 @@ VIEW_COUNTS = (1, 4, 8)
 
 
 def measure_fold(fold: Path, dataset: object, formats: list[str], save: bool = False) -> dict[str, object]:
-    """Answers of the float model and of each format on the fold's held-out images."""
-    from capsedge.backends import LiteRTBackend
-    from capsedge.export.quantization import Quantization
-    from capsedge.export.run import load_run
-    from capsedge.export.tflite_format import convert_to_tflite
-    from capsedge.preprocess import preprocess
-    from capsedge.train.trainer import calibration_indices
-    from capsedge.views import orientations
+    """Answers of the float model and of each format on the fold's held-out images (the scoring
+    is :func:`capsedge.export.fold_scores.fold_views`, which ``capsedge export --score-folds`` runs)."""
+    from capsedge.export.fold_scores import fold_views
+    from capsedge.workshop.run import RunDir
 
-    trained = load_run(fold)
-    held = np.load(fold / "holdout_indices.npy")
-    training = np.setdiff1d(np.arange(len(dataset.paths)), held)
-    calibration = [preprocess(dataset.paths[i], trained.preprocessing) for i in calibration_indices(training)]
-    images = [preprocess(dataset.paths[i], trained.preprocessing) for i in held]
-    float_views = np.load(fold / "holdout_probabilities_views.npy")
+    run = RunDir(fold)
+    held = run.read_holdout_indices()
+    float_views = run.read_views()
     answers = {("float", n): float_views[:, :n].mean(1).argmax(1) for n in VIEW_COUNTS}
-    quantizations = {"int8": Quantization.for_int8(lambda: iter(calibration)),
-                     "dynamic": Quantization("dynamic"), "float16": Quantization("float16")}
-    with tempfile.TemporaryDirectory(prefix="capsedge-heldout-") as folder:
-        for name in formats:
-            path = Path(folder) / f"{name}.tflite"
-            path.write_bytes(convert_to_tflite(trained.classifier, quantizations[name]))
-            backend = LiteRTBackend(path)
-            views = np.array([[backend.run(view[np.newaxis])[:float_views.shape[2]]
-                               for view in orientations(image, max(VIEW_COUNTS))] for image in images])
-            for n in VIEW_COUNTS:
-                answers[name, n] = views[:, :n].mean(1).argmax(1)
-            if save:
-                np.save(fold / f"holdout_probabilities_views_{name}.npy", views.astype(np.float32))
+    for name, views in fold_views(run, dataset, formats).items():
+        for n in VIEW_COUNTS:
+            answers[name, n] = views[:, :n].mean(1).argmax(1)
+        if save:
+            run.save_views(views, name)
     return {"truth": dataset.targets[held], "answers": answers}
 
 
@@ -85,12 +70,14 @@ def main() -> None:
     parser.add_argument("--save", action="store_true", help="keep each format's held-out probabilities")
     args = parser.parse_args()
 
-    from capsedge.train.data import read_dataset
+    from capsedge.workshop.dataset import read_dataset
+    from capsedge.workshop.run import CrossValidation
 
     dataset = read_dataset(args.data)
     formats = args.formats.split(",")
-    folds = sorted(args.cv.glob("fold-*")) if args.folds is None else [
-        args.cv / f"fold-{k}" for k in args.folds.split(",")]
+    cv = CrossValidation(args.cv)
+    folds = [f.path for f in cv.folds()] if args.folds is None else [
+        cv.fold(int(k)).path for k in args.folds.split(",")]
     truth, pooled = [], {}
     report = {"cv": str(args.cv), "folds": {}}
     for fold in folds:

@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from capsedge.boundary import error_boundary, import_tensorflow_quietly, quiet_native_logs
+from capsedge.export.calibration import CALIBRATION_IMAGES
 from capsedge.export.formats import FORMATS
-from capsedge.export.quantization import CALIBRATION_IMAGES
 from capsedge.export.run import trust_sources
-from capsedge.export.writer import check_arguments, export, export_and_verify, steps
+from capsedge.export.writer import ExportOptions, check_arguments, export, steps
 from capsedge.outputs import refuse_overwrite
 from capsedge.progress import Progress
 from capsedge.views import RECIPE_VIEWS
+from capsedge.workshop.run import CrossValidation
 
 
 class StepCounter:
@@ -58,14 +59,18 @@ def _cli() -> Any:
                   help="Orientations of each image the runtime averages (4: the flips, as in the recipe "
                        "and the bundled model; 8: flips and transposes); with --train-data the "
                        "calibration is fitted for that average.")
+    @click.option("--score-folds", is_flag=True,
+                  help="First score each fold of the cross-validation as an int8 file on its held-out "
+                       "images (saved in the fold folders), so that the int8 files are calibrated on "
+                       "int8 answers. A release step; needs the trust section's sources.")
     @click.option("--no-verify", is_flag=True, help="Write the files only; no report.")
     @click.option("--verbose", is_flag=True, help="Show TensorFlow's own start-up and log lines.")
     @click.option("--allow-fail", is_flag=True,
                   help="Exit 0 even when a verification check fails (the report still says which).")
     def command(model: Path, out_dir: Path, formats: str, calib: Path | None, calib_limit: int,
                 eval_dir: Path | None, eval_limit: int | None, version: str | None, cv_dir: Path | None,
-                train_data: Path | None, test_time_views: str, no_verify: bool, allow_fail: bool,
-                verbose: bool) -> None:
+                train_data: Path | None, test_time_views: str, score_folds: bool, no_verify: bool,
+                allow_fail: bool, verbose: bool) -> None:
         """Export a trained model to TFLite / ONNX / Edge TPU files and verify them."""
         names = [f.strip() for f in formats.split(",") if f.strip()]
         with error_boundary(extra="export"), quiet_native_logs(verbose):
@@ -73,24 +78,25 @@ def _cli() -> Any:
             # have names of their own, so nothing is overwritten or read back as data).
             refuse_overwrite(out_dir, [p for p in (model, calib, eval_dir, train_data, cv_dir) if p],
                              "--out")
+            from capsedge.export.verify import check_evaluation, verify_export
+
             check_arguments(names, calib, model)
+            if not no_verify:
+                check_evaluation(eval_dir if eval_dir is not None else calib)
             cv_dir, train_data, note = trust_sources(model, cv_dir, train_data)
+            options = ExportOptions(formats=tuple(names), calibration=calib, calibration_limit=calib_limit,
+                                    version=version, cross_validation=cv_dir, train_data=train_data,
+                                    test_time_views=int(test_time_views), score_folds=score_folds)
+            folds = len(CrossValidation(cv_dir).folds()) if score_folds and cv_dir is not None else 0
             import_tensorflow_quietly(verbose)
-            with Progress("export", steps(names, train_data is not None, not no_verify)) as bar:
+            with Progress("export", steps(names, train_data is not None, not no_verify, folds)) as bar:
                 step = StepCounter(bar)
-                if no_verify:
-                    written = export(model, out_dir, names, calib, version, cv_dir, train_data,
-                                     int(test_time_views), progress=step)
-                    report = None
-                else:
-                    written, report = export_and_verify(
-                        model, out_dir, names, calib, eval_dir, eval_limit=eval_limit,
-                        calibration_limit=calib_limit, version=version, cross_validation=cv_dir,
-                        train_data=train_data, test_time_views=int(test_time_views), progress=step)
+                result = export(model, out_dir, options, progress=step)
+                report = None if no_verify else verify_export(result, eval_dir, eval_limit, progress=step)
                 bar.update(bar.total, note="done")
         from capsedge.export.edgetpu_format import describe
 
-        for name, path in written.items():
+        for name, path in result.files.items():
             what = f"; {describe(path)}" if name == "edgetpu" else ""
             click.echo(f"{name}: {path} ({path.stat().st_size / 1024:.1f} KiB{what})")
         if note is not None:  # after the files, so that an error stays the only line

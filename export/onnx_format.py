@@ -76,7 +76,7 @@ def translate_tflite_int8(model: Any, calibration: Callable[[], Iterable[np.ndar
                           opset: int = OPSET) -> Any:
     """The full-integer TFLite conversion of ``model`` (float input and output), translated to
     an ``onnx.ModelProto`` in QDQ form (:func:`tflite_to_onnx`)."""
-    from capsedge.models.tflite import keras_to_tflite
+    from capsedge.export.converter import keras_to_tflite
 
     return tflite_to_onnx(keras_to_tflite(model, "int8", calibration, float_io=True, keep_names=True), opset)
 

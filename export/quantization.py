@@ -9,10 +9,6 @@ import numpy as np
 
 MODES = ("float32", "float16", "dynamic", "int8")
 
-#: Images that calibrate a full-integer export by default (equal to
-#: ``capsedge.models.tflite.CALIBRATION_IMAGES``, kept here so the command line loads no Keras).
-CALIBRATION_IMAGES = 200
-
 
 @dataclass(frozen=True)
 class Quantization:

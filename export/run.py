@@ -1,22 +1,17 @@
-"""A training run as export reads it: the model, its recipe and provenance, and images
-for int8 calibration."""
+"""A training run as export reads it (through :mod:`capsedge.workshop.run`): the model, its
+recipe and provenance, and where its trust section is fitted from."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from capsedge.backends import first_line, is_readable_file
-from capsedge.errors import CapsedgeError, ImageError, ModelError, missing_extra, reason
-from capsedge.export.quantization import CALIBRATION_IMAGES
-from capsedge.folders import image_files
-from capsedge.preprocess import Preprocessing, preprocess
+from capsedge.errors import CapsedgeError, ModelError, missing_extra, reason
+from capsedge.preprocess import Preprocessing
+from capsedge.workshop.run import CrossValidation, RunDir
 
 
 @dataclass(frozen=True)
@@ -41,15 +36,6 @@ def run_version(name: str, model_file: Path) -> str:
     return f"{name}-{day}-{file_digest(model_file)[:10]}"
 
 
-def run_folder(path: str | Path) -> Path:
-    """The run folder of a run folder or of its ``classifier.keras``."""
-    path = Path(path)
-    try:
-        return path if path.is_dir() else path.parent
-    except OSError:
-        return path.parent
-
-
 def trust_sources(model: str | Path, cross_validation: str | Path | None,
                   train_data: str | Path | None) -> tuple[Path | None, Path | None, str | None]:
     """The cross-validation and training images to fit the trust section on: those given, else
@@ -63,17 +49,18 @@ def trust_sources(model: str | Path, cross_validation: str | Path | None,
     if cross_validation is not None and train_data is not None:
         return Path(cross_validation), Path(train_data), None
     given_data = train_data is not None
-    run_dir = run_folder(model)
+    run = RunDir.of(model)
     try:
-        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        config = run.read_config()
         recipe, source = config.get("train", {}), config.get("data", {}).get("source")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         recipe, source = {}, None
     reason = None
-    if cross_validation is None and (run_dir.parent / "cv_summary.json").is_file():
+    above = CrossValidation.above(run)
+    if cross_validation is None and above is not None:
         try:
-            cross_validation_summary(run_dir.parent, recipe)
-            cross_validation = run_dir.parent
+            cross_validation_summary(above.path, recipe)
+            cross_validation = above.path
         except CapsedgeError as exc:
             reason = str(exc)
     if train_data is None and isinstance(source, str) and Path(source).exists():
@@ -103,17 +90,12 @@ def load_run(path: str | Path, cross_validation: str | Path | None = None) -> Tr
         CapsedgeError: the cross-validation folder is unreadable or used another recipe.
     """
     path = Path(path)
-    try:
-        is_folder = path.is_dir()
-    except OSError:
-        is_folder = False
-    run_dir = path if is_folder else path.parent
-    model_file = run_dir / "classifier.keras" if is_folder else path
-    config_file = run_dir / "config.json"
+    run = RunDir.of(path)
+    model_file = run.classifier if run.path == path else path
     if not is_readable_file(model_file):
         raise ModelError(f"no trained model at {model_file}")
-    if not is_readable_file(config_file):
-        raise ModelError(f"no config.json beside {model_file.name} in {run_dir}")
+    if not is_readable_file(run.config):
+        raise ModelError(f"no {run.CONFIG} beside {model_file.name} in {run.path}")
     try:
         import keras
 
@@ -121,13 +103,12 @@ def load_run(path: str | Path, cross_validation: str | Path | None = None) -> Tr
     except ImportError as exc:
         raise missing_extra(exc.name or "tensorflow", "export") from None
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        metrics_file = run_dir / "metrics.json"
-        metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
+        config = run.read_config()
+        metrics = run.read_metrics()
         labels = tuple(str(label) for label in config["classes"])
         preprocessing = Preprocessing.from_dict(config["preprocessing"])
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"{run_dir} is not a complete run ({reason(exc)})") from None
+    except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{run.path} is not a complete run ({reason(exc)})") from None
     try:
         classifier = keras.models.load_model(model_file, compile=False)
     except Exception as exc:  # noqa: BLE001 - Keras raises many kinds for a bad file
@@ -175,14 +156,14 @@ def cross_validation_summary(folder: str | Path, recipe: dict[str, Any]) -> dict
             before the option existed) matches only when the other side has it off (0, None
             or False): new training options are added switched off.
     """
-    summary_file = Path(folder) / "cv_summary.json"
+    summary_file = CrossValidation(Path(folder)).summary
     try:
-        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        summary = CrossValidation(Path(folder)).read_summary()
         settings = dict(summary["train"])
         figures = {key: summary[key] for key in
                    ("folds", "accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_f1_std", "per_fold")}
         pooled = _summary(summary["pooled"])
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
         raise CapsedgeError(f"no readable cross-validation summary at {summary_file} "
                             f"({reason(exc)})") from None
     def same(key: str) -> bool:
@@ -200,33 +181,3 @@ def cross_validation_summary(folder: str | Path, recipe: dict[str, Any]) -> dict
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
     keys = ("accuracy", "macro_f1", "balanced_accuracy", "confusion_matrix", "classes")
     return {k: report[k] for k in keys if k in report}
-
-
-def calibration_images(
-    source: str | Path, preprocessing: Preprocessing, limit: int = CALIBRATION_IMAGES, seed: int = 0
-) -> Callable[[], Iterable[np.ndarray]]:
-    """Up to ``limit`` preprocessed images from a folder (any layout), for int8 calibration.
-
-    Raises:
-        CapsedgeError: the folder is missing, has no images, or an image cannot be decoded.
-    """
-    files = calibration_files(source)
-    rng = np.random.default_rng(seed)
-    chosen = [files[i] for i in sorted(rng.permutation(len(files))[:limit])]
-    images = []
-    for path in chosen:
-        try:
-            images.append(preprocess(path, preprocessing))
-        except ImageError as exc:
-            raise CapsedgeError(f"calibration image {path}: {exc}") from None
-    return lambda: iter(images)
-
-
-def calibration_files(source: str | Path) -> list[Path]:
-    folder = Path(source)
-    if not folder.is_dir():
-        raise CapsedgeError(f"calibration folder not found: {folder}")
-    files = image_files(folder)
-    if not files:
-        raise CapsedgeError(f"no calibration images found in {folder}")
-    return files

@@ -1,14 +1,15 @@
 """Keras classifier to a ``.tflite`` file with its metadata: float32, float16, dynamic-range or
-full-integer int8 (the conversion itself is :mod:`capsedge.models.tflite`, shared with training)."""
+full-integer int8 (the conversion itself is
+:mod:`capsedge.export.converter`, which training uses too)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from capsedge.export.converter import keras_to_tflite, strip_names, write_saved_model
 from capsedge.export.quantization import Quantization
 from capsedge.metadata import ModelMetadata, embed_in_tflite, sidecar_path
-from capsedge.models.tflite import keras_to_tflite, strip_names, write_saved_model
 
 __all__ = ["Quantization", "convert_to_tflite", "export_tflite", "stamp_tflite", "strip_names",
            "write_saved_model"]
@@ -16,7 +17,7 @@ __all__ = ["Quantization", "convert_to_tflite", "export_tflite", "stamp_tflite",
 
 def convert_to_tflite(model: Any, quantization: Quantization) -> bytes:
     """Convert a Keras model with one ``(None, H, W, C)`` input to TFLite flatbuffer bytes
-    (:func:`capsedge.models.tflite.keras_to_tflite` with ``quantization``'s settings)."""
+    (:func:`capsedge.export.converter.keras_to_tflite` with ``quantization``'s settings)."""
     return keras_to_tflite(model, quantization.mode, quantization.calibration)
 
 

@@ -28,6 +28,11 @@ from capsedge.trust import (
     reliability_bins,
 )
 from capsedge.views import RECIPE_VIEWS
+from capsedge.workshop.dataset import ImageCache, read_dataset
+from capsedge.workshop.run import CrossValidation
+
+#: The format whose folds' held-out answers recalibrate an int8 file (see :func:`fit_file_trust`).
+INT8 = "int8"
 
 #: The trunk stage whose mean map is the outlier feature (frozen in the bundled recipe).
 OUTLIER_STAGE = 5
@@ -172,11 +177,10 @@ def fit_file_trust(path: str | Path, images: np.ndarray, targets: np.ndarray, tr
     - Outlier statistics: from the features the file computes for the training ``images``
       (after its probabilities). Int8 rounding moves them about four times the float spread.
     - Calibration: from the held-out answers of the folds' int8 files when the
-      cross-validation has them (``bench/heldout_int8.py --save``); otherwise the float
+      cross-validation has them (:func:`capsedge.export.fold_scores.score_folds`); otherwise the float
       folds' calibration is kept, and the provenance says so.
     """
     from capsedge.backends import open_backend
-    from capsedge.train.evaluation import out_of_fold, views_file
 
     provenance = dict(trust.provenance)
     outliers = trust.outliers
@@ -187,9 +191,9 @@ def fit_file_trust(path: str | Path, images: np.ndarray, targets: np.ndarray, tr
         provenance |= {"outlier_statistics": "fitted on this file's own features of the training images",
                        "outlier_false_alarms_cv": outlier_false_alarms(features)}
     calibration = trust.calibration
-    folds = sorted(Path(cross_validation).glob("fold-*"))
-    if folds and all((fold / views_file("int8")).is_file() for fold in folds):
-        indices, raw = out_of_fold(cross_validation, len(targets), test_time_views, quantized="int8")
+    folds = CrossValidation(Path(cross_validation))
+    if folds.has_views(INT8):
+        indices, raw = folds.out_of_fold(len(targets), test_time_views, fmt=INT8)
         fitted, report = fit_calibration(raw, targets[indices])
         calibration = fitted
         provenance |= report | {"calibrated_on": "the held-out answers of the folds' int8 files"}
@@ -229,23 +233,20 @@ class TrustFit:
 
 
 def fit_trust(classifier: Any, labels: tuple[str, ...], cross_validation: str | Path,
-              train_data: str | Path, preprocessing: Any, test_time_views: int = RECIPE_VIEWS) -> TrustFit:
+              train_data: str | Path, images: ImageCache, test_time_views: int = RECIPE_VIEWS) -> TrustFit:
     """Fit calibration (from ``cross_validation``'s out-of-fold predictions, averaged over
-    ``test_time_views`` views as the runtime will) and outlier
-    statistics (from the features of ``train_data``'s images under ``classifier``; none for a
-    model without an EfficientNet-Lite0 trunk).
+    ``test_time_views`` views as the runtime will) and outlier statistics (from the features of
+    ``train_data``'s images, preprocessed by ``images``, under ``classifier``; none for a model
+    without an EfficientNet-Lite0 trunk).
 
     Raises:
         CapsedgeError: the data's classes differ from the model's, or the folds do not match it.
     """
-    from capsedge.train.data import load_images, read_dataset
-    from capsedge.train.evaluation import out_of_fold
-
     dataset = read_dataset(train_data)
     if tuple(dataset.classes) != tuple(labels):
         raise CapsedgeError(f"{train_data} has classes {list(dataset.classes)}, the model {list(labels)}")
     targets = dataset.targets
-    indices, raw = out_of_fold(cross_validation, len(targets), test_time_views)
+    indices, raw = CrossValidation(Path(cross_validation)).out_of_fold(len(targets), test_time_views)
     targets_oof = targets[indices]
     calibration, fitted = fit_calibration(raw, targets_oof)
     calibrated = calibrate(raw, calibration.temperature)
@@ -256,8 +257,8 @@ def fit_trust(classifier: Any, labels: tuple[str, ...], cross_validation: str | 
         feature_model = None
     outliers, features = None, np.zeros((0, 0))
     if feature_model is not None:
-        images = load_images(dataset, preprocessing)
-        features = np.asarray(feature_model.predict(images, batch_size=16, verbose=0))[:, len(labels):]
+        batch = images.images(dataset.paths)
+        features = np.asarray(feature_model.predict(batch, batch_size=16, verbose=0))[:, len(labels):]
         outliers = fit_outliers(features)
     report = {
         **fitted,

@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from capsedge.backends import Backend, first_line, open_backend
-from capsedge.errors import CapsedgeError, ImageError
+from capsedge.errors import CapsedgeError
 from capsedge.export.formats import FORMATS, ExportFormat
 from capsedge.export.graph import (
     FORBIDDEN_ONNX,
@@ -30,9 +30,12 @@ from capsedge.export.graph import (
     op_counts,
 )
 from capsedge.export.report import WARM_UP_RUNS, ArtifactReport, Check, Goals, VerificationReport
-from capsedge.folders import image_files, label_from_name
+from capsedge.folders import image_files
 from capsedge.metadata import read_metadata
-from capsedge.preprocess import Preprocessing, preprocess
+from capsedge.workshop.dataset import ImageCache, label_of
+
+if TYPE_CHECKING:
+    from capsedge.export.writer import ExportResult
 
 MIN_TIMED_RUNS = 20
 
@@ -51,18 +54,23 @@ class EvaluationSet:
         return int(np.sum(self.targets >= 0))
 
 
-def label_of(path: Path, labels: tuple[str, ...]) -> int:
-    """Class id from a folder-per-class parent or a ``Label.N.jpg`` name; -1 when neither."""
-    for candidate in (path.parent.name, label_from_name(path)):
-        if candidate in labels:
-            return labels.index(candidate)
-    return -1
+def check_evaluation(evaluation: str | Path | None) -> Path:
+    """The evaluation folder, checked before anything heavy is loaded.
+
+    Raises:
+        CapsedgeError: none given, or it has no images.
+    """
+    if evaluation is None:
+        raise CapsedgeError("verification needs images: pass --eval DIR (or --calib DIR), or --no-verify")
+    if not image_files(evaluation):
+        raise CapsedgeError(f"no evaluation images found in {evaluation}")
+    return Path(evaluation)
 
 
-def load_evaluation_set(
-    folder: str | Path, preprocessing: Preprocessing, labels: tuple[str, ...], limit: int | None = None
-) -> EvaluationSet:
-    """Preprocess the images of ``folder`` (the first ``limit`` in sorted order).
+def load_evaluation_set(folder: str | Path, images: ImageCache, labels: tuple[str, ...],
+                        limit: int | None = None) -> EvaluationSet:
+    """The images of ``folder`` (the first ``limit`` in sorted order, any layout, labelled by
+    :func:`~capsedge.workshop.dataset.label_of`), preprocessed by ``images``.
 
     Raises:
         CapsedgeError: the folder has no images, or one cannot be decoded.
@@ -72,14 +80,8 @@ def load_evaluation_set(
         files = files[:limit]
     if not files:
         raise CapsedgeError(f"no evaluation images found in {folder}")
-    images = np.empty((len(files), *preprocessing.input_shape), np.float32)
-    for i, path in enumerate(files):
-        try:
-            images[i] = preprocess(path, preprocessing)
-        except ImageError as exc:
-            raise CapsedgeError(f"evaluation image {path}: {exc}") from None
     targets = np.array([label_of(p, labels) for p in files], np.int64)
-    return EvaluationSet(str(folder), images, targets)
+    return EvaluationSet(str(folder), images.images(files, "evaluation image"), targets)
 
 
 def run_timed(backend: Backend, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -229,3 +231,26 @@ def verify_exports(
         checks=checks,
         goals=goals,
     )
+
+
+def verify_export(result: ExportResult, evaluation: str | Path | None = None, limit: int | None = None,
+                  progress: Callable[[str], None] | None = None) -> VerificationReport:
+    """Verify the files of an export on the images of ``evaluation`` (default: its calibration
+    folder; the first ``limit`` only) against the Keras model, and write ``report.json`` and
+    ``report.md`` beside them; ``progress(step)`` is told each format verified. The images the
+    export read already are not decoded again.
+
+    Raises:
+        CapsedgeError: no evaluation images, or one cannot be decoded.
+    """
+    from capsedge.export.report import write_report
+
+    folder = check_evaluation(evaluation if evaluation is not None else result.options.calibration)
+    run = result.run
+    images = result.images if result.images is not None else ImageCache(run.preprocessing)
+    evaluation_set = load_evaluation_set(folder, images, run.labels, limit)
+    verified = (lambda fmt: progress(f"verified {fmt}")) if progress is not None else None
+    report = verify_exports(run.classifier, result.files, evaluation_set, name=run.name, labels=run.labels,
+                            progress=verified)
+    write_report(report, result.out_dir)
+    return report

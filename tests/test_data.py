@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from capsedge.train.data import DatasetError, read_dataset
 from capsedge.train.metrics import classification_report, stratified_folds, stratified_split
+from capsedge.workshop.dataset import DatasetError, read_dataset
 
 from conftest import implant_data, synthetic_xray
 

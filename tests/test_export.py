@@ -35,7 +35,8 @@ from capsedge.export.graph import (  # noqa: E402
     op_counts,
     tflite_graph,
 )
-from capsedge.export.writer import export_and_verify  # noqa: E402
+from capsedge.export.verify import verify_export  # noqa: E402
+from capsedge.export.writer import ExportOptions, export  # noqa: E402
 
 LABELS = ("Cofield", "Depuy", "Tornier", "Zimmer")
 SIZE = 32
@@ -89,8 +90,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def exported(tiny_run: Path, images: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     out = tmp_path_factory.mktemp("exported")
-    written, report = export_and_verify(tiny_run, out, ALL, images)
-    return out, written, report
+    result = export(tiny_run, out, ExportOptions(formats=ALL, calibration=images))
+    return out, result.files, verify_export(result)
 
 
 @pytest.fixture(scope="session")
@@ -98,9 +99,10 @@ def reference(tiny_run: Path, images: Path) -> tuple[np.ndarray, np.ndarray]:
     """Preprocessed images and the Keras model's probabilities for them."""
     from capsedge.export.run import load_run
     from capsedge.export.verify import load_evaluation_set
+    from capsedge.workshop.dataset import ImageCache
 
     run = load_run(tiny_run)
-    evaluation = load_evaluation_set(images, run.preprocessing, run.labels)
+    evaluation = load_evaluation_set(images, ImageCache(run.preprocessing), run.labels)
     return evaluation.images, np.asarray(run.classifier.predict(evaluation.images, verbose=0))
 
 
@@ -331,6 +333,17 @@ def test_cli_cross_validation_goes_into_the_exported_provenance(tiny_run: Path, 
 
 
 @pytest.mark.slow
+def test_cli_calib_limit_is_honoured_without_verification(tiny_run: Path, images: Path,
+                                                          tmp_path: Path) -> None:
+    result = invoke("--model", str(tiny_run), "--out", str(tmp_path / "o"), "--formats", "tflite-int8",
+                    "--calib", str(images), "--calib-limit", "3", "--no-verify")
+    assert result.exit_code == 0, result.output
+    model = tmp_path / "o" / "tiny_effcaps_ncp_tflite_int8.tflite"
+    assert read_sidecar(model).provenance["calibration"] == {"folder": str(images), "images": 3}
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+@pytest.mark.slow
 def test_every_backend_gives_the_same_answers_per_artifact_family(exported: tuple, reference: tuple) -> None:
     """Float family: the .tflite through LiteRT and the .onnx through ONNX Runtime (explicit
     backends, as ``--backend`` picks them); int8 family: the Edge TPU variant run on the CPU
@@ -444,7 +457,9 @@ def test_edgetpu_compiler_on_the_path_is_run_and_its_log_reported(
 ) -> None:
     put_fake_compiler_on_path(tmp_path / "bin", monkeypatch)
     out = tmp_path / "out"
-    written, report = export_and_verify(tiny_run, out, ("edgetpu",), images)
+    result = export(tiny_run, out, ExportOptions(formats=("edgetpu",), calibration=images))
+    written = result.files
+    verify_export(result)
     compiled = out / f"{written['edgetpu'].stem}_edgetpu.tflite"
     assert compiled.is_file()
     assert read_embedded(compiled).labels == LABELS  # metadata stored again after compiling

@@ -111,7 +111,15 @@ def test_test_time_views_default_is_the_recipes() -> None:
     from capsedge.metadata import read_metadata
 
     option = next(p for p in command.params if p.name == "test_time_views")
-    functions = (writer.export, writer.export_and_verify, writer.export_run, writer.fit_run_trust,
-                 trust_fit.fit_trust, trust_fit.fit_file_trust)
+    functions = (trust_fit.fit_trust, trust_fit.fit_file_trust)
     defaults = {inspect.signature(f).parameters["test_time_views"].default for f in functions}
+    defaults.add(writer.ExportOptions().test_time_views)
     assert defaults == {int(option.default)} == {read_metadata(default_model_path()).test_time_views} == {4}
+
+
+def test_cli_verification_without_images_fails_before_tensorflow(tmp_path: Path) -> None:
+    result = invoke("--model", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, "verification needs images: pass --eval DIR (or --calib DIR)")
+    (tmp_path / "empty").mkdir()
+    result = invoke("--model", str(tmp_path), "--out", str(tmp_path / "o"), "--eval", str(tmp_path / "empty"))
+    assert_one_line_error(result, "no evaluation images found in")

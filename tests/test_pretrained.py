@@ -199,19 +199,6 @@ def test_int8_frozen_views_are_the_float_maps_rounded_by_an_int8_trunk() -> None
     assert own.mean() < other.mean()
 
 
-def test_the_int8_trunk_calibrates_like_the_export() -> None:
-    from capsedge.export.quantization import CALIBRATION_IMAGES as EXPORT_IMAGES
-    from capsedge.models.tflite import CALIBRATION_IMAGES
-    from capsedge.train.plan import calibration_indices
-
-    assert CALIBRATION_IMAGES == EXPORT_IMAGES
-    train_idx = np.arange(1000, 1500)
-    chosen = calibration_indices(train_idx)
-    assert len(chosen) == CALIBRATION_IMAGES and set(chosen) <= set(train_idx)
-    np.testing.assert_array_equal(chosen, np.sort(chosen))
-    np.testing.assert_array_equal(calibration_indices(train_idx[:50]), train_idx[:50])
-
-
 def test_training_views_are_the_runtimes_and_draws_pick_them_in_the_order_seeds_always_did() -> None:
     from capsedge.views import orientations
 
@@ -326,17 +313,17 @@ def test_training_on_int8_trunk_maps_reads_them_for_the_training_images_only(
 def check_export_with_trust(cv: Path, data: Path, out: Path) -> None:
     """Exported with --train-data and four test-time views: calibration from the folds' four-view
     averages, the stage-5 features after the probabilities, and the runtime applies all three."""
-    from capsedge.export.writer import export
+    from capsedge.export.writer import ExportOptions, export
     from capsedge.preprocess import preprocess
-    from capsedge.train.evaluation import views_file
     from capsedge.trust import calibrate
     from capsedge.views import orientations
+    from capsedge.workshop.run import CrossValidation
 
-    for fold in cv.glob("fold-*"):  # stand-ins for the folds' int8 answers: the classes swapped
-        views = np.load(fold / "holdout_probabilities_views.npy")
-        np.save(fold / views_file("int8"), 0.8 * views[:, :4, ::-1] + 0.1)
-    written = export(cv / "final", out, ["tflite-f32", "tflite-int8"], calibration=data, cross_validation=cv,
-                     train_data=data, test_time_views=4)
+    for fold in CrossValidation(cv).folds():  # stand-ins for the folds' int8 answers: the classes swapped
+        fold.save_views(0.8 * fold.read_views()[:, :4, ::-1] + 0.1, "int8")
+    options = ExportOptions(formats=("tflite-f32", "tflite-int8"), calibration=data, cross_validation=cv,
+                            train_data=data, test_time_views=4)
+    written = export(cv / "final", out, options).files
     classifier = Classifier.load(written["tflite-f32"])
     trust = classifier.metadata.trust
     assert classifier.backend.num_outputs == 2 + 112 and trust.outliers.feature_dim == 112

@@ -21,6 +21,7 @@ from capsedge.errors import ModelError
 from capsedge.fonts import figure_font
 from capsedge.outputs import refuse_overwrite
 from capsedge.preprocess import Preprocessing, preprocess
+from capsedge.workshop.run import RunDir
 
 #: Shifts added to a dimension, as in Sabour et al. 2017, Fig. 4.
 DELTAS = tuple(float(d) for d in np.round(np.arange(-0.25, 0.26, 0.05), 2))
@@ -55,27 +56,25 @@ def load_run_decoder(run_dir: str | Path) -> tuple[Any, Any, tuple[str, ...], Pr
     Raises:
         ModelError: the run is incomplete or has no decoder.
     """
-    import json
-
     import keras
 
     import capsedge.models  # noqa: F401 - registers the custom layers
 
-    run = Path(run_dir)
-    missing = [name for name in ("classifier.keras", "config.json") if not (run / name).is_file()]
+    run = RunDir(Path(run_dir))
+    missing = run.missing()
     if missing:
-        raise ModelError(f"{run} is not a training run (no {', '.join(missing)})")
-    if not (run / "decoder.keras").is_file():
-        raise ModelError(f"{run} has no decoder.keras: train the run again with this capsedge "
+        raise ModelError(f"{run.path} is not a training run (no {', '.join(missing)})")
+    if not run.decoder.is_file():
+        raise ModelError(f"{run.path} has no {run.DECODER}: train the run again with this capsedge "
                          "(runs of models with a reconstruction decoder save it)")
     try:
-        config = json.loads((run / "config.json").read_text(encoding="utf-8"))
-        classifier = keras.models.load_model(run / "classifier.keras", compile=False)
-        decoder = keras.models.load_model(run / "decoder.keras", compile=False)
+        config = run.read_config()
+        classifier = keras.models.load_model(run.classifier, compile=False)
+        decoder = keras.models.load_model(run.decoder, compile=False)
         labels = tuple(str(c) for c in config["classes"])
         preprocessing = Preprocessing.from_dict(config["preprocessing"])
     except Exception as exc:  # noqa: BLE001 - Keras and json raise many kinds for a bad file
-        raise ModelError(f"cannot load the run in {run} ({first_line(exc)})") from None
+        raise ModelError(f"cannot load the run in {run.path} ({first_line(exc)})") from None
     return classifier, decoder, labels, preprocessing
 
 

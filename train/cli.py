@@ -13,6 +13,7 @@ from capsedge.boundary import error_boundary, import_tensorflow_quietly, quiet_n
 from capsedge.errors import UsageError
 from capsedge.outputs import refuse_inside
 from capsedge.train.config import TrainConfig, options
+from capsedge.workshop.run import CrossValidation
 
 
 def recipe_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -59,7 +60,7 @@ def command(data: Path, run_dir: Path, folds: int | None, final: bool, parts: tu
         config = TrainConfig(**recipe)
         if parts and not folds:
             raise UsageError("--fold needs --folds")
-        chosen = [part if part == "final" else _fold_number(part) for part in parts] or None
+        chosen = [part if part == CrossValidation.FINAL else _fold_number(part) for part in parts] or None
         refuse_inside(run_dir, [data], "--out")
         import_tensorflow_quietly(verbose)
         if folds:
@@ -73,9 +74,9 @@ def command(data: Path, run_dir: Path, folds: int | None, final: bool, parts: tu
                 f"{folds}-fold accuracy {summary['accuracy_mean']:.3f} ± {summary['accuracy_std']:.3f}, "
                 f"macro-F1 {summary['macro_f1_mean']:.3f} ± {summary['macro_f1_std']:.3f}"
             )
-            click.echo(f"summary written to {Path(run_dir) / 'cv_summary.json'}")
+            click.echo(f"summary written to {CrossValidation(run_dir).summary}")
             if final:
-                click.echo(f"final run written to {Path(run_dir) / 'final'}")
+                click.echo(f"final run written to {CrossValidation(run_dir).final.path}")
             return
         result = train(dataset, run_dir, config, resume=resume, workers=workers)
     held = result.metrics.get("holdout")

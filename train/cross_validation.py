@@ -1,9 +1,9 @@
 """Stratified K-fold cross-validation: each fold a run in ``fold-K``, optionally a ``final`` run on
-every image, and a summary (``cv_summary.json``) once every fold is done."""
+every image, and a summary (``cv_summary.json``) once every fold is done; the folder is a
+:class:`capsedge.workshop.run.CrossValidation`."""
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Collection
 from dataclasses import asdict, replace
@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 
 from capsedge.errors import UsageError
+from capsedge.workshop.run import CrossValidation
 
 from .config import TrainConfig
 from .data import Dataset, load_images
-from .evaluation import out_of_fold, save_evaluation_pngs
+from .evaluation import save_evaluation_pngs
 from .metrics import classification_report, stratified_folds
 from .plan import TrainingPlan, plan_training
-from .trainer import TEST_TIME_VIEWS, Part, progress_bar, train, write_json
+from .trainer import TEST_TIME_VIEWS, Part, progress_bar, train
 
 
 def cross_validate(
@@ -53,46 +54,43 @@ def cross_validate(
     """
     dataset, plan = plan_training(data, config or TrainConfig())
     config = plan.config
-    run_dir = Path(run_dir)
+    cv = CrossValidation(Path(run_dir))
     _check_parts(parts, folds, final)
-    resume = _open_cross_validation(run_dir, {"train": asdict(config), "folds": folds,
-                                              "images": len(dataset.paths)}, resume, parts)
-    wanted = set(range(folds)) | ({"final"} if final else set()) if parts is None else set(parts)
+    settings = {"train": asdict(config), "folds": folds, "images": len(dataset.paths)}
+    resume = _open_cross_validation(cv, settings, resume, parts)
+    wanted = set(range(folds)) | ({cv.FINAL} if final else set()) if parts is None else set(parts)
     with progress_bar("reading images", progress) as bar:
         images = load_images(dataset, plan.preprocessing, progress=bar)
     maps = _shared_frozen_maps(plan, images, progress)
     targets = dataset.targets
     pooled_true, pooled_pred, per_fold = [], [], []
     for k, (train_idx, val_idx) in enumerate(stratified_folds(targets, folds, config.seed)):
-        fold_dir = run_dir / f"fold-{k}"
-        if not (resume and _finished(fold_dir)) and k in wanted:
+        fold = cv.fold(k)
+        if not (resume and fold.is_finished()) and k in wanted:
             if progress:
                 print(f"fold {k + 1}/{folds}: {len(train_idx)} training, {len(val_idx)} validation images",
                       file=sys.stderr)
-            train(dataset, fold_dir, config, resume=resume and (fold_dir / "backup").is_dir(),
-                  progress=progress, workers=workers,
-                  part=Part(k, (train_idx, val_idx), images, maps))
-        if not _finished(fold_dir):
+            train(dataset, fold.path, config, resume=resume and fold.backup.is_dir(), progress=progress,
+                  workers=workers, part=Part(k, (train_idx, val_idx), images, maps))
+        if not fold.is_finished():
             continue
-        probabilities = np.load(fold_dir / "holdout_probabilities.npy")
         pooled_true.append(targets[val_idx])
-        pooled_pred.append(probabilities.argmax(1))
-        per_fold.append(_fold_row(k, json.loads((fold_dir / "metrics.json").read_text())))
-    final_dir = run_dir / "final"
-    if "final" in wanted and not (resume and _finished(final_dir)):
+        pooled_pred.append(fold.read_holdout_probabilities().argmax(1))
+        per_fold.append(_fold_row(k, fold.read_metrics()))
+    if cv.FINAL in wanted and not (resume and cv.final.is_finished()):
         if progress:
             print(f"final: all {len(targets)} images", file=sys.stderr)
         everything = (np.arange(len(targets)), np.array([], dtype=np.int64))
-        train(dataset, final_dir, replace(config, holdout=0.0), progress=progress,
-              resume=resume and (final_dir / "backup").is_dir(), workers=workers,
-              part=Part("final", everything, images, maps))
+        train(dataset, cv.final.path, replace(config, holdout=0.0), progress=progress,
+              resume=resume and cv.final.backup.is_dir(), workers=workers,
+              part=Part(CrossValidation.FINAL, everything, images, maps))
     if len(per_fold) < folds:
         return None
     pooled = classification_report(np.concatenate(pooled_true), np.concatenate(pooled_pred), dataset.classes)
     summary = _summary(per_fold, pooled, config)
-    write_json(run_dir / "cv_summary.json", summary)
-    indices, probabilities = out_of_fold(run_dir, len(targets))
-    save_evaluation_pngs(probabilities, targets[indices], dataset.classes, run_dir)
+    cv.write_summary(summary)
+    indices, probabilities = cv.out_of_fold(len(targets))
+    save_evaluation_pngs(probabilities, targets[indices], dataset.classes, cv.path)
     return summary
 
 
@@ -100,31 +98,30 @@ def _check_parts(parts: Collection[int | str] | None, folds: int, final: bool) -
     """Refuse parts that are neither a fold number nor ``"final"`` (which needs ``final``)."""
     if parts is None:
         return
-    unknown = [p for p in parts if p != "final" and not (isinstance(p, int) and 0 <= p < folds)]
+    unknown = [p for p in parts if p != CrossValidation.FINAL and not (isinstance(p, int) and 0 <= p < folds)]
     if unknown:
         raise UsageError(f"no part {unknown[0]!r} in a {folds}-fold cross-validation "
                          f"(0-{folds - 1} or final)")
-    if "final" in parts and not final:
+    if CrossValidation.FINAL in parts and not final:
         raise UsageError("the final part needs --final")
 
 
-def _open_cross_validation(run_dir: Path, settings: dict[str, Any], resume: bool,
+def _open_cross_validation(cv: CrossValidation, settings: dict[str, Any], resume: bool,
                            parts: Collection[int | str] | None) -> bool:
-    """Create ``run_dir`` with its ``cv_settings.json``, checking that a cross-validation resumed
-    (or trained in parts) has the same settings, and that a fresh one starts in no other's folder.
+    """Create the folder with its settings, checking that a cross-validation resumed (or trained in
+    parts) has the same settings, and that a fresh one starts in no other's folder.
 
     Returns whether finished parts are kept (resumed): with ``resume``, or when training parts.
     """
-    settings_file = run_dir / "cv_settings.json"
-    if resume or (parts is not None and settings_file.is_file()):
-        if not settings_file.is_file():
-            raise UsageError(f"nothing to resume in {run_dir} (no cv_settings.json)")
-        if json.loads(settings_file.read_text()) != settings:
-            raise UsageError(f"{run_dir} holds a cross-validation with other settings; choose another --out")
-    elif parts is None and run_dir.is_dir() and any(run_dir.glob("fold-*")):
-        raise UsageError(f"{run_dir} already holds a cross-validation: pass --resume or another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(settings_file, settings)
+    if resume or (parts is not None and cv.settings.is_file()):
+        if not cv.settings.is_file():
+            raise UsageError(f"nothing to resume in {cv.path} (no {CrossValidation.SETTINGS})")
+        if cv.read_settings() != settings:
+            raise UsageError(f"{cv.path} holds a cross-validation with other settings; choose another --out")
+    elif parts is None and cv.has_folds():
+        raise UsageError(f"{cv.path} already holds a cross-validation: pass --resume or another --out")
+    cv.path.mkdir(parents=True, exist_ok=True)
+    cv.write_settings(settings)
     return resume or parts is not None
 
 
@@ -142,11 +139,6 @@ def _shared_frozen_maps(plan: TrainingPlan, images: np.ndarray, progress: bool) 
     network = build_network(plan)
     with progress_bar("frozen trunk maps", progress) as bar:
         return frozen_views(network.frozen, images, progress=bar)
-
-
-def _finished(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a completed run (metrics written, no backup left)."""
-    return (run_dir / "metrics.json").is_file() and not (run_dir / "backup").is_dir()
 
 
 def _fold_row(fold: int, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -9,20 +9,20 @@ from typing import Any
 
 import numpy as np
 
-from capsedge.errors import CapsedgeError, reason
 from capsedge.views import orientations
+from capsedge.workshop.run import CrossValidation, RunDir, average_views, views_name
 
 from .figures import TRAIN_COLOUR, save_confusion_png, save_per_class_png, save_reliability_png
 from .metrics import classification_report
 
+__all__ = ["VIEWS_FILE", "average_views", "out_of_fold", "predict_probabilities", "predict_views",
+           "read_history", "save_evaluation_pngs", "views_file"]
+
 #: A fold's held-out probabilities in every test-time view, ``(images, 8, classes)``.
-VIEWS_FILE = "holdout_probabilities_views.npy"
-
-
-def views_file(quantized: str | None = None) -> str:
-    """The file of a fold's held-out probabilities per view: the float model's, or those of the
-    fold's ``quantized`` file (``int8``: written by ``python bench/heldout_int8.py --save``)."""
-    return VIEWS_FILE if quantized is None else VIEWS_FILE.replace(".npy", f"_{quantized}.npy")
+VIEWS_FILE = RunDir.VIEWS
+#: The file of a fold's held-out probabilities per view, of the float model or of a format
+#: (``views_file("int8")``); see :meth:`capsedge.workshop.run.RunDir.views_file`.
+views_file = views_name
 
 
 def predict_probabilities(classifier: Any, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -37,23 +37,17 @@ def predict_views(classifier: Any, images: np.ndarray, count: int = 8, batch_siz
                      for view in orientations(images, count)], axis=1)
 
 
-def average_views(views: np.ndarray, count: int) -> np.ndarray:
-    """What a runtime averaging the first ``count`` views answers: their mean probabilities."""
-    if views.ndim != 3 or not 1 <= count <= views.shape[1]:
-        raise ValueError(f"cannot average {count} views of predictions shaped {views.shape}")
-    return views[:, :count].mean(axis=1)
-
-
 def save_evaluation_pngs(probabilities: np.ndarray, targets: np.ndarray, classes: tuple[str, ...],
                          run_dir: Path) -> None:
     """``confusion.png``, ``per_class.png`` and ``reliability.png`` for held-out predictions."""
     from capsedge.trust import reliability_bins
 
     report = classification_report(targets, probabilities.argmax(1), classes)
-    save_confusion_png(np.array(report["confusion_matrix"]), classes, run_dir / "confusion.png")
-    save_per_class_png(report, run_dir / "per_class.png")
+    run = RunDir(run_dir)
+    save_confusion_png(np.array(report["confusion_matrix"]), classes, run.confusion)
+    save_per_class_png(report, run.per_class)
     save_reliability_png([("held-out", reliability_bins(probabilities, targets), TRAIN_COLOUR)],
-                         run_dir / "reliability.png")
+                         run.reliability)
 
 
 def read_history(path: Path) -> dict[str, list[float]]:
@@ -80,35 +74,5 @@ def _number_or_nan(text: str | None) -> float:
 
 def out_of_fold(cross_validation: str | Path, images: int, views: int = 1,
                 quantized: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(indices, probabilities)`` of every image from a ``--folds K`` folder's held-out folds,
-    averaged over ``views`` test-time views (``holdout_probabilities_views.npy``) when more than one;
-    with ``quantized``, those of the folds' quantized files (see :func:`views_file`).
-
-    Raises:
-        CapsedgeError: a fold is missing its held-out predictions (or those views), or they do
-            not cover ``images`` images exactly once.
-    """
-    folds = sorted(Path(cross_validation).glob("fold-*"))
-    if not folds:
-        raise CapsedgeError(f"no fold-* folders in {cross_validation}")
-    name = views_file(quantized)
-    missing = [f.name for f in folds if (views > 1 or quantized) and not (f / name).is_file()]
-    if missing and quantized:
-        raise CapsedgeError(f"{cross_validation}/{missing[0]} has no {name} (python bench/heldout_int8.py "
-                            f"--cv DIR --formats {quantized} --save writes it)")
-    if missing:
-        raise CapsedgeError(f"{cross_validation}/{missing[0]} has no {VIEWS_FILE} for {views} test-time "
-                            "views (runs of capsedge before 0.4 did not write it: python "
-                            "bench/test_time_views.py --cv DIR adds it)")
-    try:
-        indices = np.concatenate([np.load(f / "holdout_indices.npy") for f in folds])
-        probabilities = np.concatenate([
-            np.load(f / "holdout_probabilities.npy") if views == 1 and not quantized
-            else average_views(np.load(f / name), views) for f in folds])
-    except (OSError, ValueError) as exc:
-        raise CapsedgeError(f"cannot read the held-out predictions in {cross_validation} "
-                            f"({reason(exc)})") from None
-    if sorted(indices.tolist()) != list(range(images)):
-        raise CapsedgeError(f"the folds of {cross_validation} do not cover the {images} training images "
-                            "exactly once: was it trained on other data?")
-    return indices, probabilities
+    """:meth:`capsedge.workshop.run.CrossValidation.out_of_fold` of the folder ``cross_validation``."""
+    return CrossValidation(Path(cross_validation)).out_of_fold(images, views, quantized)

@@ -75,7 +75,7 @@ def int8_frozen_views(frozen: keras.Model, images: np.ndarray, calibration: np.n
     from pathlib import Path
 
     from capsedge.backends import LiteRTBackend
-    from capsedge.models.tflite import keras_to_tflite
+    from capsedge.export.converter import keras_to_tflite
 
     flatbuffer = keras_to_tflite(frozen, "int8", lambda: iter(calibration))
     shape = tuple(int(d) for d in frozen.output.shape[1:])

@@ -22,6 +22,7 @@ import numpy as np
 
 from capsedge.errors import UsageError
 from capsedge.preprocess import Preprocessing
+from capsedge.workshop.run import CrossValidation, RunDir
 
 from .config import TrainConfig
 from .data import Dataset, read_dataset
@@ -93,11 +94,13 @@ class TrainingPlan:
             return None
         trunk_file = stage1_trunk_file(self.stage1_run, part)
         if isinstance(part, int) and held_out is not None:
-            held = trunk_file.parent / "holdout_indices.npy"
-            if not held.is_file() or not np.array_equal(np.sort(np.load(held)), np.sort(held_out)):
+            fold = RunDir(trunk_file.parent)
+            if not fold.holdout_indices.is_file() or not np.array_equal(np.sort(fold.read_holdout_indices()),
+                                                                          np.sort(held_out)):
                 raise UsageError(f"{trunk_file.parent} did not hold out fold {part}'s images: the stage-1 "
                                  "run must be a cross-validation of the same data, folds and seed")
         return trunk_file
+
 
 def plan_training(data: str | Path | Dataset, config: TrainConfig) -> tuple[Dataset, TrainingPlan]:
     """The data set of ``data`` (read unless it is one) and the plan of ``config`` for it.
@@ -122,20 +125,9 @@ def stage1_trunk_file(run: Path, part: int | str | None = None) -> Path:
     Raises:
         UsageError: no such file.
     """
-    from capsedge.models.efficientnet_lite import TRUNK_WEIGHTS_FILE
-
-    folder = f"fold-{part}" if isinstance(part, int) else part
-    candidates = [run / folder / TRUNK_WEIGHTS_FILE] if folder else [run / TRUNK_WEIGHTS_FILE,
-                                                                       run / "final" / TRUNK_WEIGHTS_FILE]
+    stages = CrossValidation(run)
+    candidates = [stages.part(part).trunk] if part is not None else [RunDir(run).trunk, stages.final.trunk]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise UsageError(f"no stage-1 trunk in {run} (looked for {', '.join(str(c) for c in candidates)})")
-
-def calibration_indices(train_idx: np.ndarray) -> np.ndarray:
-    """The training images that calibrate the int8 trunk of ``--int8-trunk``: up to
-    :data:`~capsedge.models.tflite.CALIBRATION_IMAGES` of them, drawn with seed 0 as the
-    export draws its calibration images from a folder."""
-    from capsedge.models.tflite import CALIBRATION_IMAGES
-
-    return np.sort(np.random.default_rng(0).permutation(train_idx)[:CALIBRATION_IMAGES])

@@ -1,8 +1,8 @@
 """Train a capsule network on labelled X-rays and write a run folder.
 
-A run folder holds ``config.json``, ``history.csv``, ``metrics.json`` and the
-classifier as ``classifier.keras`` (``capsedge export`` reads it); while a run
-is under way, ``backup/`` holds what ``--resume`` needs.
+A run folder (:class:`capsedge.workshop.run.RunDir`, the contract export and the benches read
+too) holds ``config.json``, ``history.csv``, ``metrics.json`` and the classifier as
+``classifier.keras``; while a run is under way, ``backup/`` holds what ``--resume`` needs.
 
 :func:`train` reads top to bottom: the plan (:mod:`.plan`: frozen-trunk or end-to-end, where the
 trunk starts), the split, the images, the network (:mod:`.network`), its batches, the fit, the
@@ -12,7 +12,6 @@ held-out evaluation, the files.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -23,13 +22,14 @@ from typing import Any
 import numpy as np
 
 from capsedge.errors import UsageError
+from capsedge.export.calibration import calibration_indices
 from capsedge.preprocess import Preprocessing
 from capsedge.views import VIEW_COUNTS
+from capsedge.workshop.run import RunDir
 
 from .config import TrainConfig
 from .data import Dataset, DatasetError, load_images
 from .evaluation import (
-    VIEWS_FILE,
     average_views,
     predict_probabilities,
     predict_views,
@@ -38,9 +38,9 @@ from .evaluation import (
 )
 from .figures import save_learning_curves_png
 from .metrics import classification_report, stratified_split
-from .plan import TrainingPlan, calibration_indices, plan_training
+from .plan import TrainingPlan, plan_training
 
-__all__ = ["TEST_TIME_VIEWS", "Part", "TrainResult", "calibration_indices", "train"]
+__all__ = ["TEST_TIME_VIEWS", "Part", "TrainResult", "train"]
 
 #: The test-time averages a run reports beside one view (``holdout_NAME`` in ``metrics.json``):
 #: name -> views of :mod:`capsedge.views` averaged.
@@ -117,8 +117,8 @@ def train(
     targets = dataset.targets
     train_idx, held_idx = part.split if part else _holdout_split(targets, config)
     trunk_file = plan.stage1_trunk(part.name, held_idx) if part else None
-    run_dir = Path(run_dir)
-    _open_run(run_dir, resume)
+    run = RunDir(Path(run_dir))
+    _open_run(run, resume)
     keras.utils.set_random_seed(config.seed)
     if len(np.unique(targets[train_idx])) < 2:
         raise DatasetError("the training part has fewer than two classes")
@@ -140,8 +140,8 @@ def train(
 
     callbacks = [
         EpochSetter(batches),
-        resumable_backup(run_dir / "backup"),  # deleted when the run completes
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume),
+        resumable_backup(run.backup),  # deleted when the run completes
+        keras.callbacks.CSVLogger(str(run.history), append=resume),
     ]
     start = time.perf_counter()
     # A bar with time left within each epoch on a terminal; one line per epoch in a log.
@@ -159,9 +159,9 @@ def train(
     }
     if len(held_idx):
         metrics |= _evaluate_held_out(network.built.classifier, images[held_idx], targets[held_idx],
-                                      held_idx, dataset.classes, run_dir)
-    _save_run(run_dir, plan, network, dataset, metrics)
-    return TrainResult(run_dir, network.built.classifier, plan.preprocessing, dataset.classes, metrics)
+                                      held_idx, dataset.classes, run)
+    _save_run(run, plan, network, dataset, metrics)
+    return TrainResult(run.path, network.built.classifier, plan.preprocessing, dataset.classes, metrics)
 
 
 @contextlib.contextmanager
@@ -176,15 +176,14 @@ def progress_bar(label: str, shown: bool) -> Iterator[Callable[[int, int], None]
         yield bar.update
 
 
-def _open_run(run_dir: Path, resume: bool) -> None:
-    """Create ``run_dir``, refusing to resume where there is no backup, or to start afresh over an
-    interrupted run."""
-    backup = run_dir / "backup"
-    if resume and not backup.is_dir():
-        raise UsageError(f"nothing to resume in {run_dir} (no backup/ folder)")
-    if not resume and backup.is_dir():
-        raise UsageError(f"{run_dir} holds an interrupted run: pass --resume, or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _open_run(run: RunDir, resume: bool) -> None:
+    """Create the run folder, refusing to resume where there is no backup, or to start afresh over
+    an interrupted run."""
+    if resume and not run.backup.is_dir():
+        raise UsageError(f"nothing to resume in {run.path} (no {RunDir.BACKUP}/ folder)")
+    if not resume and run.backup.is_dir():
+        raise UsageError(f"{run.path} holds an interrupted run: pass --resume, or choose another --out")
+    run.path.mkdir(parents=True, exist_ok=True)
 
 
 def _holdout_split(targets: np.ndarray, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -244,37 +243,35 @@ def _batches(plan: TrainingPlan, network: Any, images: np.ndarray, onehot: np.nd
 
 
 def _evaluate_held_out(classifier: Any, images: np.ndarray, targets: np.ndarray, indices: np.ndarray,
-                       classes: tuple[str, ...], run_dir: Path) -> dict[str, Any]:
+                       classes: tuple[str, ...], run: RunDir) -> dict[str, Any]:
     """Score the held-out images in one view and averaged over :data:`TEST_TIME_VIEWS`, save their
-    answers, indices and pictures in ``run_dir``; returns the reports for ``metrics.json``."""
+    answers, indices and pictures in ``run``; returns the reports for ``metrics.json``."""
     probabilities = predict_probabilities(classifier, images)
     reports = {"holdout": classification_report(targets, probabilities.argmax(1), classes)}
     views = predict_views(classifier, images)
     for name, count in TEST_TIME_VIEWS.items():
         answers = average_views(views, count).argmax(1)
         reports[f"holdout_{name}"] = classification_report(targets, answers, classes)
-    np.save(run_dir / "holdout_probabilities.npy", probabilities)
-    np.save(run_dir / VIEWS_FILE, views)
-    np.save(run_dir / "holdout_indices.npy", np.asarray(indices))
-    save_evaluation_pngs(probabilities, targets, classes, run_dir)
+    run.save_holdout(indices, probabilities, views)
+    save_evaluation_pngs(probabilities, targets, classes, run.path)
     return reports
 
 
-def _save_run(run_dir: Path, plan: TrainingPlan, network: Any, dataset: Dataset,
+def _save_run(run: RunDir, plan: TrainingPlan, network: Any, dataset: Dataset,
               metrics: dict[str, Any]) -> None:
     """Write the learning curves, the classifier (and the trunk and decoder it has), ``config.json``
     and, last, ``metrics.json`` (a run with metrics is complete)."""
     built = network.built
-    save_learning_curves_png(read_history(run_dir / "history.csv"), run_dir / "learning_curves.png")
-    built.classifier.save(run_dir / "classifier.keras")
+    save_learning_curves_png(read_history(run.history), run.learning_curves)
+    built.classifier.save(run.classifier)
     if plan.model.trunk is not None:  # what a later stage starts from (init="run:PATH")
         from capsedge.models.build import TRUNK_PREFIX
-        from capsedge.models.efficientnet_lite import TRUNK_WEIGHTS_FILE, save_trunk_weights
+        from capsedge.models.efficientnet_lite import save_trunk_weights
 
-        save_trunk_weights(built.classifier, run_dir / TRUNK_WEIGHTS_FILE, name=TRUNK_PREFIX)
+        save_trunk_weights(built.classifier, run.trunk, name=TRUNK_PREFIX)
     if built.decoder is not None:
-        built.decoder.save(run_dir / "decoder.keras")
-    write_json(run_dir / "config.json", {
+        built.decoder.save(run.decoder)
+    run.write_config({
         "train": asdict(plan.config),
         "model": _jsonable(asdict(plan.model)),
         "preprocessing": plan.preprocessing.to_dict(),
@@ -287,7 +284,7 @@ def _save_run(run_dir: Path, plan: TrainingPlan, network: Any, dataset: Dataset,
             "source": str(dataset.source) if dataset.source else None,
         },
     })
-    write_json(run_dir / "metrics.json", metrics)
+    run.write_metrics(metrics)
 
 
 def _jsonable(value: Any) -> Any:
@@ -297,12 +294,3 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     return value
 
-
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` to ``path`` atomically (processes training parts of one cross-validation
-    may write the same file at once; a reader never sees half of it)."""
-    import os
-
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(partial, path)

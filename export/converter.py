@@ -1,6 +1,6 @@
 """Keras model to ``.tflite`` bytes: float32, float16, dynamic-range or full-integer int8.
 
-Shared by export (which writes the files) and training (``--int8-trunk`` trains above the
+Used by export (which writes the files) and by training (``--int8-trunk`` trains above the
 int8 trunk an export produces). The conversion goes through a SavedModel with one batch-1
 endpoint (a static input shape, so every routing step and recurrent step is unrolled in the
 graph). Keras 3's ``from_keras_model`` path is unreliable, and a bare
@@ -17,12 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CALIBRATION_IMAGES", "keras_to_tflite", "set_full_integer", "strip_names", "write_saved_model"]
-
-#: How many images calibrate the ranges of a full-integer conversion: the export's default,
-#: and what ``--int8-trunk`` calibrates its trunk on (``capsedge.export.quantization`` repeats
-#: it for the export's command line, which must not load Keras; a test keeps them equal).
-CALIBRATION_IMAGES = 200
+__all__ = ["keras_to_tflite", "set_full_integer", "strip_names", "write_saved_model"]
 
 
 def keras_to_tflite(model: Any, mode: str = "float32",

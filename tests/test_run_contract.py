@@ -1,0 +1,100 @@
+"""The run contract: a cross-validation written by ``capsedge train`` is read by export, by the
+evaluation reader and by the benches through the same code (:mod:`capsedge.workshop.run`), and
+its file names are those every earlier run has."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from capsedge.cli import main
+from capsedge.workshop.run import CrossValidation, RunDir
+
+from conftest import REPO, synthetic_xray
+
+pytest.importorskip("tensorflow")
+
+#: What a fold of ``capsedge train --folds K`` holds; renaming any orphans every earlier run.
+FOLD_FILES = {"classifier.keras", "config.json", "metrics.json", "history.csv", "holdout_indices.npy",
+              "holdout_probabilities.npy", "holdout_probabilities_views.npy", "learning_curves.png"}
+FINAL_FILES = {"classifier.keras", "config.json", "metrics.json", "history.csv", "learning_curves.png"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[CrossValidation, Path]:
+    """Two folds and a final run of the smallest model on sixteen generated pictures."""
+    data = tmp_path_factory.mktemp("data")
+    for i in range(8):
+        Image.fromarray(synthetic_xray(seed=i)).save(data / f"Depuy.{i}.jpg")
+        Image.fromarray(np.rot90(synthetic_xray(seed=100 + i))).save(data / f"Zimmer.{i}.png")
+    out = tmp_path_factory.mktemp("cv") / "cv"
+    result = CliRunner().invoke(main, ["train", "--data", str(data), "--out", str(out), "--model",
+                                       "effcaps_mnist", "--epochs", "1", "--batch-size", "4", "--folds", "2",
+                                       "--final"])
+    assert result.exit_code == 0, result.output
+    return CrossValidation(out), data
+
+
+@pytest.mark.slow
+def test_the_trainer_writes_the_files_the_contract_names(trained: tuple) -> None:
+    cv, _ = trained
+    assert {cv.settings.name, cv.summary.name} == {"cv_settings.json", "cv_summary.json"}
+    assert cv.settings.is_file() and cv.read_summary()["folds"] == 2
+    assert [fold.path.name for fold in cv.folds()] == ["fold-0", "fold-1"]
+    for fold in cv.folds():
+        assert {p.name for p in fold.path.iterdir()} >= FOLD_FILES, fold
+        assert fold.is_finished() and not fold.missing()
+        for name in FOLD_FILES:
+            assert name in {p.name for p in (fold.classifier, fold.config, fold.metrics, fold.history,
+                                             fold.holdout_indices, fold.holdout_probabilities,
+                                             fold.views_file(), fold.learning_curves)}
+    assert {p.name for p in cv.final.path.iterdir()} >= FINAL_FILES and cv.final.is_finished()
+    assert CrossValidation.above(cv.final) == cv
+
+
+@pytest.mark.slow
+def test_export_and_the_benches_read_the_same_answers(trained: tuple, tmp_path: Path) -> None:
+    """The out-of-fold answers the trainer summarised, the evaluation reader's, the export's
+    calibration and the int8 fold scores of ``capsedge export --score-folds`` and of
+    ``bench/heldout_int8.py`` are one reading of the same files."""
+    from capsedge.export.run import load_run, trust_sources
+    from capsedge.train.evaluation import out_of_fold
+    from capsedge.workshop.dataset import read_dataset
+
+    cv, data = trained
+    indices, probabilities = cv.out_of_fold(16)
+    np.testing.assert_array_equal(out_of_fold(cv.path, 16)[1], probabilities)
+    pooled = np.concatenate([fold.read_holdout_probabilities() for fold in cv.folds()])
+    np.testing.assert_array_equal(probabilities, pooled)
+    assert trust_sources(cv.final.path, None, None)[:2] == (cv.path, data)
+    assert load_run(cv.final.classifier).provenance["training"] == cv.final.read_config()["train"]
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["export", "--model", str(cv.final.path), "--out", str(out),
+                                       "--formats", "tflite-f32,tflite-int8", "--calib", str(data),
+                                       "--score-folds", "--no-verify"])
+    assert result.exit_code == 0, result.output
+    assert cv.has_views("int8")
+    trust = json.loads((out / "trust.json").read_text())
+    assert trust["out_of_fold_images"] == 16
+    int8 = json.loads((out / "effcaps_mnist_tflite_int8.json").read_text())["trust"]["provenance"]
+    assert int8["calibrated_on"] == "the held-out answers of the folds' int8 files"
+    f32 = json.loads((out / "effcaps_mnist_tflite_f32.json").read_text())["trust"]["provenance"]
+    assert f32["out_of_fold_images"] == 16 and "calibrated_on" not in f32  # the float folds' answers
+
+    spec = importlib.util.spec_from_file_location("heldout_int8", REPO / "bench" / "heldout_int8.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    fold = cv.fold(1)
+    measured = bench.measure_fold(fold.path, read_dataset(data), ["int8"])
+    saved = fold.read_views("int8")
+    assert saved.shape == (len(fold.read_holdout_indices()), 8, 2) and saved.dtype == np.float32
+    np.testing.assert_array_equal(measured["answers"]["int8", 8], saved.mean(1).argmax(1))
+    np.testing.assert_array_equal(measured["truth"], read_dataset(data).targets[fold.read_holdout_indices()])
+    assert isinstance(RunDir.of(fold.classifier), RunDir)
