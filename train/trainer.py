@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from capsedge.errors import UsageError
-from capsedge.export.calibration import calibration_indices
 from capsedge.preprocess import Preprocessing
 from capsedge.views import VIEW_COUNTS
 from capsedge.workshop.run import RunDir
@@ -206,7 +205,9 @@ def _frozen_maps(plan: TrainingPlan, network: Any, images: np.ndarray, train_idx
         with progress_bar("frozen trunk maps", progress) as bar:
             maps = frozen_views(network.frozen, images, progress=bar)
     int8_maps = None
-    if plan.config.int8_trunk:
+    if plan.config.int8_trunk:  # the only part of training that needs export (TFLite, LiteRT)
+        from capsedge.export.calibration import calibration_indices
+
         calibration = images[calibration_indices(train_idx)]
         with progress_bar("int8 trunk maps", progress) as bar:
             int8_maps = int8_frozen_views(network.frozen, images[train_idx], calibration, progress=bar)
