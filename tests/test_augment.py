@@ -43,6 +43,17 @@ def test_dihedral_alone_gives_exactly_the_eight_orientations() -> None:
     assert seen == expected
 
 
+def test_a_seed_draws_the_orientations_it_drew_before_the_views_were_renumbered() -> None:
+    """Training draws a flip, then quarter turns, as it always did: the runtime's numbering of the
+    views (capsedge.views) changed no run's augmentation."""
+    image = _marked()
+    for seed in range(20):
+        drawn = augment_image(image, Augmentation(), np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        grey = image[..., 0][:, ::-1] if rng.random() < 0.5 else image[..., 0]
+        np.testing.assert_array_equal(drawn[..., 0], np.rot90(grey, int(rng.integers(4))))
+
+
 def test_affine_moves_the_content_and_fills_black() -> None:
     image = np.zeros((64, 64, 1), np.float32)
     image[28:36, 28:36] = 1.0  # a centred square

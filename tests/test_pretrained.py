@@ -27,16 +27,17 @@ from capsedge.models import (  # noqa: E402
 )
 from capsedge.models.decoder import lean_decoder  # noqa: E402
 from capsedge.models.losses import weighted_categorical_crossentropy  # noqa: E402
-from capsedge.train.augment import dihedral_view  # noqa: E402
+from capsedge.train.augment import DRAWN_VIEWS, drawn_view, orientation  # noqa: E402
 from capsedge.train.batches import average_pool  # noqa: E402
 from capsedge.train.config import TrainConfig  # noqa: E402
+from capsedge.train.cross_validation import cross_validate  # noqa: E402
 from capsedge.train.frozen import (  # noqa: E402
     FrozenViewBatches,
     frozen_split,
     frozen_views,
     int8_frozen_views,
 )
-from capsedge.train.trainer import cross_validate, train  # noqa: E402
+from capsedge.train.trainer import train  # noqa: E402
 
 # A 64x64 member of the family: the whole trunk (a 2x2 map), 16 primary capsules, decoder at 32.
 TINY = dataclasses.replace(
@@ -110,7 +111,7 @@ def test_the_part_above_a_frozen_trunk_computes_what_the_whole_network_does() ->
         np.testing.assert_allclose(np.asarray(split[name]), np.asarray(whole[name]), atol=1e-5)
     maps = frozen_views(frozen, images)
     assert maps.shape == (3, 8, 4, 4, 112) and maps.dtype == np.float16
-    expected = np.asarray(frozen(np.stack([dihedral_view(image, 5) for image in images])))
+    expected = np.asarray(frozen(np.stack([orientation(image, 5) for image in images])))
     np.testing.assert_allclose(maps[:, 5].astype("float32"), expected, rtol=2e-3, atol=2e-3)
 
 
@@ -124,7 +125,7 @@ def test_frozen_views_batch_by_batch_are_the_maps_of_each_views_whole_stack() ->
     maps = frozen_views(frozen, images, batch_size=2,
                         progress=lambda done, total: steps.append((done, total)))
     for view in range(8):
-        stack = np.stack([dihedral_view(image, view) for image in images])
+        stack = np.stack([orientation(image, view) for image in images])
         expected = np.asarray(frozen.predict(stack, batch_size=2, verbose=0)).astype(np.float16)
         np.testing.assert_array_equal(maps[:, view], expected)
     assert steps[-1] == (24, 24) and len(steps) == 24  # 8 views x 3 batches
@@ -145,9 +146,9 @@ def test_frozen_view_batches_repeat_per_seed_and_epoch() -> None:
     assert t1["reconstruction"].shape == (4, 32, 32, 1) and len(first) == 3
     # Each map is one of its image's views, and the target is the same view pooled.
     order = np.random.default_rng([3, 0]).permutation(10)[4:8]
-    views = np.random.default_rng([3, 0, 1]).integers(8, size=4)
-    np.testing.assert_array_equal(x1, maps[order, views].astype("float32"))
-    seen = [dihedral_view(images[i], v) for i, v in zip(order, views, strict=True)]
+    draws = np.random.default_rng([3, 0, 1]).integers(8, size=4)
+    np.testing.assert_array_equal(x1, maps[order, np.asarray(DRAWN_VIEWS)[draws]].astype("float32"))
+    seen = [drawn_view(images[i], int(d)) for i, d in zip(order, draws, strict=True)]
     pooled = average_pool(np.stack(seen), 32)
     np.testing.assert_allclose(t1["reconstruction"], pooled)
     first.epoch = 1
@@ -198,14 +199,21 @@ def test_int8_frozen_views_are_the_float_maps_rounded_by_an_int8_trunk() -> None
     assert own.mean() < other.mean()
 
 
-def test_dihedral_views_are_the_eight_symmetries() -> None:
-    image = np.arange(12, dtype=np.float32).reshape(3, 4, 1)
-    views = [dihedral_view(image, v) for v in range(8)]
-    np.testing.assert_array_equal(views[0], image)
-    assert len({v.tobytes() + bytes(v.shape) for v in views}) == 8
-    np.testing.assert_array_equal(views[4], image[:, ::-1])
+def test_training_views_are_the_runtimes_and_draws_pick_them_in_the_order_seeds_always_did() -> None:
+    from capsedge.views import orientations
+
+    image = np.arange(16, dtype=np.float32).reshape(4, 4, 1)
+    for view, expected in enumerate(orientations(image, 8)):  # one numbering: the runtime's
+        np.testing.assert_array_equal(orientation(image, view), expected)
+    # Draw 4 * mirrored + turns: mirrored left-right (or not), then quarter turns, as before.
+    for draw in range(8):
+        turned = np.rot90(image[:, ::-1] if draw >= 4 else image, draw % 4)
+        np.testing.assert_array_equal(drawn_view(image, draw), turned)
+    assert sorted(DRAWN_VIEWS) == list(range(8))
     with pytest.raises(ValueError):
-        dihedral_view(image, 8)
+        orientation(image, 8)
+    with pytest.raises(ValueError):
+        drawn_view(image, 8)
 
 
 def test_label_smoothing_keeps_the_true_class_weight() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from conftest import synthetic_xray
 pytest.importorskip("tensorflow")
 
 from capsedge.train.config import TrainConfig  # noqa: E402
-from capsedge.train.trainer import cross_validate, train  # noqa: E402
+from capsedge.train.cross_validation import cross_validate  # noqa: E402
+from capsedge.train.trainer import train  # noqa: E402
 
 FAST = TrainConfig(model="effcaps_mnist", epochs=1, batch_size=4, holdout=0.25)
 
@@ -200,3 +202,70 @@ def test_training_is_data_parallel_over_several_devices(tiny_data: Path, tmp_pat
     assert done.stdout.strip().splitlines()[-1] == "2"
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["devices"] == 2
     assert (tmp_path / "run" / "classifier.keras").is_file()
+
+
+@pytest.mark.parametrize(("settings", "mode"), [
+    ({}, "frozen-trunk"),  # the bundled recipe: five frozen stages, the eight dihedral views
+    ({"freeze_stages": 0}, "end-to-end"),  # nothing frozen
+    ({"augment": "d4"}, "end-to-end"),  # views the trunk cannot precompute
+    ({"mixup": 0.2}, "end-to-end"),
+    ({"freeze_stages": 7, "init": "none"}, "frozen-trunk"),
+    ({"int8_trunk": 0.5}, "frozen-trunk"),
+])
+def test_the_plan_trains_above_frozen_maps_only_when_the_trunk_can_precompute_them(
+    settings: dict, mode: str
+) -> None:
+    from capsedge.models import get_model_config
+    from capsedge.train.plan import END_TO_END, FROZEN_TRUNK, TrainingPlan
+
+    config = TrainConfig(model="effcaps_ncp_lite0_224", **settings)
+    plan = TrainingPlan.build(config, get_model_config(config.model), ("Depuy", "Zimmer"))
+    assert plan.mode == mode and plan.frozen_trunk == (mode == FROZEN_TRUNK)
+    assert plan.model.class_names == ("Depuy", "Zimmer") and plan.model.num_classes == 2
+    assert plan.preprocessing.input_size == 224
+    assert plan.parts_share_frozen_maps == (mode == FROZEN_TRUNK and config.init == "imagenet")
+    # A network without a pretrained trunk always trains end to end, and cannot have an int8 one.
+    plain = TrainingPlan.build(replace(config, model="effcaps_mnist", int8_trunk=0.0),
+                               get_model_config("effcaps_mnist"), ("Depuy", "Zimmer"))
+    assert plain.mode == END_TO_END and not plain.parts_share_frozen_maps
+    if config.int8_trunk:
+        with pytest.raises(ValueError, match="--int8-trunk needs a model with a pretrained trunk"):
+            TrainingPlan.build(replace(config, model="effcaps_mnist"), get_model_config("effcaps_mnist"),
+                               ("Depuy", "Zimmer"))
+
+
+def test_the_plan_starts_each_part_from_the_same_part_of_a_stage_one_run(tmp_path: Path) -> None:
+    from capsedge.models import get_model_config
+    from capsedge.train.plan import TrainingPlan
+
+    def plan(init: str) -> TrainingPlan:
+        config = TrainConfig(model="lite0_linear_224", init=init)
+        return TrainingPlan.build(config, get_model_config(config.model), ("Depuy", "Zimmer"))
+
+    assert plan("imagenet").stage1_run is None and plan("imagenet").stage1_trunk(0) is None
+    stage1 = tmp_path / "s1"
+    staged = plan(f"run:{stage1}")
+    assert staged.stage1_run == stage1 and not staged.parts_share_frozen_maps
+    with pytest.raises(ValueError, match="no stage-1 trunk"):
+        staged.stage1_trunk()
+    for part, held in (("fold-0", [0, 2]), ("final", [])):
+        (stage1 / part).mkdir(parents=True)
+        (stage1 / part / "trunk.npz").write_bytes(b"")
+        np.save(stage1 / part / "holdout_indices.npy", np.array(held))
+    assert staged.stage1_trunk() == stage1 / "final" / "trunk.npz"  # a single run: the final trunk
+    assert staged.stage1_trunk(0, np.array([2, 0])) == stage1 / "fold-0" / "trunk.npz"
+    assert staged.stage1_trunk("final", np.array([], dtype=int)) == stage1 / "final" / "trunk.npz"
+    with pytest.raises(ValueError, match="did not hold out fold 0's images"):
+        staged.stage1_trunk(0, np.array([0, 1]))
+
+
+def test_every_train_setting_is_an_option_of_the_command_with_its_default() -> None:
+    from capsedge.train.cli import command
+    from capsedge.train.config import options
+
+    params = {param.name: param for param in command.params}
+    for name, option, default in options():
+        param = params[name]
+        assert param.default == default == getattr(TrainConfig(), name) and param.help == option.help
+        assert (option.flag or f"--{name.replace('_', '-')}") in param.opts
+    assert params["learning_rate"].opts == ["--lr"]

@@ -4,15 +4,28 @@ It runs outside the network, so training works the same on every Keras backend
 (TensorFlow here, JAX or PyTorch on a GPU machine), and a batch's augmentation
 depends only on ``(seed, epoch, batch index)``: a run is repeatable, and a
 resumed run sees the same images it would have seen without the interruption.
+
+The eight orientations are those of :mod:`capsedge.views` (the runtime's test-time views),
+numbered as there; :data:`DRAWN_VIEWS` says which of them a random draw picks.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from capsedge.views import orientations
+
+#: The views a random draw picks, by draw: draw ``4 * mirrored + turns`` is the image mirrored
+#: left-right (or not), then turned ``turns`` quarter turns anticlockwise (``np.rot90``), and
+#: ``DRAWN_VIEWS[draw]`` is that orientation's number in :mod:`capsedge.views`. Training picked
+#: its views in this order before it shared the runtime's numbering (and seeds still draw a
+#: number from 0 to 7), so the same seed trains on the same views as runs made before.
+DRAWN_VIEWS = (0, 5, 3, 6, 1, 4, 2, 7)
 
 
 @dataclass(frozen=True)
@@ -54,9 +67,8 @@ def augment_image(image: np.ndarray, spec: Augmentation, rng: np.random.Generato
     """One random view of ``image`` (``(H, W, 1)`` float32 in [0, 1]); a new array."""
     grey = image[..., 0]
     if spec.dihedral:
-        if rng.random() < 0.5:
-            grey = grey[:, ::-1]
-        grey = np.rot90(grey, int(rng.integers(4)))
+        mirrored = rng.random() < 0.5
+        grey = drawn_view(image, 4 * int(mirrored) + int(rng.integers(4)))[..., 0]
     if spec.rotation or spec.zoom or spec.shift:
         grey = _affine(grey, spec, rng)
     out = np.ascontiguousarray(grey, dtype=np.float32)
@@ -88,14 +100,32 @@ def _affine(grey: np.ndarray, spec: Augmentation, rng: np.random.Generator) -> n
     return np.asarray(moved, dtype=np.float32)
 
 
-def dihedral_view(image: np.ndarray, view: int) -> np.ndarray:
-    """View ``view`` (0-7) of an ``(H, W, C)`` image: mirrored when ``view >= 4``, then turned
-    ``view % 4`` quarter turns."""
-    if not 0 <= view < 8:
+def orientation(images: np.ndarray, view: int) -> np.ndarray:
+    """View ``view`` (0-7, numbered as in :func:`capsedge.views.orientations`) of an
+    ``(..., H, W, C)`` square image or batch; a new array.
+
+    The pixels are gathered where :func:`capsedge.views.orientations` moves them (learnt once
+    per image size from that function): one view at the cost of one copy, not eight.
+    """
+    if type(view) is not int or not 0 <= view < 8:
         raise ValueError(f"view must be in [0, 8), got {view!r}")
-    if view >= 4:
-        image = image[:, ::-1]
-    return np.ascontiguousarray(np.rot90(image, view % 4))
+    height, width, channels = images.shape[-3:]
+    pixels = images.reshape(*images.shape[:-3], height * width, channels)
+    return np.take(pixels, _view_pixels(height, width)[view], axis=-2)
+
+
+@functools.lru_cache(maxsize=4)
+def _view_pixels(height: int, width: int) -> np.ndarray:
+    """``(8, H, W)``: for each view, which pixel of the ``H x W`` image lands at each place."""
+    grid = np.arange(height * width, dtype=np.int32).reshape(height, width, 1)
+    return np.stack([view[..., 0] for view in orientations(grid, 8)])
+
+
+def drawn_view(images: np.ndarray, draw: int) -> np.ndarray:
+    """The view a random ``draw`` (0-7) picks: :func:`orientation` ``DRAWN_VIEWS[draw]``."""
+    if type(draw) is not int or not 0 <= draw < 8:
+        raise ValueError(f"draw must be in [0, 8), got {draw!r}")
+    return orientation(images, DRAWN_VIEWS[draw])
 
 
 def augment_batch(images: np.ndarray, spec: Augmentation | None, rng: np.random.Generator) -> np.ndarray:

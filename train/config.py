@@ -1,18 +1,42 @@
-"""The settings of a training run (what ``capsedge train``'s options set), checked on creation."""
+"""The settings of a training run, checked on creation; each field carries its command-line
+option (help, type and range: ``capsedge train`` generates its options from them)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
+
+import click
 
 from capsedge.errors import UsageError
 
-from .augment import get_augmentation
+from .augment import AUGMENTATIONS, get_augmentation
 
 #: Where a pretrained trunk's weights start (see ``TrainConfig.init``), besides ``run:PATH``.
 INITS = ("imagenet", "none")
 #: ``init`` of a run that starts from the trunk another run trained (``run:PATH``).
 RUN_INIT = "run:"
+
+
+@dataclass(frozen=True)
+class Option:
+    """A :class:`TrainConfig` field's command-line option.
+
+    Attributes:
+        help: the option's help.
+        type: its click type; a range (``click.IntRange``, ``click.FloatRange``) is also what
+            :class:`TrainConfig` accepts from Python.
+        flag: the flag, when not ``--field-name``.
+    """
+
+    help: str
+    type: Any = None
+    flag: str | None = None
+
+
+def _setting(default: Any, help: str, type: Any = None, flag: str | None = None) -> Any:
+    return field(default=default, metadata={"option": Option(help, type, flag)})
 
 
 @dataclass(frozen=True)
@@ -50,59 +74,93 @@ class TrainConfig:
         int8_trunk: fraction of the training maps taken from the frozen trunk converted to
             full-integer int8 (calibrated on the run's training images) instead of the float
             one, so that the layers above learn to read int8 maps too (quantization-aware
-            training of what trains); needs a frozen trunk under the dihedral augmentation.
+            training of what trains); needs :attr:`precomputes_frozen_maps`.
     """
 
-    model: str = "effcaps_ncp_lite0_512"
-    epochs: int = 30
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    beta: float = 0.999
-    reconstruction_weight: float = 0.5
-    ncp_weight: float = 1.0
-    holdout: float = 0.2
-    augment: str = "dihedral"
-    seed: int = 0
-    mixup: float = 0.0
-    ema: float = 0.0
-    weight_decay: float = 0.05
-    warmup: float = 0.1
-    label_smoothing: float = 0.1
-    init: str = "imagenet"
-    freeze_stages: int = 5
-    int8_trunk: float = 0.0
+    model: str = _setting("effcaps_ncp_lite0_512", "Model configuration name.")
+    epochs: int = _setting(30, "Passes over the data.", click.IntRange(1))
+    batch_size: int = _setting(32, "Images per step.", click.IntRange(1))
+    learning_rate: float = _setting(1e-3, "Peak learning rate (warm-up, then cosine decay to 1 %).",
+                                    float, flag="--lr")
+    beta: float = _setting(0.999, "Class-balanced loss beta (0: no reweighting).",
+                           click.FloatRange(0, 1, max_open=True))
+    reconstruction_weight: float = _setting(
+        0.5, "Weight of the decoder's reconstruction loss (0: the decoder does not train the net).",
+        click.FloatRange(0))
+    ncp_weight: float = _setting(1.0, "Weight of the NCP head's cross-entropy, for models with one.",
+                                 click.FloatRange(0))
+    holdout: float = _setting(0.2, "Fraction of each class held out for evaluation.",
+                              click.FloatRange(0, 1, max_open=True))
+    augment: str = _setting(
+        "dihedral", "d4: flips and quarter turns (+ small rotation, zoom); d4-strong: d4 with more zoom, "
+        "shifts, contrast and brightness; full: any rotation, shifts, contrast; none.",
+        click.Choice(list(AUGMENTATIONS)))
+    seed: int = _setting(0, "Makes a run repeatable.", int)
+    mixup: float = _setting(0.0, "Mix training images and their labels, weight ~ Beta(a, a) (e.g. 0.2; "
+                            "0: off).", click.FloatRange(0))
+    ema: float = _setting(0.0, "Keep a moving average of the weights with this momentum (e.g. 0.99) and end "
+                          "on it.", click.FloatRange(0, 1, max_open=True))
+    weight_decay: float = _setting(0.05, "Decoupled weight decay (AdamW); 0: Adam.", click.FloatRange(0))
+    warmup: float = _setting(0.1, "Fraction of the steps with a linear learning-rate warm-up.",
+                             click.FloatRange(0, 1, max_open=True))
+    label_smoothing: float = _setting(0.1, "Label smoothing of the cross-entropy heads (NCP, linear).",
+                                      click.FloatRange(0, 1, max_open=True))
+    init: str = _setting(
+        "imagenet", f"Start a pretrained trunk from its ImageNet weights ({INITS[0]}), random ones "
+        f"({INITS[1]}), or the trunk a stage-1 run trained (run:PATH; with --folds, fold K starts from "
+        "PATH/fold-K).")
+    freeze_stages: int = _setting(5, "Keep the trunk's stem and first N stages fixed (faster on a CPU).",
+                                  click.IntRange(0, 7))
+    int8_trunk: float = _setting(
+        0.0, "Fraction of the training maps read from the frozen trunk converted to int8 (the layers above "
+        "learn to read int8 maps too; 0: float only).", click.FloatRange(0, 1))
 
     @property
     def init_run(self) -> Path | None:
         """The stage-1 run folder of ``init="run:PATH"``, else ``None``."""
         return Path(self.init[len(RUN_INIT):]) if self.init.startswith(RUN_INIT) else None
 
+    @property
+    def precomputes_frozen_maps(self) -> bool:
+        """Whether the frozen stages of a pretrained trunk can run once per image and view
+        instead of every step (see :mod:`capsedge.train.frozen`): some are frozen, and the
+        training sees nothing but the eight dihedral views (``augment="dihedral"``, no mixup).
+        :class:`capsedge.train.plan.TrainingPlan` decides from it, for a model with a trunk."""
+        return self.freeze_stages > 0 and self.augment == "dihedral" and self.mixup == 0
+
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise UsageError(f"{name} must be a positive integer, got {value!r}")
-        if not 0.0 <= self.holdout < 1.0:
-            raise UsageError(f"holdout must be in [0, 1), got {self.holdout!r}")
+        for setting in fields(self):
+            kind = setting.metadata["option"].type
+            if isinstance(kind, (click.IntRange, click.FloatRange)):
+                _check_range(setting.name, getattr(self, setting.name), kind)
         get_augmentation(self.augment)  # raises for an unknown name
-        if self.mixup < 0:
-            raise UsageError(f"mixup must be >= 0, got {self.mixup!r}")
-        if not 0.0 <= self.ema < 1.0:
-            raise UsageError(f"ema must be in [0, 1), got {self.ema!r}")
-        if not 0.0 <= self.beta < 1.0:
-            raise UsageError(f"beta must be in [0, 1), got {self.beta!r}")
-        if self.weight_decay < 0:
-            raise UsageError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise UsageError(f"warmup must be in [0, 1), got {self.warmup!r}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise UsageError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if self.init not in INITS and not (self.init.startswith(RUN_INIT) and len(self.init) > len(RUN_INIT)):
             raise UsageError(f"init must be one of {', '.join(INITS)} or run:PATH, got {self.init!r}")
-        if not isinstance(self.freeze_stages, int) or not 0 <= self.freeze_stages <= 7:
-            raise UsageError(f"freeze_stages must be an integer in [0, 7], got {self.freeze_stages!r}")
-        if not 0.0 <= self.int8_trunk <= 1.0:
-            raise UsageError(f"int8_trunk must be in [0, 1], got {self.int8_trunk!r}")
-        if self.int8_trunk and not (self.freeze_stages and self.augment == "dihedral" and self.mixup == 0):
+        if self.int8_trunk and not self.precomputes_frozen_maps:
             raise UsageError("int8_trunk needs a frozen trunk (--freeze-stages > 0), the dihedral "
                              "augmentation and no mixup")
+
+
+def options() -> list[tuple[str, Option, Any]]:
+    """``(field name, option, default)`` of every :class:`TrainConfig` setting, in field order."""
+    return [(f.name, f.metadata["option"], f.default) for f in fields(TrainConfig)]
+
+
+def _check_range(name: str, value: Any, kind: click.IntRange | click.FloatRange) -> None:
+    """Refuse ``value`` of setting ``name`` outside ``kind``'s range, or not an integer for an
+    integer range."""
+    low = kind.min is None or (value > kind.min if kind.min_open else value >= kind.min)
+    high = kind.max is None or (value < kind.max if kind.max_open else value <= kind.max)
+    integer = isinstance(kind, click.IntRange)
+    if (integer and not isinstance(value, int)) or not (low and high):
+        raise UsageError(f"{name} must be {_range_text(kind)}, got {value!r}")
+
+
+def _range_text(kind: click.IntRange | click.FloatRange) -> str:
+    """``"in [0, 1)"``, ``">= 0"``, ``"a positive integer"``, ``"an integer in [0, 7]"``."""
+    if kind.max is None:
+        if isinstance(kind, click.IntRange):
+            return "a positive integer" if kind.min == 1 else f"an integer >= {kind.min}"
+        return f"{'>' if kind.min_open else '>='} {kind.min:g}"
+    interval = f"{'(' if kind.min_open else '['}{kind.min:g}, {kind.max:g}{')' if kind.max_open else ']'}"
+    return f"an integer in {interval}" if isinstance(kind, click.IntRange) else f"in {interval}"

@@ -21,10 +21,14 @@ from typing import Any
 import keras
 import numpy as np
 
-from .augment import dihedral_view
+from capsedge.views import VIEW_COUNTS, orientations
+
+from .augment import DRAWN_VIEWS, orientation
 from .batches import average_pool
 
-VIEWS = 8
+#: The maps of every image are computed in all eight orientations, numbered as in
+#: :mod:`capsedge.views` (``maps[:, v]`` is view ``v``).
+VIEWS = VIEW_COUNTS[-1]
 
 
 def frozen_split(built: Any, stages: int) -> tuple[keras.Model, keras.Model]:
@@ -51,15 +55,14 @@ def frozen_views(frozen: keras.Model, images: np.ndarray, batch_size: int = 32,
     starts = range(0, count, batch_size)
     total = VIEWS * len(starts)
     out = None
-    for view in range(VIEWS):
-        for k, start in enumerate(starts):
-            batch = np.stack([dihedral_view(image, view) for image in images[start:start + batch_size]])
+    for k, start in enumerate(starts):
+        for view, batch in enumerate(orientations(images[start:start + batch_size], VIEWS)):
             maps = np.asarray(frozen.predict_on_batch(batch))
             if out is None:
                 out = np.empty((count, VIEWS, *maps.shape[1:]), dtype=np.float16)
             out[start:start + len(batch), view] = maps
             if progress is not None:
-                progress(view * len(starts) + k + 1, total)
+                progress(k * VIEWS + view + 1, total)
     return out
 
 
@@ -82,8 +85,7 @@ def int8_frozen_views(frozen: keras.Model, images: np.ndarray, calibration: np.n
         backend = LiteRTBackend(path)
         out = np.empty((len(images), VIEWS, *shape), dtype=np.float16)
         for i, image in enumerate(images):
-            for view in range(VIEWS):
-                batch = dihedral_view(image, view)[np.newaxis].astype(np.float32)
+            for view, batch in enumerate(orientations(image[np.newaxis].astype(np.float32), VIEWS)):
                 out[i, view] = backend.run(batch).reshape(shape)
             if progress is not None:
                 progress(i + 1, len(images))
@@ -91,9 +93,10 @@ def int8_frozen_views(frozen: keras.Model, images: np.ndarray, calibration: np.n
 
 
 class FrozenViewBatches(keras.utils.PyDataset):
-    """Shuffled ``((map, onehot), targets)`` batches: a random dihedral view of each image, its
-    frozen-trunk map precomputed. The order and the views of epoch ``e`` come from ``(seed, e)``
-    alone, as in :class:`capsedge.train.batches.TrainingBatches`.
+    """Shuffled ``((map, onehot), targets)`` batches: a random dihedral view of each image (drawn
+    as :data:`~capsedge.train.augment.DRAWN_VIEWS` says), its frozen-trunk map precomputed. The
+    order and the views of epoch ``e`` come from ``(seed, e)`` alone, as in
+    :class:`capsedge.train.batches.TrainingBatches`.
 
     Args:
         maps: ``(N, 8, h, w, c)`` from :func:`frozen_views`.
@@ -130,7 +133,8 @@ class FrozenViewBatches(keras.utils.PyDataset):
     def __getitem__(self, index: int) -> tuple[tuple[np.ndarray, np.ndarray], dict[str, np.ndarray]]:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.maps))
         chosen = order[index * self.batch_size:(index + 1) * self.batch_size]
-        views = np.random.default_rng([self.seed, self.epoch, index]).integers(VIEWS, size=len(chosen))
+        draws = np.random.default_rng([self.seed, self.epoch, index]).integers(VIEWS, size=len(chosen))
+        views = np.asarray(DRAWN_VIEWS)[draws]
         if not self.random_views:
             chosen, views = np.arange(len(self.maps))[index * self.batch_size:][:self.batch_size], views * 0
         maps = self.maps[chosen, views].astype(np.float32)
@@ -141,6 +145,6 @@ class FrozenViewBatches(keras.utils.PyDataset):
         labels = self.onehot[chosen]
         targets = {k: labels for k in ("caps_length", "ncp_probs", "linear_probs") if k in self.outputs}
         if "reconstruction" in self.outputs:
-            seen = np.stack([dihedral_view(self.images[i], v) for i, v in zip(chosen, views, strict=True)])
+            seen = np.stack([orientation(self.images[i], int(v)) for i, v in zip(chosen, views, strict=True)])
             targets["reconstruction"] = average_pool(seen, self.reconstruction_size)
         return (maps, labels), targets

@@ -1,0 +1,177 @@
+"""The network a run fits: built from its plan, its pretrained trunk initialised and partly frozen,
+compiled with the losses of its outputs and the configured optimiser; and where it fits (devices,
+the backup a resumed run starts from)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capsedge.errors import UsageError
+
+from .config import TrainConfig
+from .plan import TrainingPlan, stage1_trunk_file
+
+
+@dataclass(frozen=True)
+class Network:
+    """A run's network.
+
+    Attributes:
+        built: the :class:`~capsedge.models.BuiltModel` (classifier, trainer, decoder).
+        fitted: what training fits: the trainer, or the part above the frozen trunk.
+        frozen: the frozen trunk (image -> map) of a frozen-trunk plan, else ``None``.
+        trunk: what was done to a pretrained trunk, for ``metrics.json`` (see :func:`initialise_trunk`).
+    """
+
+    built: Any
+    fitted: Any
+    frozen: Any | None
+    trunk: dict[str, Any]
+
+
+def build_network(plan: TrainingPlan, trunk_file: Path | None = None) -> Network:
+    """Build ``plan``'s model, initialise its trunk (from ``trunk_file`` under ``init="run:PATH"``)
+    and, for a frozen-trunk plan, split it into the frozen trunk and the part above."""
+    from capsedge.models import build_model
+
+    from .frozen import frozen_split
+
+    built = build_model(plan.model)
+    trunk = initialise_trunk(built, plan.config, trunk_file)
+    if plan.frozen_trunk:
+        frozen, fitted = frozen_split(built, plan.config.freeze_stages)
+        return Network(built, fitted, frozen, trunk)
+    return Network(built, built.trainer, None, trunk)
+
+
+def initialise_trunk(built: Any, config: TrainConfig, trunk_file: Path | None = None) -> dict[str, Any]:
+    """Load the starting weights into a pretrained trunk (ImageNet's, or those of the stage-1
+    run of ``init="run:PATH"``: ``trunk_file``, by default that run's own) and freeze its first
+    stages.
+
+    Returns what was done, for ``metrics.json``.
+    """
+    from capsedge.model_guard import file_digest
+    from capsedge.models.build import TRUNK_PREFIX
+    from capsedge.models.efficientnet_lite import (
+        LITE0_PROVENANCE,
+        load_lite0_weights,
+        load_trunk_weights,
+        trunk_layers,
+    )
+
+    cfg = built.config
+    if cfg.trunk is None:
+        return {}
+    done: dict[str, Any] = {"init": config.init}
+    if config.init == "imagenet":
+        done["layers_loaded"] = load_lite0_weights(built.classifier, name=TRUNK_PREFIX)
+        done["pretrained"] = LITE0_PROVENANCE
+    elif config.init_run is not None:
+        trunk_file = trunk_file or stage1_trunk_file(config.init_run)
+        done["layers_loaded"] = load_trunk_weights(built.classifier, trunk_file, name=TRUNK_PREFIX)
+        done["trunk_from"] = {"file": str(trunk_file), "sha256": file_digest(trunk_file)}
+        done["pretrained"] = LITE0_PROVENANCE
+    if config.freeze_stages:
+        frozen = trunk_layers(built.classifier, config.freeze_stages, name=TRUNK_PREFIX)
+        for layer in frozen:
+            layer.trainable = False
+        done["layers_frozen"] = len(frozen)
+    return done
+
+
+def compile_network(model: Any, config: TrainConfig, counts: np.ndarray, steps: int) -> None:
+    """Compile ``model`` (the trainer, or the part above a frozen trunk) with the losses of its
+    outputs and the configured optimiser and schedule (``steps`` per epoch; ``counts`` images per
+    class weight the losses)."""
+    import keras
+
+    from capsedge.models import losses
+
+    class_weights = losses.class_balanced_weights(counts, config.beta).astype("float32")
+
+    def cross_entropy(y: Any, p: Any) -> Any:
+        return losses.weighted_categorical_crossentropy(
+            y, p, class_weights=class_weights, label_smoothing=config.label_smoothing
+        )
+
+    outputs = set(model.output_names)
+    loss: dict[str, Any] = {}
+    weights: dict[str, float] = {}
+    if "caps_length" in outputs:
+        loss["caps_length"] = lambda y, p: losses.margin_loss(y, p, class_weights=class_weights)
+        weights["caps_length"] = 1.0
+    if "linear_probs" in outputs:
+        loss["linear_probs"] = cross_entropy
+        weights["linear_probs"] = 1.0
+    if "ncp_probs" in outputs:
+        loss["ncp_probs"] = cross_entropy
+        weights["ncp_probs"] = config.ncp_weight
+    if "reconstruction" in outputs:
+        loss["reconstruction"] = losses.reconstruction_loss
+        weights["reconstruction"] = config.reconstruction_weight
+    total = max(1, config.epochs * steps)
+    warmup = int(round(config.warmup * total))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        config.learning_rate / 100 if warmup else config.learning_rate,
+        decay_steps=max(1, total - warmup),
+        alpha=0.01,
+        warmup_target=config.learning_rate if warmup else None,
+        warmup_steps=warmup,
+    )
+    # Accuracy of each head on its own, per epoch in history.csv (val_* with a hold-out).
+    metrics = {name: ["categorical_accuracy"] for name in ("caps_length", "ncp_probs", "linear_probs")
+               if name in loss}
+    average = {"use_ema": config.ema > 0, "ema_momentum": config.ema or 0.99}
+    if config.weight_decay:
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay, **average)
+    else:
+        optimizer = keras.optimizers.Adam(schedule, **average)
+    model.compile(optimizer=optimizer, loss=loss, loss_weights=weights, metrics=metrics)
+
+
+def distribution(devices: list[str] | None) -> Any | None:
+    """A ``MirroredStrategy`` over ``devices`` or over several GPUs; ``None`` for one device.
+
+    Only the TensorFlow backend distributes this way; with JAX or PyTorch one GPU is used.
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        if devices:
+            raise UsageError("devices need the TensorFlow backend (KERAS_BACKEND=tensorflow)")
+        return None
+    import tensorflow as tf
+
+    if devices is None:
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [gpu.name for gpu in gpus] if len(gpus) > 1 else None
+    return tf.distribute.MirroredStrategy(devices) if devices else None
+
+
+def resumable_backup(folder: Path) -> Any:
+    """Keras' ``BackupAndRestore`` into ``folder`` (weights, optimiser and epoch, every epoch),
+    keeping the previous epoch's backup too: a run stopped while it was writing one (killed,
+    out of memory) resumes from the epoch before."""
+    import keras
+
+    class Backup(keras.callbacks.BackupAndRestore):
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            try:
+                super().on_train_begin(logs)
+            except ValueError:  # a half-written weights file opens, but lacks variables
+                previous = Path(self._prev_weights_path)
+                if not previous.is_file():
+                    raise UsageError(f"the backup in {folder} is unreadable (the run stopped while "
+                                     "writing it): delete that folder to restart the run") from None
+                Path(self._weights_path).write_bytes(previous.read_bytes())
+                metadata = Path(self._prev_training_metadata_path)
+                if metadata.is_file():
+                    Path(self._training_metadata_path).write_bytes(metadata.read_bytes())
+                self._load_model()
+
+    return Backup(str(folder), double_checkpoint=True)
