@@ -8,31 +8,28 @@ draws them, never on the held-out ones), to dynamic range (int8 weights, float
 activations) and, with `--formats`, to float16 weights; runs each with capsedge's LiteRT
 backend on the held-out images, one view and the averages of the four flips and of all eight
 flips and quarter turns, and prints
-each one's accuracy and top-1 agreement with the float model, per fold and pooled. With
-`--save`, each format's eight-view probabilities go into the fold folder as
-`holdout_probabilities_views_<format>.npy` (beside the float model's
-`holdout_probabilities_views.npy`, same images and order); `capsedge export --score-folds`
-saves the int8 ones as a release step.
+each one's accuracy and top-1 agreement with the float model, per fold and pooled (with
+`--out`, also as OUT/heldout_int8.json). It writes nothing into the folds: the int8 answers
+the export's calibration is fitted on (`holdout_probabilities_views_int8.npy` in each fold)
+are saved by the same scoring run as a release step, `capsedge export --score-folds`.
 
 Usage:
-    python bench/heldout_int8.py --cv runs/cv512f5 [--folds 0,1] [--data DIR] [--formats int8,dynamic,float16]
-        [--save]
+    python bench/heldout_int8.py --cv runs/cv512f5 --data DIR [--folds 0,1] [--formats int8,dynamic,float16]
+        [--out OUT]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+import common
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "shoulder-implants"
-VIEW_COUNTS = (1, 4, 8)
+from capsedge.views import VIEW_COUNTS
 
 
-def measure_fold(fold: Path, dataset: object, formats: list[str], save: bool = False) -> dict[str, object]:
+def measure_fold(fold: Path, dataset: object, formats: list[str]) -> dict[str, object]:
     """Answers of the float model and of each format on the fold's held-out images (the scoring
     is :func:`capsedge.export.fold_scores.fold_views`, which ``capsedge export --score-folds`` runs)."""
     from capsedge.export.fold_scores import fold_views
@@ -45,8 +42,6 @@ def measure_fold(fold: Path, dataset: object, formats: list[str], save: bool = F
     for name, views in fold_views(run, dataset, formats).items():
         for n in VIEW_COUNTS:
             answers[name, n] = views[:, :n].mean(1).argmax(1)
-        if save:
-            run.save_views(views, name)
     return {"truth": dataset.targets[held], "answers": answers}
 
 
@@ -62,18 +57,16 @@ def summary(truth: np.ndarray, answers: dict, formats: list[str]) -> dict[str, f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--cv", type=Path, required=True, help="a `capsedge train --folds K` folder")
     parser.add_argument("--folds", help="comma-separated fold numbers (default: all)")
-    parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--formats", default="int8,dynamic", help="of int8, dynamic, float16")
-    parser.add_argument("--save", action="store_true", help="keep each format's held-out probabilities")
     args = parser.parse_args()
 
     from capsedge.workshop.dataset import read_dataset
     from capsedge.workshop.run import CrossValidation
 
-    dataset = read_dataset(args.data)
+    dataset = read_dataset(common.data_folder(args))
     formats = args.formats.split(",")
     cv = CrossValidation(args.cv)
     folds = [f.path for f in cv.folds()] if args.folds is None else [
@@ -81,7 +74,7 @@ def main() -> None:
     truth, pooled = [], {}
     report = {"cv": str(args.cv), "folds": {}}
     for fold in folds:
-        measured = measure_fold(fold, dataset, formats, args.save)
+        measured = measure_fold(fold, dataset, formats)
         report["folds"][fold.name] = summary(measured["truth"], measured["answers"], formats)
         print(json.dumps({fold.name: report["folds"][fold.name]}), flush=True)
         truth.append(measured["truth"])
@@ -90,6 +83,7 @@ def main() -> None:
     answers = {key: np.concatenate(value) for key, value in pooled.items()}
     report["pooled"] = summary(np.concatenate(truth), answers, formats)
     print(json.dumps(report["pooled"], indent=2))
+    common.save_json(args, "heldout_int8.json", report)
 
 
 if __name__ == "__main__":

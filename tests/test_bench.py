@@ -75,8 +75,6 @@ def test_the_runner_lists_every_script_and_the_archive() -> None:
 
 def test_no_bench_script_names_the_shared_data_folder() -> None:
     for script in [*BENCH.glob("*.py"), *(BENCH / "archive").glob("*.py")]:
-        if script.name == "heldout_int8.py":
-            continue  # being turned into a thin caller of capsedge (issue 27)
         source = script.read_text()
         assert '"shared"' not in source and "/shared/" not in source, script.name
 

@@ -179,7 +179,7 @@ def test_training_pipeline_and_runtime_make_the_tensor_worked_out_by_hand(
     of the expected tensor follows from the definition: the grey levels stretched from
     [min, max] to [0, 1], centred on a black square."""
     from capsedge import Classifier
-    from capsedge.train.data import load_images, read_dataset
+    from capsedge.workshop.dataset import load_images, read_dataset
 
     classifier = Classifier.load()
     config = classifier.metadata.preprocessing
@@ -215,7 +215,7 @@ def test_training_pipeline_and_runtime_make_the_tensor_worked_out_by_hand(
 
 def test_real_xrays_preprocess_identically_in_training_and_runtime() -> None:
     from capsedge import Classifier
-    from capsedge.train.data import load_images, read_dataset
+    from capsedge.workshop.dataset import load_images, read_dataset
 
     dataset = read_dataset(implant_data())
     subset = dataset.subset(np.arange(0, len(dataset.paths), 25))

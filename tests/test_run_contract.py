@@ -59,17 +59,17 @@ def test_the_trainer_writes_the_files_the_contract_names(trained: tuple) -> None
 
 
 @pytest.mark.slow
-def test_export_and_the_benches_read_the_same_answers(trained: tuple, tmp_path: Path) -> None:
-    """The out-of-fold answers the trainer summarised, the evaluation reader's, the export's
+def test_export_and_the_benches_read_the_same_answers(trained: tuple, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The out-of-fold answers the trainer summarised, a reader's of the folder, the export's
     calibration and the int8 fold scores of ``capsedge export --score-folds`` and of
     ``bench/heldout_int8.py`` are one reading of the same files."""
     from capsedge.export.run import load_run, trust_sources
-    from capsedge.train.evaluation import out_of_fold
     from capsedge.workshop.dataset import read_dataset
 
     cv, data = trained
     indices, probabilities = cv.out_of_fold(16)
-    np.testing.assert_array_equal(out_of_fold(cv.path, 16)[1], probabilities)
+    np.testing.assert_array_equal(CrossValidation(cv.path).out_of_fold(16)[1], probabilities)
     pooled = np.concatenate([fold.read_holdout_probabilities() for fold in cv.folds()])
     np.testing.assert_array_equal(probabilities, pooled)
     assert trust_sources(cv.final.path, None, None)[:2] == (cv.path, data)
@@ -88,6 +88,7 @@ def test_export_and_the_benches_read_the_same_answers(trained: tuple, tmp_path: 
     f32 = json.loads((out / "effcaps_mnist_tflite_f32.json").read_text())["trust"]["provenance"]
     assert f32["out_of_fold_images"] == 16 and "calibrated_on" not in f32  # the float folds' answers
 
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # the bench scripts import their common.py
     spec = importlib.util.spec_from_file_location("heldout_int8", REPO / "bench" / "heldout_int8.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

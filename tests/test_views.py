@@ -141,7 +141,10 @@ def test_metadata_keeps_the_views_and_refuses_nonsense() -> None:
 
 
 def test_out_of_fold_reads_the_saved_views(tmp_path: Path) -> None:
-    from capsedge.train.evaluation import VIEWS_FILE, average_views, out_of_fold, views_file
+    from capsedge.workshop.run import CrossValidation, RunDir, average_views
+
+    def out_of_fold(folder: Path, images: int, views: int = 1, quantized: str | None = None):
+        return CrossValidation(folder).out_of_fold(images, views, quantized)
 
     rng = np.random.default_rng(0)
     every = {}
@@ -151,21 +154,21 @@ def test_out_of_fold_reads_the_saved_views(tmp_path: Path) -> None:
         views = rng.dirichlet(np.ones(3), size=(len(held), 8))
         np.save(fold / "holdout_indices.npy", held)
         np.save(fold / "holdout_probabilities.npy", views[:, 0])
-        np.save(fold / VIEWS_FILE, views)
+        np.save(fold / RunDir.VIEWS, views)
         every[k] = views
     indices, one = out_of_fold(tmp_path, 5)
     assert indices.tolist() == [0, 2, 1, 3, 4] and np.allclose(one[:2], every[0][:, 0])
     _, four = out_of_fold(tmp_path, 5, views=4)
     assert np.allclose(four[2:], every[1][:, :4].mean(axis=1))
     assert np.allclose(average_views(every[1], 8), every[1].mean(axis=1))
-    with pytest.raises(CapsedgeError, match="heldout_int8.py"):  # the int8 files' answers: not yet
+    with pytest.raises(CapsedgeError, match="--score-folds"):  # the int8 files' answers: not yet
         out_of_fold(tmp_path, 5, views=1, quantized="int8")
     for k in (0, 1):
-        np.save(tmp_path / f"fold-{k}" / views_file("int8"), every[k][:, :4, ::-1])  # four views
+        np.save(RunDir(tmp_path / f"fold-{k}").views_file("int8"), every[k][:, :4, ::-1])  # four views
     _, int8 = out_of_fold(tmp_path, 5, views=4, quantized="int8")
     assert np.allclose(int8[:2], every[0][:, :4, ::-1].mean(axis=1))
     assert np.allclose(out_of_fold(tmp_path, 5, quantized="int8")[1][2:], every[1][:, 0, ::-1])
-    (tmp_path / "fold-1" / VIEWS_FILE).unlink()
+    (tmp_path / "fold-1" / RunDir.VIEWS).unlink()
     with pytest.raises(CapsedgeError, match="bench/test_time_views.py"):
         out_of_fold(tmp_path, 5, views=8)
     assert out_of_fold(tmp_path, 5)[1].shape == (5, 3)

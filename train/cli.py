@@ -51,8 +51,8 @@ def command(data: Path, run_dir: Path, folds: int | None, final: bool, parts: tu
             resume: bool, attribution: str | None, verbose: bool, **recipe: Any) -> None:
     """Train a capsule network on labelled X-rays."""
     from capsedge.train.cross_validation import cross_validate
-    from capsedge.train.data import read_dataset
     from capsedge.train.trainer import train
+    from capsedge.workshop.dataset import read_dataset
 
     with error_boundary(extra="train"), quiet_native_logs(verbose):
         # What can be checked without TensorFlow is checked first.

@@ -13,14 +13,15 @@ from typing import Any
 import numpy as np
 
 from capsedge.errors import UsageError
+from capsedge.views import VIEW_AVERAGES
+from capsedge.workshop.dataset import Dataset, load_images
 from capsedge.workshop.run import CrossValidation
 
 from .config import TrainConfig
-from .data import Dataset, load_images
 from .evaluation import save_evaluation_pngs
 from .metrics import classification_report, stratified_folds
 from .plan import TrainingPlan, plan_training
-from .trainer import TEST_TIME_VIEWS, Part, progress_bar, train
+from .trainer import Part, progress_bar, train
 
 
 def cross_validate(
@@ -145,7 +146,7 @@ def _fold_row(fold: int, metrics: dict[str, Any]) -> dict[str, Any]:
     """A fold's line of the summary: accuracy and macro-F1 in one view and each test-time average."""
     report = metrics["holdout"]
     row = {"fold": fold, "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
-    for name in TEST_TIME_VIEWS:
+    for name in VIEW_AVERAGES:
         averaged = metrics.get(f"holdout_{name}", {})
         row |= {f"accuracy_{name}": averaged.get("accuracy"), f"macro_f1_{name}": averaged.get("macro_f1")}
     return row
@@ -156,7 +157,7 @@ def _summary(per_fold: list[dict[str, Any]], pooled: dict[str, Any], config: Tra
     folds = len(per_fold)
     summary = {"folds": folds, **_mean_and_spread(per_fold, ""), "per_fold": per_fold, "pooled": pooled,
                "train": asdict(config)}
-    for name in TEST_TIME_VIEWS:
+    for name in VIEW_AVERAGES:
         # What a runtime averaging 4 (flips) or 8 (dihedral) test-time views would score.
         if all(f[f"accuracy_{name}"] is not None for f in per_fold):
             summary[name] = _mean_and_spread(per_fold, f"_{name}")

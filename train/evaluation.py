@@ -10,19 +10,12 @@ from typing import Any
 import numpy as np
 
 from capsedge.views import orientations
-from capsedge.workshop.run import CrossValidation, RunDir, average_views, views_name
+from capsedge.workshop.run import RunDir
 
 from .figures import TRAIN_COLOUR, save_confusion_png, save_per_class_png, save_reliability_png
 from .metrics import classification_report
 
-__all__ = ["VIEWS_FILE", "average_views", "out_of_fold", "predict_probabilities", "predict_views",
-           "read_history", "save_evaluation_pngs", "views_file"]
-
-#: A fold's held-out probabilities in every test-time view, ``(images, 8, classes)``.
-VIEWS_FILE = RunDir.VIEWS
-#: The file of a fold's held-out probabilities per view, of the float model or of a format
-#: (``views_file("int8")``); see :meth:`capsedge.workshop.run.RunDir.views_file`.
-views_file = views_name
+__all__ = ["predict_probabilities", "predict_views", "read_history", "save_evaluation_pngs"]
 
 
 def predict_probabilities(classifier: Any, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -70,9 +63,3 @@ def _number_or_nan(text: str | None) -> float:
         return float(text)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return float("nan")
-
-
-def out_of_fold(cross_validation: str | Path, images: int, views: int = 1,
-                quantized: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """:meth:`capsedge.workshop.run.CrossValidation.out_of_fold` of the folder ``cross_validation``."""
-    return CrossValidation(Path(cross_validation)).out_of_fold(images, views, quantized)

@@ -21,14 +21,14 @@ from typing import Any
 import keras
 import numpy as np
 
-from capsedge.views import VIEW_COUNTS, orientations
+from capsedge.views import DIHEDRAL_VIEWS, orientations
 
 from .augment import DRAWN_VIEWS, orientation
 from .batches import average_pool
 
 #: The maps of every image are computed in all eight orientations, numbered as in
 #: :mod:`capsedge.views` (``maps[:, v]`` is view ``v``).
-VIEWS = VIEW_COUNTS[-1]
+VIEWS = DIHEDRAL_VIEWS
 
 
 def frozen_split(built: Any, stages: int) -> tuple[keras.Model, keras.Model]:

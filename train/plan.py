@@ -22,10 +22,10 @@ import numpy as np
 
 from capsedge.errors import UsageError
 from capsedge.preprocess import Preprocessing
+from capsedge.workshop.dataset import Dataset, read_dataset
 from capsedge.workshop.run import CrossValidation, RunDir
 
 from .config import TrainConfig
-from .data import Dataset, read_dataset
 
 if TYPE_CHECKING:
     from capsedge.models import ModelConfig
@@ -62,7 +62,7 @@ class TrainingPlan:
             raise UsageError(f"--int8-trunk needs a model with a pretrained trunk; {config.model} has none")
         else:
             mode = END_TO_END
-        return cls(config, model, Preprocessing(input_size=model.input_shape[0]), mode)
+        return cls(config, model, model.preprocessing, mode)
 
     @property
     def frozen_trunk(self) -> bool:

@@ -23,27 +23,18 @@ import numpy as np
 
 from capsedge.errors import UsageError
 from capsedge.preprocess import Preprocessing
-from capsedge.views import VIEW_COUNTS
-from capsedge.workshop.run import RunDir
+from capsedge.views import VIEW_AVERAGES
+from capsedge.workshop.dataset import Dataset, DatasetError, load_images
+from capsedge.workshop.run import RunDir, average_views
 
 from .config import TrainConfig
-from .data import Dataset, DatasetError, load_images
-from .evaluation import (
-    average_views,
-    predict_probabilities,
-    predict_views,
-    read_history,
-    save_evaluation_pngs,
-)
+from .evaluation import predict_probabilities, predict_views, read_history, save_evaluation_pngs
 from .figures import save_learning_curves_png
 from .metrics import classification_report, stratified_split
 from .plan import TrainingPlan, plan_training
 
-__all__ = ["TEST_TIME_VIEWS", "Part", "TrainResult", "train"]
+__all__ = ["Part", "TrainResult", "train"]
 
-#: The test-time averages a run reports beside one view (``holdout_NAME`` in ``metrics.json``):
-#: name -> views of :mod:`capsedge.views` averaged.
-TEST_TIME_VIEWS = {"flips": VIEW_COUNTS[1], "dihedral": VIEW_COUNTS[2]}
 
 
 @dataclass(frozen=True)
@@ -90,7 +81,7 @@ def train(
     """Train a model on ``data`` and write the run folder.
 
     Args:
-        data: a data folder or CSV (see :func:`capsedge.train.data.read_dataset`), or a Dataset.
+        data: a data folder or CSV (see :func:`capsedge.workshop.dataset.read_dataset`), or a Dataset.
         run_dir: where the run's files go (created).
         config: hyper-parameters; defaults to :class:`TrainConfig`.
         resume: continue an interrupted run from its last finished epoch.
@@ -245,12 +236,13 @@ def _batches(plan: TrainingPlan, network: Any, images: np.ndarray, onehot: np.nd
 
 def _evaluate_held_out(classifier: Any, images: np.ndarray, targets: np.ndarray, indices: np.ndarray,
                        classes: tuple[str, ...], run: RunDir) -> dict[str, Any]:
-    """Score the held-out images in one view and averaged over :data:`TEST_TIME_VIEWS`, save their
-    answers, indices and pictures in ``run``; returns the reports for ``metrics.json``."""
+    """Score the held-out images in one view and averaged over
+    :data:`capsedge.views.VIEW_AVERAGES`, save their answers, indices and pictures in ``run``;
+    returns the reports for ``metrics.json``."""
     probabilities = predict_probabilities(classifier, images)
     reports = {"holdout": classification_report(targets, probabilities.argmax(1), classes)}
     views = predict_views(classifier, images)
-    for name, count in TEST_TIME_VIEWS.items():
+    for name, count in VIEW_AVERAGES.items():
         answers = average_views(views, count).argmax(1)
         reports[f"holdout_{name}"] = classification_report(targets, answers, classes)
     run.save_holdout(indices, probabilities, views)

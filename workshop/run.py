@@ -285,7 +285,7 @@ class CrossValidation:
         if missing:
             raise CapsedgeError(f"{self.path}/{missing[0]} has no {views_name()} for {views} test-time "
                                 "views (runs of capsedge before 0.4 did not write it: python "
-                                "bench/test_time_views.py --cv DIR adds it)")
+                                "bench/test_time_views.py --cv DIR --out DIR adds it)")
         try:
             indices = np.concatenate([f.read_holdout_indices() for f in folds])
             probabilities = np.concatenate([average_views(f.read_views(fmt), views) if per_view
