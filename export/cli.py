@@ -12,7 +12,7 @@ from capsedge.export.run import trust_sources
 from capsedge.export.writer import ExportOptions, check_arguments, export, steps
 from capsedge.outputs import refuse_overwrite
 from capsedge.progress import Progress
-from capsedge.views import RECIPE_VIEWS
+from capsedge.views import RECIPE_VIEWS, VIEW_COUNTS
 from capsedge.workshop.run import CrossValidation
 
 
@@ -54,7 +54,7 @@ def _cli() -> Any:
                   help="The images the run was trained on: with --cross-validation, the files get "
                        "calibrated confidence, an 'uncertain' threshold and outlier statistics. "
                        "Default: the data folder the run recorded.")
-    @click.option("--test-time-views", "test_time_views", type=click.Choice(["1", "4", "8"]),
+    @click.option("--test-time-views", "test_time_views", type=click.Choice([str(n) for n in VIEW_COUNTS]),
                   default=str(RECIPE_VIEWS), show_default=True,
                   help="Orientations of each image the runtime averages (4: the flips, as in the recipe "
                        "and the bundled model; 8: flips and transposes); with --train-data the "

@@ -28,6 +28,7 @@ def arm() -> arm64_check.ArmEnv:
 
 @pytest.mark.slow
 def test_arm64_answers_as_x86_64(arm: arm64_check.ArmEnv) -> None:
+    pytest.importorskip("pydicom", reason="the check writes a DICOM of an X-ray (the dicom extra)")
     images = arm64_check.pick_images(implant_data(), 2)
     # A Raspberry Pi 4's CPU only, to keep CI's time down (emulation runs a classification in
     # about 10 s); `python bench/arm64_check.py` compares the Pi 5's Cortex-A76 too.
