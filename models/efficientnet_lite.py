@@ -307,9 +307,6 @@ def load_lite0_weights(
     return loaded
 
 
-#: The file a run with a trunk writes beside its classifier: the trunk's weights, float16, by layer.
-TRUNK_WEIGHTS_FILE = "trunk.npz"
-
 
 def save_trunk_weights(model: keras.Model, path: str | Path, name: str = "lite0") -> int:
     """Write the weights of every ``{name}_*`` layer of ``model`` to ``path`` (``.npz``, float16).
