@@ -34,7 +34,8 @@ def test_the_gpu_job_resumes_after_being_stopped_and_packs_every_part(tmp_path: 
     out = tmp_path / "out"
     capsedge = shutil.which("capsedge", path=str(Path(sys.executable).parent)) or "capsedge"
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "CAPSEDGE": capsedge, "CAPSEDGE_COMMIT": "abc123",
-           "WORKERS": "1", "PARALLEL": "1"}  # one part at a time: fold 0 backs up soonest on a busy CPU
+           "WORKERS": "1", "PARALLEL": "1",  # one part at a time: fold 0 backs up soonest on a busy CPU
+           "STAGE1_OPTIONS": "--label-smoothing 0 --warmup 0.2"}  # a variant of the recipe
     command = ["bash", str(JOB), str(data), str(out), "3", "lite0_linear_224", "2"]
 
     # Stop the whole job (every part) once fold 0 has backed up an epoch, as a lost machine would.
@@ -70,6 +71,8 @@ def test_the_gpu_job_resumes_after_being_stopped_and_packs_every_part(tmp_path: 
         assert (unpacked / part / "trunk.npz").is_file()
     summary = json.loads((unpacked / "cv_summary.json").read_text())
     assert summary["folds"] == 2 and summary["train"]["augment"] == "full"
+    assert summary["train"]["label_smoothing"] == 0 and summary["train"]["warmup"] == 0.2
     provenance = json.loads((unpacked / "provenance.json").read_text())
     assert provenance["commit"] == "abc123" and provenance["versions"]["backend"] == "tensorflow"
+    assert provenance["command"].startswith('STAGE1_OPTIONS="--label-smoothing 0 --warmup 0.2" ')
     assert provenance["machine"]["cpus"] == os.cpu_count()

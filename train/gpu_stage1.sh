@@ -18,7 +18,8 @@
 # with JAX and no TensorFlow), CAPSEDGE (the command, default capsedge), PARALLEL (parts trained
 # at once, default 3: on one H200, six at once ran three out of GPU memory, three at once took
 # 270 s for 50 epochs), WORKERS (augmenting threads per part, default 4), CAPSEDGE_COMMIT
-# (recorded in the provenance).
+# (recorded in the provenance), STAGE1_OPTIONS (more `capsedge train` options for a variant of the
+# recipe, e.g. "--label-smoothing 0 --warmup 0.3"; recorded in cv_settings.json and the provenance).
 # Re-running it resumes: finished parts are skipped, interrupted ones resume from their last epoch.
 set -euo pipefail
 
@@ -41,6 +42,8 @@ pack=$out/pack
 mkdir -p "$run" "$pack" "$out/logs"
 recipe=(--data "$data" --out "$run" --model "$model" --freeze-stages 0 --augment full
         --epochs "$epochs" --folds "$folds" --final)
+read -ra variant <<< "${STAGE1_OPTIONS:-}"
+recipe+=(${variant[@]+"${variant[@]}"})
 
 started=$(date +%s)
 parts=$(seq 0 $((folds - 1))) 
@@ -61,7 +64,7 @@ wait
     || { echo "summary FAILED:"; tail -5 "$out/logs/summary.log"; exit 1; }
 tail -3 "$out/logs/summary.log"
 
-python3 - "$run/provenance.json" "$0 $*" "$(($(date +%s) - started))" <<'EOF'
+python3 - "$run/provenance.json" "${STAGE1_OPTIONS:+STAGE1_OPTIONS=\"$STAGE1_OPTIONS\" }$0 $*" "$(($(date +%s) - started))" <<'EOF'
 import json, os, platform, subprocess, sys
 import keras
 def gpu() -> str:
