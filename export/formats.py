@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from capsedge.errors import CapsedgeError, RuntimeMissingError
+from capsedge.errors import CapsedgeError, missing_extra
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,4 @@ def check_requirements(formats: Iterable[ExportFormat]) -> None:
     for fmt in formats:
         for module in fmt.requires:
             if importlib.util.find_spec(module) is None:
-                raise RuntimeMissingError(
-                    f"format {fmt.name!r} needs {module}, which is not installed; "
-                    f"install it with: pip install 'capsedge[{fmt.extra}]'"
-                )
+                raise missing_extra(module, fmt.extra, needed_by=f"format {fmt.name!r}")

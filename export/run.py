@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from capsedge.backends import first_line, is_readable_file
-from capsedge.errors import CapsedgeError, ModelError, missing_extra, reason
+from capsedge.errors import CapsedgeError, ModelError, reason
+from capsedge.extras import require
 from capsedge.preprocess import Preprocessing
 from capsedge.workshop.run import CrossValidation, RunDir
 
@@ -96,12 +97,8 @@ def load_run(path: str | Path, cross_validation: str | Path | None = None) -> Tr
         raise ModelError(f"no trained model at {model_file}")
     if not is_readable_file(run.config):
         raise ModelError(f"no {run.CONFIG} beside {model_file.name} in {run.path}")
-    try:
-        import keras
-
-        import capsedge.models  # noqa: F401 - registers the custom layers for loading
-    except ImportError as exc:
-        raise missing_extra(exc.name or "tensorflow", "export") from None
+    keras = require("keras", extra="export", needed_by="loading a trained run")
+    require("capsedge.models", extra="export", needed_by="loading a trained run")  # its custom layers
     try:
         config = run.read_config()
         metrics = run.read_metrics()
