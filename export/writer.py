@@ -187,11 +187,8 @@ def write_files(run: TrainedRun, out_dir: str | Path, formats: Sequence[ExportFo
         provenance=run.provenance,
         test_time_views=options.test_time_views,
     )
-    calibration = None
+    calibration = None  # check_arguments saw to it that int8 formats have a calibration folder
     if any(fmt.needs_calibration for fmt in formats):
-        if options.calibration is None:
-            needing = ", ".join(f.name for f in formats if f.needs_calibration)
-            raise CapsedgeError(f"{needing} need calibration images: pass --calib DIR")
         calibration = calibration_images(options.calibration, images, options.calibration_limit)
     out = Path(out_dir)
     written = {}

@@ -280,8 +280,7 @@ class CrossValidation:
         missing = [f.path.name for f in folds if per_view and not f.views_file(fmt).is_file()]
         if missing and fmt is not None:
             raise CapsedgeError(f"{self.path}/{missing[0]} has no {views_name(fmt)} (an export of "
-                                f"{self.path}/final with --score-folds writes it, as does python "
-                                f"bench/heldout_int8.py --cv DIR --formats {fmt} --save)")
+                                f"{self.path}/final with --score-folds writes it)")
         if missing:
             raise CapsedgeError(f"{self.path}/{missing[0]} has no {views_name()} for {views} test-time "
                                 "views (runs of capsedge before 0.4 did not write it: python "
