@@ -141,7 +141,8 @@ def _rebuilt(classifier: Any, config: dict[str, Any], model_file: Path) -> Any:
         raise ModelError(f"cannot rebuild {model_file} with this version of capsedge: {exc}") from None
 
 
-_OFF = (None, 0, 0.0, False)
+# Switched off, or what every run did before its option existed ("cosine": --schedule).
+_OFF = (None, 0, 0.0, False, "cosine")
 
 
 def cross_validation_summary(folder: str | Path, recipe: dict[str, Any]) -> dict[str, Any]:

@@ -301,6 +301,9 @@ def test_cross_validation_summary_records_the_figures_of_the_same_recipe(tmp_pat
         cross_validation_summary(folder, {**recipe, "epochs": 80})
     # an option newer than the summary matches only while it is off
     newer = cross_validation_summary(folder, {**recipe, "mixup": 0.0})
+    assert cross_validation_summary(folder, {**recipe, "schedule": "cosine"})["train"] == recipe
+    with pytest.raises(CapsedgeError, match="schedule"):
+        cross_validation_summary(folder, {**recipe, "schedule": "one-cycle"})
     assert newer["accuracy_mean"] == summary["accuracy_mean"]
     with pytest.raises(CapsedgeError, match=r"mixup None vs 0.2"):
         cross_validation_summary(folder, {**recipe, "mixup": 0.2})

@@ -111,6 +111,16 @@ def test_cross_validation_summary_and_skips_finished_folds(tiny_data: Path, tmp_
         cross_validate(tiny_data, tmp_path / "cv", FAST, folds=2, progress=False)
     with pytest.raises(ValueError, match="other settings"):
         cross_validate(tiny_data, tmp_path / "cv", FAST, folds=3, resume=True, progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        cross_validate(tiny_data, tmp_path / "cv", replace(FAST, schedule="one-cycle"), folds=2, resume=True,
+                       progress=False)
+    # A run written before a setting existed resumes: it trained with that setting's default.
+    settings = tmp_path / "cv" / "cv_settings.json"
+    older = json.loads(settings.read_text())
+    del older["train"]["schedule"]
+    settings.write_text(json.dumps(older))
+    resumed = cross_validate(tiny_data, tmp_path / "cv", FAST, folds=2, resume=True, progress=False)
+    assert resumed["per_fold"] == summary["per_fold"]
 
 
 def assert_pictures_of_cross_validation(folder: Path) -> None:

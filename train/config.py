@@ -12,6 +12,7 @@ import click
 from capsedge.errors import UsageError
 
 from .augment import AUGMENTATIONS, get_augmentation
+from .schedule import SCHEDULES
 
 #: Where a pretrained trunk's weights start (see ``TrainConfig.init``), besides ``run:PATH``.
 INITS = ("imagenet", "none")
@@ -62,8 +63,9 @@ class TrainConfig:
         ema: momentum of an exponential moving average of the weights that replaces them
             when training ends (Keras' ``use_ema``), e.g. 0.99; 0 keeps the last weights.
         weight_decay: decoupled weight decay (AdamW, Loshchilov & Hutter 2019); 0: Adam.
-        warmup: fraction of the steps over which the learning rate rises linearly from 1 %
-            to ``learning_rate`` before the cosine decay.
+        warmup: fraction of the steps over which the learning rate rises to ``learning_rate``.
+        schedule: ``"cosine"`` (a linear warm-up from 1 %, then cosine decay to 1 %) or
+            ``"one-cycle"`` (PyTorch's ``OneCycleLR`` shape, see :mod:`capsedge.train.schedule`).
         label_smoothing: of the cross-entropy heads (NCP, linear).
         init: ``"imagenet"`` starts a pretrained trunk from its ImageNet weights, ``"none"``
             from random ones, ``"run:PATH"`` from the trunk a stage-1 run trained (its
@@ -101,8 +103,11 @@ class TrainConfig:
     ema: float = _setting(0.0, "Keep a moving average of the weights with this momentum (e.g. 0.99) and end "
                           "on it.", click.FloatRange(0, 1, max_open=True))
     weight_decay: float = _setting(0.05, "Decoupled weight decay (AdamW); 0: Adam.", click.FloatRange(0))
-    warmup: float = _setting(0.1, "Fraction of the steps with a linear learning-rate warm-up.",
+    warmup: float = _setting(0.1, "Fraction of the steps over which the learning rate rises to its peak.",
                              click.FloatRange(0, 1, max_open=True))
+    schedule: str = _setting(
+        "cosine", "cosine: linear warm-up from 1 %, cosine decay to 1 %; one-cycle: PyTorch's OneCycleLR "
+        "(cosine up from 1/25, down to 1/25e4; its default --warmup is 0.3).", click.Choice(list(SCHEDULES)))
     label_smoothing: float = _setting(0.1, "Label smoothing of the cross-entropy heads (NCP, linear).",
                                       click.FloatRange(0, 1, max_open=True))
     init: str = _setting(
@@ -134,6 +139,8 @@ class TrainConfig:
             if isinstance(kind, (click.IntRange, click.FloatRange)):
                 _check_range(setting.name, getattr(self, setting.name), kind)
         get_augmentation(self.augment)  # raises for an unknown name
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.init not in INITS and not (self.init.startswith(RUN_INIT) and len(self.init) > len(RUN_INIT)):
             raise UsageError(f"init must be one of {', '.join(INITS)} or run:PATH, got {self.init!r}")
         if self.int8_trunk and not self.precomputes_frozen_maps:

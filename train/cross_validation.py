@@ -17,7 +17,7 @@ from capsedge.views import VIEW_AVERAGES
 from capsedge.workshop.dataset import Dataset, load_images
 from capsedge.workshop.run import CrossValidation
 
-from .config import TrainConfig
+from .config import TrainConfig, options
 from .evaluation import save_evaluation_pngs
 from .metrics import classification_report, stratified_folds
 from .plan import TrainingPlan, plan_training
@@ -107,6 +107,13 @@ def _check_parts(parts: Collection[int | str] | None, folds: int, final: bool) -
         raise UsageError("the final part needs --final")
 
 
+def _with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` as read from a run, each training setting it lacks (one added after the run was
+    written) at its default, which is what that run trained with."""
+    defaults = {name: default for name, _, default in options()}
+    return {**settings, "train": {**defaults, **settings.get("train", {})}}
+
+
 def _open_cross_validation(cv: CrossValidation, settings: dict[str, Any], resume: bool,
                            parts: Collection[int | str] | None) -> bool:
     """Create the folder with its settings, checking that a cross-validation resumed (or trained in
@@ -117,7 +124,7 @@ def _open_cross_validation(cv: CrossValidation, settings: dict[str, Any], resume
     if resume or (parts is not None and cv.settings.is_file()):
         if not cv.settings.is_file():
             raise UsageError(f"nothing to resume in {cv.path} (no {CrossValidation.SETTINGS})")
-        if cv.read_settings() != settings:
+        if _with_defaults(cv.read_settings()) != settings:
             raise UsageError(f"{cv.path} holds a cross-validation with other settings; choose another --out")
     elif parts is None and cv.has_folds():
         raise UsageError(f"{cv.path} already holds a cross-validation: pass --resume or another --out")

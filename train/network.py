@@ -14,6 +14,7 @@ from capsedge.errors import UsageError
 
 from .config import TrainConfig
 from .plan import TrainingPlan, stage1_trunk_file
+from .schedule import learning_rate_schedule
 
 
 @dataclass(frozen=True)
@@ -114,15 +115,8 @@ def compile_network(model: Any, config: TrainConfig, counts: np.ndarray, steps: 
     if "reconstruction" in outputs:
         loss["reconstruction"] = losses.reconstruction_loss
         weights["reconstruction"] = config.reconstruction_weight
-    total = max(1, config.epochs * steps)
-    warmup = int(round(config.warmup * total))
-    schedule = keras.optimizers.schedules.CosineDecay(
-        config.learning_rate / 100 if warmup else config.learning_rate,
-        decay_steps=max(1, total - warmup),
-        alpha=0.01,
-        warmup_target=config.learning_rate if warmup else None,
-        warmup_steps=warmup,
-    )
+    schedule = learning_rate_schedule(config.schedule, config.learning_rate, config.warmup,
+                                      config.epochs * steps)
     # Accuracy of each head on its own, per epoch in history.csv (val_* with a hold-out).
     metrics = {name: ["categorical_accuracy"] for name in ("caps_length", "ncp_probs", "linear_probs")
                if name in loss}
