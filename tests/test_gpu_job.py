@@ -3,6 +3,7 @@ parts in parallel, stopped and run again, packed for transport, readable by stag
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -22,6 +23,8 @@ from conftest import REPO, synthetic_xray
 pytest.importorskip("tensorflow")
 
 JOB = REPO / "train" / "gpu_stage1.sh"
+# A variant of the recipe, as a GPU session would try one.
+VARIANT = "--label-smoothing 0 --warmup 0.2 --schedule one-cycle"
 
 
 @pytest.mark.slow
@@ -35,7 +38,7 @@ def test_the_gpu_job_resumes_after_being_stopped_and_packs_every_part(tmp_path: 
     capsedge = shutil.which("capsedge", path=str(Path(sys.executable).parent)) or "capsedge"
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "CAPSEDGE": capsedge, "CAPSEDGE_COMMIT": "abc123",
            "WORKERS": "1", "PARALLEL": "1",  # one part at a time: fold 0 backs up soonest on a busy CPU
-           "STAGE1_OPTIONS": "--label-smoothing 0 --warmup 0.2"}  # a variant of the recipe
+           "STAGE1_OPTIONS": VARIANT}
     command = ["bash", str(JOB), str(data), str(out), "3", "lite0_linear_224", "2"]
 
     # Stop the whole job (every part) once fold 0 has backed up an epoch, as a lost machine would.
@@ -72,7 +75,9 @@ def test_the_gpu_job_resumes_after_being_stopped_and_packs_every_part(tmp_path: 
     summary = json.loads((unpacked / "cv_summary.json").read_text())
     assert summary["folds"] == 2 and summary["train"]["augment"] == "full"
     assert summary["train"]["label_smoothing"] == 0 and summary["train"]["warmup"] == 0.2
+    assert summary["train"]["schedule"] == "one-cycle"
     provenance = json.loads((unpacked / "provenance.json").read_text())
     assert provenance["commit"] == "abc123" and provenance["versions"]["backend"] == "tensorflow"
-    assert provenance["command"].startswith('STAGE1_OPTIONS="--label-smoothing 0 --warmup 0.2" ')
+    assert provenance["versions"]["tensorflow"] == importlib.metadata.version("tensorflow")
+    assert provenance["command"].startswith(f'STAGE1_OPTIONS="{VARIANT}" ')
     assert provenance["machine"]["cpus"] == os.cpu_count()

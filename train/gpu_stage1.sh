@@ -19,7 +19,7 @@
 # at once, default 3: on one H200, six at once ran three out of GPU memory, three at once took
 # 270 s for 50 epochs), WORKERS (augmenting threads per part, default 4), CAPSEDGE_COMMIT
 # (recorded in the provenance), STAGE1_OPTIONS (more `capsedge train` options for a variant of the
-# recipe, e.g. "--label-smoothing 0 --warmup 0.3"; recorded in cv_settings.json and the provenance).
+# recipe, e.g. "--schedule one-cycle --warmup 0.3 --label-smoothing 0"; recorded in cv_settings.json and the provenance).
 # Re-running it resumes: finished parts are skipped, interrupted ones resume from their last epoch.
 set -euo pipefail
 
@@ -75,9 +75,10 @@ def gpu() -> str:
         return "none"
 backend = keras.backend.backend()
 versions = {"python": platform.python_version(), "keras": keras.__version__, "backend": backend}
-if backend == "jax":
-    import jax
-    versions["jax"] = jax.__version__
+# The backend's own version (jax, torch or tensorflow), and JAX's matmul precision when set.
+versions[backend] = __import__(backend).__version__
+if os.environ.get("JAX_DEFAULT_MATMUL_PRECISION"):
+    versions["jax_default_matmul_precision"] = os.environ["JAX_DEFAULT_MATMUL_PRECISION"]
 with open(sys.argv[1], "w") as handle:
     json.dump({"command": sys.argv[2], "commit": os.environ.get("CAPSEDGE_COMMIT", "unknown"),
                "machine": {"gpu": gpu(), "cpus": os.cpu_count(), "platform": platform.platform()},
