@@ -36,7 +36,8 @@ def test_the_gpu_job_resumes_after_being_stopped_and_packs_every_part(tmp_path: 
         Image.fromarray(np.rot90(synthetic_xray(seed=50 + i))).save(data / f"Zimmer.{i}.png")
     out = tmp_path / "out"
     capsedge = shutil.which("capsedge", path=str(Path(sys.executable).parent)) or "capsedge"
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "CAPSEDGE": capsedge, "CAPSEDGE_COMMIT": "abc123",
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "CAPSEDGE": capsedge, "PYTHON": sys.executable,
+           "CAPSEDGE_COMMIT": "abc123",
            "WORKERS": "1", "PARALLEL": "1",  # one part at a time: fold 0 backs up soonest on a busy CPU
            "STAGE1_OPTIONS": VARIANT}
     command = ["bash", str(JOB), str(data), str(out), "3", "lite0_linear_224", "2"]

@@ -18,7 +18,8 @@
 # with JAX and no TensorFlow), CAPSEDGE (the command, default capsedge), PARALLEL (parts trained
 # at once, default 3: on one H200, six at once ran three out of GPU memory, three at once took
 # 270 s for 50 epochs), WORKERS (augmenting threads per part, default 4), CAPSEDGE_COMMIT
-# (recorded in the provenance), STAGE1_OPTIONS (more `capsedge train` options for a variant of the
+# (recorded in the provenance), PYTHON (the Python with Keras that writes the provenance, default
+# python3), STAGE1_OPTIONS (more `capsedge train` options for a variant of the
 # recipe, e.g. "--schedule one-cycle --warmup 0.3 --label-smoothing 0"; recorded in cv_settings.json and the provenance).
 # Re-running it resumes: finished parts are skipped, interrupted ones resume from their last epoch.
 set -euo pipefail
@@ -33,6 +34,7 @@ epochs=${3:-50}
 model=${4:-lite0_linear_512}
 folds=${5:-5}
 capsedge=${CAPSEDGE:-capsedge}
+python=${PYTHON:-python3}
 export KERAS_BACKEND=${KERAS_BACKEND:-jax}
 # Several processes share one GPU: each takes the memory it needs, not 75 % of it.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -64,7 +66,7 @@ wait
     || { echo "summary FAILED:"; tail -5 "$out/logs/summary.log"; exit 1; }
 tail -3 "$out/logs/summary.log"
 
-python3 - "$run/provenance.json" "${STAGE1_OPTIONS:+STAGE1_OPTIONS=\"$STAGE1_OPTIONS\" }$0 $*" "$(($(date +%s) - started))" <<'EOF'
+"$python" - "$run/provenance.json" "${STAGE1_OPTIONS:+STAGE1_OPTIONS=\"$STAGE1_OPTIONS\" }$0 $*" "$(($(date +%s) - started))" <<'EOF'
 import json, os, platform, subprocess, sys
 import keras
 def gpu() -> str:
