@@ -157,7 +157,8 @@ def test_train_command_records_every_option_in_the_run(tiny_data: Path, tmp_path
             "--epochs", "1", "--batch-size", "4", "--lr", "0.002", "--beta", "0.9", "--holdout", "0.25",
             "--reconstruction-weight", "0", "--ncp-weight", "0.3", "--augment", "none", "--seed", "3",
             "--mixup", "0.2", "--ema", "0.9", "--weight-decay", "0.01", "--warmup", "0.2",
-            "--label-smoothing", "0.05", "--init", "none", "--freeze-stages", "0", "--attribution", "uci-517"]
+            "--schedule", "one-cycle", "--label-smoothing", "0.05", "--init", "none", "--freeze-stages", "0",
+            "--attribution", "uci-517"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "held-out accuracy" in result.stdout
@@ -169,8 +170,9 @@ def test_train_command_records_every_option_in_the_run(tiny_data: Path, tmp_path
     assert recorded == {"model": "effcaps_mnist", "epochs": 1, "batch_size": 4, "learning_rate": 0.002,
                         "beta": 0.9, "reconstruction_weight": 0.0, "ncp_weight": 0.3, "holdout": 0.25,
                         "augment": "none", "seed": 3, "mixup": 0.2, "ema": 0.9, "weight_decay": 0.01,
-                        "warmup": 0.2, "label_smoothing": 0.05, "init": "none", "freeze_stages": 0,
-                        "int8_trunk": 0.0}  # --int8-trunk needs a frozen trunk: tests/test_pretrained.py
+                        "warmup": 0.2, "schedule": "one-cycle", "label_smoothing": 0.05, "init": "none",
+                        # --int8-trunk needs a frozen trunk: tests/test_pretrained.py
+                        "freeze_stages": 0, "int8_trunk": 0.0}
     bad = CliRunner().invoke(main, [*args[:5], "--reconstruction-weight", "-1"])
     assert bad.exit_code == 2 and "-1" in bad.stderr
 
