@@ -1,7 +1,7 @@
 """The learning-rate schedules a run can follow (``TrainConfig.schedule``).
 
 ``cosine`` is Keras' ``CosineDecay`` with a linear warm-up from 1 % of the peak. ``one-cycle``
-is Smith & Topor's one-cycle policy as PyTorch's ``OneCycleLR`` draws it by default (cosine
+is Smith & Topin's one-cycle policy as PyTorch's ``OneCycleLR`` draws it by default (cosine
 annealing both ways, from the peak / 25 up to the peak, then down to the peak / 25 / 10**4);
 Keras has none, hence the class here. Its momentum cycling is left out (Keras' Adam takes a
 fixed ``beta_1``).
