@@ -11,7 +11,7 @@ import click
 
 from capsedge.errors import UsageError
 
-from .augment import AUGMENTATIONS, get_augmentation
+from .augment import AUGMENTATIONS
 from .schedule import SCHEDULES
 
 #: Where a pretrained trunk's weights start (see ``TrainConfig.init``), besides ``run:PATH``.
@@ -136,11 +136,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for setting in fields(self):
             kind = setting.metadata["option"].type
+            value = getattr(self, setting.name)
             if isinstance(kind, (click.IntRange, click.FloatRange)):
-                _check_range(setting.name, getattr(self, setting.name), kind)
-        get_augmentation(self.augment)  # raises for an unknown name
-        if self.schedule not in SCHEDULES:
-            raise UsageError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+                _check_range(setting.name, value, kind)
+            elif isinstance(kind, click.Choice) and value not in kind.choices:
+                raise UsageError(f"{setting.name} must be one of {', '.join(kind.choices)}, got {value!r}")
         if self.init not in INITS and not (self.init.startswith(RUN_INIT) and len(self.init) > len(RUN_INIT)):
             raise UsageError(f"init must be one of {', '.join(INITS)} or run:PATH, got {self.init!r}")
         if self.int8_trunk and not self.precomputes_frozen_maps:

@@ -50,7 +50,7 @@ def learning_rate_schedule(name: str, peak: float, warmup: float, total_steps: i
 def one_cycle(peak: float, rise_steps: int, total_steps: int) -> Any:
     """A one-cycle schedule: cosine from ``peak / 25`` up to ``peak`` over ``rise_steps``, then
     cosine down to ``peak / 25 / 10**4`` at ``total_steps``."""
-    import keras
+    import keras  # here, not at the top: `capsedge train --help` must not load Keras
 
     @keras.saving.register_keras_serializable(package="capsedge")
     class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
