@@ -80,7 +80,7 @@ def _features(image: Any, cfg: ModelConfig) -> Any:
         return _stem(x, cfg)
     from capsedge.models.efficientnet_lite import efficientnet_lite0
 
-    return efficientnet_lite0(x, stages=cfg.trunk_stages, name=TRUNK_PREFIX)
+    return efficientnet_lite0(x, stages=cfg.trunk_stages, head_conv=cfg.trunk_head_conv, name=TRUNK_PREFIX)
 
 
 def _trunk_primary(x: Any, cfg: ModelConfig) -> Any:

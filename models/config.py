@@ -91,6 +91,8 @@ class ModelConfig:
             convolutions) or ``None`` for no reconstruction branch.
         trunk: a pretrained backbone instead of ``stem`` (``"efficientnet_lite0"``), or ``None``.
         trunk_stages: how many of the trunk's 7 stages to keep (the ``cut``).
+        trunk_head_conv: end the trunk with its pretrained 1x1 convolution to 1280 channels
+            (the features the ImageNet classifier pools); needs all 7 stages.
         head: ``"capsules"`` (PrimaryCaps, routing, class capsules) or ``"linear"`` (global
             average pooling, dropout, dense softmax: the transfer-learning baseline).
         primary_source: with a trunk, where the primary capsules come from: ``"spatial"`` (a
@@ -126,6 +128,7 @@ class ModelConfig:
     decoder: str | None = "dense"
     trunk: str | None = None
     trunk_stages: int = 7
+    trunk_head_conv: bool = False
     head: str = "capsules"
     primary_source: str = "spatial"
     input_normalization: str = "unit"
@@ -156,6 +159,8 @@ class ModelConfig:
                 raise ModelConfigError(f"{name} must be one of {choices}, received {value!r}")
         if not 1 <= self.trunk_stages <= 7:
             raise ModelConfigError(f"trunk_stages must be in [1, 7], received {self.trunk_stages!r}")
+        if self.trunk_head_conv and (self.trunk is None or self.trunk_stages != 7):
+            raise ModelConfigError("trunk_head_conv needs a trunk with all 7 stages")
         if self.head == "linear" and (self.trunk is None or self.use_ncp or self.decoder is not None):
             raise ModelConfigError("head='linear' needs a trunk, and no NCP head or decoder")
         size = self.reconstruction_size

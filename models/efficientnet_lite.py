@@ -141,6 +141,7 @@ def efficientnet_lite0(
     *,
     stages: int = len(LITE0_STAGES),
     include_top: bool = False,
+    head_conv: bool = False,
     drop_connect_rate: float = 0.0,
     name: str = "lite0",
 ) -> Any:
@@ -153,6 +154,8 @@ def efficientnet_lite0(
             ``LITE0_STAGE_CHANNELS[stages - 1]`` channels at stride ``lite0_output_stride(stages)``.
         include_top: add the 1x1 head (1280), global average pooling and the 1000-class
             ``{name}_logits`` layer; needs ``stages=7``.
+        head_conv: end with the 1x1 head convolution to 1280 channels (batch norm, ReLU6):
+            the map the ImageNet classifier pools; needs ``stages=7``.
         drop_connect_rate: largest residual-drop rate during training, scaled linearly
             with the block index as in [1]; 0 builds no dropout layer.
         name: prefix of every layer name (``{name}_stem_conv``, ``{name}_block3_dw_bn``, ...),
@@ -162,8 +165,9 @@ def efficientnet_lite0(
         The feature map, or the ImageNet logits with ``include_top``.
     """
     _check_stages(stages)
-    if include_top and stages != len(LITE0_STAGES):
-        raise ModelConfigError(f"include_top=True needs stages={len(LITE0_STAGES)}, received {stages!r}")
+    for option, wanted in (("include_top", include_top), ("head_conv", head_conv)):
+        if wanted and stages != len(LITE0_STAGES):
+            raise ModelConfigError(f"{option}=True needs stages={len(LITE0_STAGES)}, received {stages!r}")
     if x.shape[-1] not in (1, 3):
         raise ModelConfigError(f"EfficientNet-Lite0 takes 1 or 3 input channels, received {x.shape[-1]!r}")
     if not 0.0 <= drop_connect_rate < 1.0:
@@ -176,8 +180,9 @@ def efficientnet_lite0(
             rate = drop_connect_rate * block / LITE0_NUM_BLOCKS
             x = _mbconv(x, args, stride, f"{name}_block{block}", rate)
             block += 1
-    if include_top:
+    if include_top or head_conv:
         x = _conv_bn(x, HEAD_CHANNELS, 1, 1, f"{name}_head")
+    if include_top:
         x = keras.layers.GlobalAveragePooling2D(name=f"{name}_avg_pool")(x)
         x = keras.layers.Dense(NUM_IMAGENET_CLASSES, name=f"{name}_logits")(x)
     return x

@@ -80,8 +80,11 @@ def _reconstruction_size(size: int) -> int:
     return max(d for d in range(16, 161, 16) if size % d == 0)
 
 
-def _lite0_configs(size: int) -> tuple[ModelConfig, ...]:
-    """The ImageNet-pretrained EfficientNet-Lite0 networks at ``size`` x ``size``."""
+def _lite0_configs(size: int, head_conv: bool = False) -> tuple[ModelConfig, ...]:
+    """The ImageNet-pretrained EfficientNet-Lite0 networks at ``size`` x ``size``; with
+    ``head_conv``, on the trunk that keeps its 1x1 convolution to 1280 channels (``lite0h``)."""
+    trunk_name = "lite0h" if head_conv else "lite0"
+    trunk_text = "EfficientNet-Lite0" + (" (with its 1280-channel head convolution)" if head_conv else "")
     trunk = {
         "input_shape": (size, size, 1),
         "num_classes": 4,
@@ -89,10 +92,11 @@ def _lite0_configs(size: int) -> tuple[ModelConfig, ...]:
         "stem": (),
         "trunk": "efficientnet_lite0",
         "trunk_stages": 7,
+        "trunk_head_conv": head_conv,
         "input_normalization": "lite0",
     }
     capsules = ModelConfig(
-        name=f"effcaps_ncp_lite0_{size}",
+        name=f"effcaps_ncp_{trunk_name}_{size}",
         **trunk,
         primary_caps=16,
         primary_dim=8,
@@ -103,21 +107,21 @@ def _lite0_configs(size: int) -> tuple[ModelConfig, ...]:
         fusion_weight=0.5,
         decoder="lean",
         reconstruction_size=_reconstruction_size(size),
-        description=f"ImageNet EfficientNet-Lite0 + Efficient-CapsNet + CfC/AutoNCP head, {size}x{size}",
+        description=f"ImageNet {trunk_text} + Efficient-CapsNet + CfC/AutoNCP head, {size}x{size}",
     )
     return (
         capsules,
         dataclasses.replace(
-            capsules, name=f"effcaps_lite0_{size}", use_ncp=False,
-            description=f"effcaps_ncp_lite0_{size} without its NCP head (ablation)",
+            capsules, name=f"effcaps_{trunk_name}_{size}", use_ncp=False,
+            description=f"effcaps_ncp_{trunk_name}_{size} without its NCP head (ablation)",
         ),
         ModelConfig(
-            name=f"lite0_linear_{size}",
+            name=f"{trunk_name}_linear_{size}",
             **trunk,
             head="linear",
             dropout=0.2,
             decoder=None,
-            description=f"ImageNet EfficientNet-Lite0 + global pooling + dense, {size}x{size} (baseline)",
+            description=f"ImageNet {trunk_text} + global pooling + dense, {size}x{size} (baseline)",
         ),
     )
 
@@ -182,6 +186,8 @@ _CONFIGS = (
         description="CapsNet (dynamic routing) baseline for 128x128 implant X-rays",
     ),
     *(config for size in LITE0_SIZES for config in _lite0_configs(size)),
+    # The trunk as the ImageNet classifier ends it (as timm's ``efficientnet_lite0`` features do).
+    *_lite0_configs(512, head_conv=True),
 )
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {cfg.name: cfg for cfg in _CONFIGS}

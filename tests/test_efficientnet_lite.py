@@ -304,6 +304,21 @@ def test_stage_cut(state: dict, stages: int, channels: int, blocks: int) -> None
     )
 
 
+def test_head_conv_ends_the_trunk_with_the_map_the_imagenet_classifier_pools(
+    imagenet_rgb: keras.Model, state: dict
+) -> None:
+    skimage_data = pytest.importorskip("skimage.data")
+    x = normalised(skimage_data.chelsea())[None]
+    model = lite0((224, 224, 3), head_conv=True)
+    assert model.output.shape == (None, 7, 7, 1280)
+    assert load_lite0_weights(model, state) == FULL_LAYERS - 1  # all but the logits
+    pooled = np.asarray(model(x, training=False)).mean(axis=(1, 2))[0]
+    logits = pooled @ state["_fc.weight"].T + state["_fc.bias"]
+    expected = np.asarray(imagenet_rgb(x, training=False))[0]
+    np.testing.assert_allclose(logits, expected, atol=1e-3)
+    assert logits.argmax() == 285  # Egyptian cat
+
+
 def test_output_strides() -> None:
     assert [lite0_output_stride(s) for s in range(1, 8)] == [2, 4, 8, 16, 16, 32, 32]
     model = lite0((64, 64, 3), stages=6)
@@ -328,6 +343,7 @@ def test_drop_connect_is_training_only(state: dict) -> None:
         ((64, 64, 3), {"stages": 0}, "stages must be an int in 1..7, received 0"),
         ((64, 64, 3), {"stages": 8}, "received 8"),
         ((64, 64, 3), {"stages": 6, "include_top": True}, "include_top=True needs stages=7"),
+        ((64, 64, 3), {"stages": 6, "head_conv": True}, "head_conv=True needs stages=7"),
         ((64, 64, 2), {}, "1 or 3 input channels, received 2"),
         ((64, 64, 3), {"drop_connect_rate": 1.0}, "drop_connect_rate"),
     ],

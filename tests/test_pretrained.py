@@ -76,6 +76,11 @@ def test_every_lite0_size_has_three_networks_and_a_lean_decoder() -> None:
         assert size % side == 0 and side % 16 == 0
         decoder = lean_decoder(cfg.num_classes, cfg.class_dim, (side, side, 1))
         assert decoder.count_params() <= 570_000, (size, decoder.count_params())
+    for name in ("effcaps_ncp_lite0h_512", "effcaps_lite0h_512", "lite0h_linear_512"):
+        with_head, plain = get_model_config(name), get_model_config(name.replace("lite0h", "lite0"))
+        assert with_head.trunk_head_conv and not plain.trunk_head_conv
+        assert dataclasses.replace(with_head, trunk_head_conv=False, name=plain.name,
+                                   description=plain.description) == plain
 
 
 def test_configuration_refuses_inconsistent_heads() -> None:
@@ -85,6 +90,9 @@ def test_configuration_refuses_inconsistent_heads() -> None:
         dataclasses.replace(TINY, reconstruction_size=48)
     with pytest.raises(ModelConfigError, match="input_normalization"):
         dataclasses.replace(TINY, input_normalization="imagenet")
+    for cfg in (get_model_config("effcaps_implant_lite"), dataclasses.replace(TINY, trunk_stages=6)):
+        with pytest.raises(ModelConfigError, match="trunk_head_conv needs a trunk with all 7 stages"):
+            dataclasses.replace(cfg, trunk_head_conv=True)
 
 
 def test_the_network_normalises_its_input_as_lite0_expects() -> None:
@@ -113,6 +121,21 @@ def test_the_part_above_a_frozen_trunk_computes_what_the_whole_network_does() ->
     assert maps.shape == (3, 8, 4, 4, 112) and maps.dtype == np.float16
     expected = np.asarray(frozen(np.stack([orientation(image, 5) for image in images])))
     np.testing.assert_allclose(maps[:, 5].astype("float32"), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_a_trunks_head_convolution_sits_above_a_frozen_cut_at_stage_seven() -> None:
+    built = build_model(dataclasses.replace(TINY, trunk_head_conv=True))
+    frozen, head = frozen_split(built, 7)
+    assert frozen.output_shape == (None, 2, 2, 320)
+    assert "lite0_head_conv" in {layer.name for layer in head.layers}
+    assert "lite0_head_conv" not in {layer.name for layer in frozen.layers}
+    assert built.classifier.get_layer("primary_reduce").kernel.shape == (1, 1, 1280, 128)
+    images = np.random.default_rng(0).random((2, 64, 64, 1), dtype=np.float32)
+    labels = np.eye(2, dtype="float32")[[0, 1]]
+    whole = built.trainer([keras.ops.convert_to_tensor(images), keras.ops.convert_to_tensor(labels)])
+    split = head([frozen(images), keras.ops.convert_to_tensor(labels)])
+    for name in whole:
+        np.testing.assert_allclose(np.asarray(split[name]), np.asarray(whole[name]), atol=1e-5)
 
 
 def test_frozen_views_batch_by_batch_are_the_maps_of_each_views_whole_stack() -> None:
