@@ -34,7 +34,13 @@ def main() -> None:
     from capsedge.workshop.run import CrossValidation, views_name
     dataset = read_dataset(common.data_folder(args))
     targets = np.asarray(dataset.targets)
-    folds = CrossValidation(args.cv).folds()
+    # A cross-validation still training (or stopped mid-way) is scored on its finished folds.
+    folds = [fold for fold in CrossValidation(args.cv).folds() if fold.is_finished()]
+    for fold in CrossValidation(args.cv).folds():
+        if not fold.is_finished():
+            print(f"{fold.path.name}: not finished, left out", flush=True)
+    if not folds:
+        raise SystemExit(f"{args.cv}: no finished fold")
     pooled_views, pooled_targets, per_fold = [], [], []
     for fold in folds:
         held = fold.read_holdout_indices()
@@ -65,7 +71,8 @@ def main() -> None:
         "mean_over_folds": {
             name: {
                 "accuracy": float(np.mean([f[name]["accuracy"] for f in per_fold])),
-                "accuracy_std": float(np.std([f[name]["accuracy"] for f in per_fold], ddof=1)),
+                "accuracy_std": float(np.std([f[name]["accuracy"] for f in per_fold], ddof=1))
+                if len(per_fold) > 1 else None,
                 "macro_f1": float(np.mean([f[name]["macro_f1"] for f in per_fold])),
             }
             for name in per_fold[0]
