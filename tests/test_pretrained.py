@@ -445,3 +445,7 @@ def test_trunk_weights_round_trip_in_float16(tmp_path: Path) -> None:
     np.savez(tmp_path / "partial.npz", **partial)
     with pytest.raises(WeightsError, match="lite0_block15"):
         load_trunk_weights(target, tmp_path / "partial.npz")
+    # A trunk that keeps its 1280-channel head convolution needs a stage 1 that had one.
+    with_head = build_model(dataclasses.replace(TINY, trunk_head_conv=True)).classifier
+    with pytest.raises(WeightsError, match="no weights for layer 'lite0_head_conv'"):
+        load_trunk_weights(with_head, tmp_path / "trunk.npz")
