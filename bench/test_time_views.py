@@ -35,9 +35,11 @@ def main() -> None:
     dataset = read_dataset(common.data_folder(args))
     targets = np.asarray(dataset.targets)
     # A cross-validation still training (or stopped mid-way) is scored on its finished folds.
-    folds = [fold for fold in CrossValidation(args.cv).folds() if fold.is_finished()]
+    folds = []
     for fold in CrossValidation(args.cv).folds():
-        if not fold.is_finished():
+        if fold.is_finished():
+            folds.append(fold)
+        else:
             print(f"{fold.path.name}: not finished, left out", flush=True)
     if not folds:
         raise SystemExit(f"{args.cv}: no finished fold")
