@@ -88,3 +88,22 @@ def save_json(args: argparse.Namespace, name: str, result: Any) -> Path | None:
     if path is not None:
         path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def finished_folds(cv: Path, numbers: str | None = None) -> list[Any]:
+    """The finished fold runs (``RunDir``) of a ``capsedge train --folds K`` folder, all or the
+    comma-separated ``numbers``; names each one left out (a cross-validation still training, or
+    stopped mid-way, is scored on what it has), and exits with a message when none is finished."""
+    from capsedge.workshop.run import CrossValidation
+
+    runs = CrossValidation(cv)
+    folds = runs.folds() if numbers is None else [runs.fold(int(k)) for k in numbers.split(",")]
+    finished = []
+    for fold in folds:
+        if fold.is_finished():
+            finished.append(fold)
+        else:
+            print(f"{fold.path.name}: not finished, left out", flush=True)
+    if not finished:
+        raise SystemExit(f"{cv}: no finished fold")
+    return finished

@@ -64,13 +64,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from capsedge.workshop.dataset import read_dataset
-    from capsedge.workshop.run import CrossValidation
-
     dataset = read_dataset(common.data_folder(args))
     formats = args.formats.split(",")
-    cv = CrossValidation(args.cv)
-    folds = [f.path for f in cv.folds()] if args.folds is None else [
-        cv.fold(int(k)).path for k in args.folds.split(",")]
+    folds = [fold.path for fold in common.finished_folds(args.cv, args.folds)]
     truth, pooled = [], {}
     report = {"cv": str(args.cv), "folds": {}}
     for fold in folds:

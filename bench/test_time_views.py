@@ -31,18 +31,10 @@ def main() -> None:
     from capsedge.preprocess import preprocess
     from capsedge.train.evaluation import predict_views
     from capsedge.workshop.dataset import read_dataset
-    from capsedge.workshop.run import CrossValidation, views_name
+    from capsedge.workshop.run import views_name
     dataset = read_dataset(common.data_folder(args))
     targets = np.asarray(dataset.targets)
-    # A cross-validation still training (or stopped mid-way) is scored on its finished folds.
-    folds = []
-    for fold in CrossValidation(args.cv).folds():
-        if fold.is_finished():
-            folds.append(fold)
-        else:
-            print(f"{fold.path.name}: not finished, left out", flush=True)
-    if not folds:
-        raise SystemExit(f"{args.cv}: no finished fold")
+    folds = common.finished_folds(args.cv)
     pooled_views, pooled_targets, per_fold = [], [], []
     for fold in folds:
         held = fold.read_holdout_indices()
