@@ -13,7 +13,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from capsedge.workshop.run import RunDir
 
 #: Environment variables naming the data folders when ``--data`` (``--mnist``) is not given.
 DATA_ENV = "CAPSEDGE_DATA"
@@ -90,8 +93,8 @@ def save_json(args: argparse.Namespace, name: str, result: Any) -> Path | None:
     return path
 
 
-def finished_folds(cv: Path, numbers: str | None = None) -> list[Any]:
-    """The finished fold runs (``RunDir``) of a ``capsedge train --folds K`` folder, all or the
+def finished_folds(cv: Path, numbers: str | None = None) -> list[RunDir]:
+    """The finished fold runs of a ``capsedge train --folds K`` folder, all or the
     comma-separated ``numbers``; names each one left out (a cross-validation still training, or
     stopped mid-way, is scored on what it has), and exits with a message when none is finished."""
     from capsedge.workshop.run import CrossValidation
