@@ -9,40 +9,120 @@ activations) and, with `--formats`, to float16 weights; runs each with capsedge'
 backend on the held-out images, one view and the averages of the four flips and of all eight
 flips and quarter turns, and prints
 each one's accuracy and top-1 agreement with the float model, per fold and pooled (with
-`--out`, also as OUT/heldout_int8.json). It writes nothing into the folds: the int8 answers
+`--out`, also as OUT/heldout_int8.json).
+
+Two more formats split the int8 file at the end of its frozen trunk (the run's
+`--freeze-stages`, the part `--int8-trunk` converts; the whole trunk when nothing was frozen),
+to say which half loses the agreement: `int8-trunk` runs the trunk as full-integer int8
+(calibrated as above) and the rest of the network in float on its maps; `int8-head` runs the
+trunk in float and the rest as full-integer int8 (calibrated on the float trunk's maps of the
+same calibration images). It writes nothing into the folds: the int8 answers
 the export's calibration is fitted on (`holdout_probabilities_views_int8.npy` in each fold)
 are saved by the same scoring run as a release step, `capsedge export --score-folds`.
 
 Usage:
-    python bench/heldout_int8.py --cv runs/cv512f5 --data DIR [--folds 0,1] [--formats int8,dynamic,float16]
-        [--out OUT]
+    python bench/heldout_int8.py --cv runs/cv512f5 --data DIR [--folds 0,1]
+        [--formats int8,dynamic,float16,int8-trunk,int8-head] [--out OUT]
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import common
 import numpy as np
 
 from capsedge.views import VIEW_COUNTS
 
+if TYPE_CHECKING:
+    from capsedge.workshop.run import RunDir
+
+#: The formats that quantize one side of the frozen trunk's end and keep the other in float.
+SPLIT_FORMATS = ("int8-trunk", "int8-head")
+
 
 def measure_fold(fold: Path, dataset: object, formats: list[str]) -> dict[str, object]:
     """Answers of the float model and of each format on the fold's held-out images (the scoring
-    is :func:`capsedge.export.fold_scores.fold_views`, which ``capsedge export --score-folds`` runs)."""
+    is :func:`capsedge.export.fold_scores.fold_views`, which ``capsedge export --score-folds`` runs;
+    :data:`SPLIT_FORMATS` are :func:`split_views`)."""
     from capsedge.export.fold_scores import fold_views
     from capsedge.workshop.run import RunDir
 
     run = RunDir(fold)
     held = run.read_holdout_indices()
     float_views = run.read_views()
+    split = [name for name in formats if name in SPLIT_FORMATS]
+    whole = [name for name in formats if name not in SPLIT_FORMATS]
+    measured = fold_views(run, dataset, whole) if whole else {}
+    if split:
+        measured |= split_views(run, dataset, split, float_views)
     answers = {("float", n): float_views[:, :n].mean(1).argmax(1) for n in VIEW_COUNTS}
-    for name, views in fold_views(run, dataset, formats).items():
+    for name, views in measured.items():
         for n in VIEW_COUNTS:
             answers[name, n] = views[:, :n].mean(1).argmax(1)
     return {"truth": dataset.targets[held], "answers": answers}
+
+
+def split_views(run: RunDir, dataset: object, formats: list[str],
+                float_views: np.ndarray) -> dict[str, np.ndarray]:
+    """``(held-out images, 8, classes)`` probabilities of the fold's classifier cut at the end of
+    its frozen trunk, one side full-integer int8 and the other float (:data:`SPLIT_FORMATS`).
+
+    Raises:
+        SystemExit: the fold's network has no pretrained trunk, or the two float halves do not
+            compose to the saved float answers (the cut is not where the network splits).
+    """
+    import tempfile
+
+    import keras
+
+    from capsedge.backends import LiteRTBackend
+    from capsedge.export.calibration import calibration_indices
+    from capsedge.export.converter import keras_to_tflite
+    from capsedge.export.run import load_run
+    from capsedge.models.build import TRUNK_PREFIX
+    from capsedge.models.efficientnet_lite import trunk_output_layer
+    from capsedge.train.frozen import frozen_views, int8_frozen_views
+    from capsedge.workshop.dataset import ImageCache
+
+    config = run.read_config()
+    if config["model"].get("trunk") is None:
+        sys.exit(f"bench: {run.path} has no pretrained trunk to split its int8 file at")
+    stages = config["train"].get("freeze_stages") or config["model"]["trunk_stages"]
+    trained = load_run(run.path)
+    cut = trunk_output_layer(trained.classifier, stages, name=TRUNK_PREFIX).output
+    trunk = keras.Model(trained.classifier.input, cut, name="trunk")
+    rest = keras.Model(cut, trained.classifier.output, name="rest")
+    cache = ImageCache(trained.preprocessing)
+    held = run.read_holdout_indices()
+    training = np.setdiff1d(np.arange(len(dataset.paths)), held)
+    calibration = np.stack([cache.image(dataset.paths[i]) for i in calibration_indices(training)])
+    images = np.stack([cache.image(dataset.paths[i]) for i in held])
+
+    def rest_float(maps: np.ndarray) -> np.ndarray:
+        flat = maps.reshape(-1, *maps.shape[2:]).astype(np.float32)
+        return np.asarray(rest.predict(flat, batch_size=32, verbose=0)).reshape(*maps.shape[:2], -1)
+
+    float_maps = frozen_views(trunk, images)
+    composed = rest_float(float_maps)
+    if not np.allclose(composed, float_views, atol=2e-3):
+        sys.exit(f"bench: {run.path}'s two float halves do not give its saved answers")
+    answers = {}
+    if "int8-trunk" in formats:
+        answers["int8-trunk"] = rest_float(int8_frozen_views(trunk, images, calibration))
+    if "int8-head" in formats:
+        calibration_maps = list(np.asarray(trunk.predict(calibration, batch_size=16, verbose=0)))
+        with tempfile.TemporaryDirectory(prefix="capsedge-int8-head-") as folder:
+            path = Path(folder) / "head.tflite"
+            path.write_bytes(keras_to_tflite(rest, "int8", lambda: iter(calibration_maps)))
+            backend = LiteRTBackend(path)
+            classes = float_views.shape[-1]
+            answers["int8-head"] = np.array([[backend.run(view[np.newaxis].astype(np.float32))[:classes]
+                                              for view in image] for image in float_maps])
+    return {name: answers[name].astype(np.float32) for name in formats}
 
 
 def summary(truth: np.ndarray, answers: dict, formats: list[str]) -> dict[str, float]:
@@ -60,7 +140,8 @@ def main() -> None:
     parser = common.parser(__doc__)
     parser.add_argument("--cv", type=Path, required=True, help="a `capsedge train --folds K` folder")
     parser.add_argument("--folds", help="comma-separated fold numbers (default: all)")
-    parser.add_argument("--formats", default="int8,dynamic", help="of int8, dynamic, float16")
+    parser.add_argument("--formats", default="int8,dynamic",
+                        help="of int8, dynamic, float16, int8-trunk, int8-head")
     args = parser.parse_args()
 
     from capsedge.workshop.dataset import read_dataset

@@ -222,6 +222,48 @@ def test_int8_frozen_views_are_the_float_maps_rounded_by_an_int8_trunk() -> None
     assert own.mean() < other.mean()
 
 
+@pytest.mark.slow
+def test_heldout_int8_splits_a_folds_int8_file_where_its_trunk_was_frozen(
+    tiny_models: None, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``bench/heldout_int8.py --formats int8-trunk,int8-head``: each half rounded on its own, the
+    other float; the float halves compose to the fold's saved answers (or the script refuses)."""
+    import importlib.util
+    import shutil
+
+    from capsedge.workshop.dataset import read_dataset
+    from capsedge.workshop.run import RunDir
+
+    config = TrainConfig(model=TINY.name, epochs=1, batch_size=4, freeze_stages=5, augment="dihedral")
+    cross_validate(tiny_data, tmp_path / "cv", config, folds=2, progress=False)
+    bench_folder = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench_folder))
+    spec = importlib.util.spec_from_file_location("heldout_int8", bench_folder / "heldout_int8.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    fold, dataset = RunDir(tmp_path / "cv" / "fold-0"), read_dataset(tiny_data)
+    reference = fold.read_views()
+    views = bench.split_views(fold, dataset, ["int8-trunk", "int8-head"], reference)
+    for name in ("int8-trunk", "int8-head"):
+        assert views[name].shape == reference.shape, name
+        error = np.abs(views[name] - reference)
+        assert 0 < error.max() < 0.25, name  # rounded, and only rounded
+    assert not np.array_equal(views["int8-trunk"], views["int8-head"])
+    measured = bench.measure_fold(fold.path, dataset, ["int8-head"])
+    np.testing.assert_array_equal(measured["answers"]["int8-head", 8], views["int8-head"].mean(1).argmax(1))
+
+    with pytest.raises(SystemExit, match="do not give its saved answers"):  # not the fold's answers
+        bench.split_views(fold, dataset, ["int8-head"], reference[:, :, ::-1].copy())
+    plain = tmp_path / "plain"
+    shutil.copytree(fold.path, plain)
+    saved = json.loads((plain / "config.json").read_text())
+    saved["model"]["trunk"] = None
+    (plain / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match="no pretrained trunk"):
+        bench.split_views(RunDir(plain), dataset, ["int8-trunk"], reference)
+
+
 def test_training_views_are_the_runtimes_and_draws_pick_them_in_the_order_seeds_always_did() -> None:
     from capsedge.views import orientations
 
