@@ -56,20 +56,23 @@ def measure_fold(fold: Path, dataset: object, formats: list[str]) -> dict[str, o
     float_views = run.read_views()
     split = [name for name in formats if name in SPLIT_FORMATS]
     whole = [name for name in formats if name not in SPLIT_FORMATS]
-    measured = fold_views(run, dataset, whole) if whole else {}
+    measured, maps = (fold_views(run, dataset, whole) if whole else {}), {}
     if split:
-        measured |= split_views(run, dataset, split, float_views)
+        halves, maps = split_views(run, dataset, split, float_views)
+        measured |= halves
     answers = {("float", n): float_views[:, :n].mean(1).argmax(1) for n in VIEW_COUNTS}
     for name, views in measured.items():
         for n in VIEW_COUNTS:
             answers[name, n] = views[:, :n].mean(1).argmax(1)
-    return {"truth": dataset.targets[held], "answers": answers}
+    return {"truth": dataset.targets[held], "answers": answers, "maps": maps}
 
 
 def split_views(run: RunDir, dataset: object, formats: list[str],
-                float_views: np.ndarray) -> dict[str, np.ndarray]:
+                float_views: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """``(held-out images, 8, classes)`` probabilities of the fold's classifier cut at the end of
-    its frozen trunk, one side full-integer int8 and the other float (:data:`SPLIT_FORMATS`).
+    its frozen trunk, one side full-integer int8 and the other float (:data:`SPLIT_FORMATS`); and,
+    with ``int8-trunk``, how far the int8 trunk's maps are from the float ones over every view
+    (root-mean-square error over the float maps' standard deviation, mean cosine).
 
     Raises:
         SystemExit: the fold's network has no pretrained trunk, or the two float halves do not
@@ -110,9 +113,16 @@ def split_views(run: RunDir, dataset: object, formats: list[str],
     composed = rest_float(float_maps)
     if not np.allclose(composed, float_views, atol=2e-3):
         sys.exit(f"bench: {run.path}'s two float halves do not give its saved answers")
-    answers = {}
+    answers, maps = {}, {}
     if "int8-trunk" in formats:
-        answers["int8-trunk"] = rest_float(int8_frozen_views(trunk, images, calibration))
+        int8_maps = int8_frozen_views(trunk, images, calibration)
+        answers["int8-trunk"] = rest_float(int8_maps)
+        exact = float_maps.reshape(-1, float_maps[0, 0].size).astype(np.float64)
+        rounded = int8_maps.reshape(exact.shape).astype(np.float64)
+        cosines = np.sum(exact * rounded, 1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(rounded, axis=1)
+        rmse = float(np.sqrt(np.mean((rounded - exact) ** 2)))
+        maps = {"int8_trunk_map_relative_rmse": round(rmse / float(exact.std()), 4),
+                "int8_trunk_map_cosine": round(float(np.mean(cosines)), 4)}
     if "int8-head" in formats:
         calibration_maps = list(np.asarray(trunk.predict(calibration, batch_size=16, verbose=0)))
         with tempfile.TemporaryDirectory(prefix="capsedge-int8-head-") as folder:
@@ -122,7 +132,7 @@ def split_views(run: RunDir, dataset: object, formats: list[str],
             classes = float_views.shape[-1]
             answers["int8-head"] = np.array([[backend.run(view[np.newaxis].astype(np.float32))[:classes]
                                               for view in image] for image in float_maps])
-    return {name: answers[name].astype(np.float32) for name in formats}
+    return {name: answers[name].astype(np.float32) for name in formats}, maps
 
 
 def summary(truth: np.ndarray, answers: dict, formats: list[str]) -> dict[str, float]:
@@ -152,7 +162,8 @@ def main() -> None:
     report = {"cv": str(args.cv), "folds": {}}
     for fold in folds:
         measured = measure_fold(fold, dataset, formats)
-        report["folds"][fold.name] = summary(measured["truth"], measured["answers"], formats)
+        scores = summary(measured["truth"], measured["answers"], formats)
+        report["folds"][fold.name] = scores | measured["maps"]
         print(json.dumps({fold.name: report["folds"][fold.name]}), flush=True)
         truth.append(measured["truth"])
         for key, value in measured["answers"].items():

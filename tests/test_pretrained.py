@@ -244,7 +244,8 @@ def test_heldout_int8_splits_a_folds_int8_file_where_its_trunk_was_frozen(
 
     fold, dataset = RunDir(tmp_path / "cv" / "fold-0"), read_dataset(tiny_data)
     reference = fold.read_views()
-    views = bench.split_views(fold, dataset, ["int8-trunk", "int8-head"], reference)
+    views, maps = bench.split_views(fold, dataset, ["int8-trunk", "int8-head"], reference)
+    assert 0 < maps["int8_trunk_map_relative_rmse"] < 0.5 and 0.8 < maps["int8_trunk_map_cosine"] < 1
     for name in ("int8-trunk", "int8-head"):
         assert views[name].shape == reference.shape, name
         error = np.abs(views[name] - reference)
@@ -252,6 +253,7 @@ def test_heldout_int8_splits_a_folds_int8_file_where_its_trunk_was_frozen(
     assert not np.array_equal(views["int8-trunk"], views["int8-head"])
     measured = bench.measure_fold(fold.path, dataset, ["int8-head"])
     np.testing.assert_array_equal(measured["answers"]["int8-head", 8], views["int8-head"].mean(1).argmax(1))
+    assert measured["maps"] == {}  # the map error is the int8 trunk's
 
     with pytest.raises(SystemExit, match="do not give its saved answers"):  # not the fold's answers
         bench.split_views(fold, dataset, ["int8-head"], reference[:, :, ::-1].copy())
