@@ -16,7 +16,9 @@ Two more formats split the int8 file at the end of its frozen trunk (the run's
 to say which half loses the agreement: `int8-trunk` runs the trunk as full-integer int8
 (calibrated as above) and the rest of the network in float on its maps; `int8-head` runs the
 trunk in float and the rest as full-integer int8 (calibrated on the float trunk's maps of the
-same calibration images). It writes nothing into the folds: the int8 answers
+same calibration images).
+
+It writes nothing into the folds: the int8 answers
 the export's calibration is fitted on (`holdout_probabilities_views_int8.npy` in each fold)
 are saved by the same scoring run as a release step, `capsedge export --score-folds`.
 
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING
 import common
 import numpy as np
 
+from capsedge.export.fold_scores import FOLD_FORMATS
 from capsedge.views import VIEW_COUNTS
 
 if TYPE_CHECKING:
@@ -153,10 +156,14 @@ def main() -> None:
     parser.add_argument("--formats", default="int8,dynamic",
                         help="of int8, dynamic, float16, int8-trunk, int8-head")
     args = parser.parse_args()
+    formats = args.formats.split(",")
+    known = (*FOLD_FORMATS, *SPLIT_FORMATS)
+    unknown = [name for name in formats if name not in known]
+    if unknown:
+        parser.error(f"--formats: {unknown[0]!r} is not one of {', '.join(known)}")
 
     from capsedge.workshop.dataset import read_dataset
     dataset = read_dataset(common.data_folder(args))
-    formats = args.formats.split(",")
     folds = [fold.path for fold in common.finished_folds(args.cv, args.folds)]
     truth, pooled = [], {}
     report = {"cv": str(args.cv), "folds": {}}

@@ -94,3 +94,11 @@ def test_a_script_writes_only_into_out(tmp_path: Path) -> None:
     result = json.loads((out / "model_macs.json").read_text())
     assert sum(result["macs"].values()) > 1e9 and result["model"] == "default.tflite"
     assert [p.name for p in tmp_path.rglob("*")] == ["out", "model_macs.json"]
+
+
+def test_heldout_int8_names_the_formats_it_knows_before_reading_anything(tmp_path: Path) -> None:
+    wrong = run_bench("heldout_int8", "--cv", str(tmp_path), "--data", str(tmp_path),
+                      "--formats", "int8,int9")
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert wrong.stderr.strip().splitlines()[-1].endswith(
+        "--formats: 'int9' is not one of int8, dynamic, float16, int8-trunk, int8-head")
