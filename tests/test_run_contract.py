@@ -99,3 +99,27 @@ def test_export_and_the_benches_read_the_same_answers(trained: tuple, tmp_path: 
     np.testing.assert_array_equal(measured["answers"]["int8", 8], saved.mean(1).argmax(1))
     np.testing.assert_array_equal(measured["truth"], read_dataset(data).targets[fold.read_holdout_indices()])
     assert isinstance(RunDir.of(fold.classifier), RunDir)
+
+
+@pytest.mark.slow
+def test_turned_views_bench_scores_the_folds_saved_views_turned(trained: tuple,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bench/turned_views.py``: turned by 0 degrees the views are the fold's saved ones; turned a
+    quarter, the same eight views in another order, so the same average."""
+    from capsedge.workshop.dataset import read_dataset
+
+    cv, data = trained
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("turned_views", REPO / "bench" / "turned_views.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    fold, dataset = cv.fold(1), read_dataset(data)
+    saved = fold.read_views()
+    np.testing.assert_allclose(bench.fold_turned_views(fold.path, dataset, 0.0), saved, atol=1e-5)
+    quarter = bench.fold_turned_views(fold.path, dataset, 90.0)
+    assert not np.allclose(quarter, saved, atol=1e-3)  # another order of the views
+    np.testing.assert_allclose(quarter.mean(1), saved.mean(1), atol=1e-5)
+    truth = dataset.targets[fold.read_holdout_indices()]
+    scores = bench.accuracies(saved, quarter, truth)
+    assert scores["8 views"] == scores["8 turned views"] == scores["16 views"]
+    assert scores["8 views"] == round(float(np.mean(saved.mean(1).argmax(1) == truth)), 4)

@@ -1,0 +1,82 @@
+"""Whether more test-time views help: the eight dihedral views of each image turned by an angle.
+
+Each finished fold's float classifier scores its held-out images turned by ``--angle`` degrees
+about the centre (bilinear, black outside the image, as the training's rotations fill) in all
+eight dihedral views, and the script prints, per fold and pooled, the accuracy of the usual
+eight views (the fold's saved answers), of the eight turned ones, and of all sixteen averaged.
+The runtime averages dihedral views only; this measures whether turned ones would be worth
+adding.
+
+Usage:
+    python bench/turned_views.py --cv runs/stage2-och --data DIR [--folds 0,1] [--angle 45] [--out OUT]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import common
+import numpy as np
+from PIL import Image
+
+
+def turned(image: np.ndarray, degrees: float) -> np.ndarray:
+    """An ``(H, W, 1)`` float image turned ``degrees`` anticlockwise about its centre, black outside."""
+    picture = Image.fromarray(np.ascontiguousarray(image[..., 0], dtype=np.float32))
+    moved = picture.rotate(degrees, resample=Image.Resampling.BILINEAR, fillcolor=0.0)
+    return np.asarray(moved, dtype=np.float32)[..., None]
+
+
+def fold_turned_views(fold: Path, dataset: object, degrees: float) -> np.ndarray:
+    """``(held-out images, 8, classes)``: the fold's float classifier on its held-out images turned
+    by ``degrees``, in the eight dihedral views."""
+    from capsedge.export.run import load_run
+    from capsedge.train.evaluation import predict_views
+    from capsedge.workshop.dataset import ImageCache
+    from capsedge.workshop.run import RunDir
+
+    trained = load_run(fold)
+    cache = ImageCache(trained.preprocessing)
+    images = np.stack([turned(cache.image(dataset.paths[i]), degrees)
+                       for i in RunDir(fold).read_holdout_indices()])
+    return predict_views(trained.classifier, images)
+
+
+def accuracies(saved: np.ndarray, extra: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Accuracy of the saved eight views, of the eight turned ones and of all sixteen."""
+    def accuracy(probabilities: np.ndarray) -> float:
+        return round(float(np.mean(probabilities.argmax(1) == truth)), 4)
+
+    return {"8 views": accuracy(saved.mean(1)), "8 turned views": accuracy(extra.mean(1)),
+            "16 views": accuracy(np.concatenate([saved, extra], axis=1).mean(1))}
+
+
+def main() -> None:
+    parser = common.parser(__doc__)
+    parser.add_argument("--cv", type=Path, required=True, help="a `capsedge train --folds K` folder")
+    parser.add_argument("--folds", help="comma-separated fold numbers (default: all finished)")
+    parser.add_argument("--angle", type=float, default=45.0, help="degrees to turn (default: 45)")
+    args = parser.parse_args()
+
+    from capsedge.workshop.dataset import read_dataset
+    dataset = read_dataset(common.data_folder(args))
+    report: dict[str, object] = {"cv": str(args.cv), "angle": args.angle, "folds": {}}
+    saved_all, extra_all, truth_all = [], [], []
+    for fold in common.finished_folds(args.cv, args.folds):
+        truth = dataset.targets[fold.read_holdout_indices()]
+        saved, extra = fold.read_views(), fold_turned_views(fold.path, dataset, args.angle)
+        report["folds"][fold.path.name] = accuracies(saved, extra, truth) | {"images": len(truth)}
+        print(json.dumps({fold.path.name: report["folds"][fold.path.name]}), flush=True)
+        saved_all.append(saved)
+        extra_all.append(extra)
+        truth_all.append(truth)
+    truth = np.concatenate(truth_all)
+    report["pooled"] = accuracies(np.concatenate(saved_all), np.concatenate(extra_all), truth)
+    report["pooled"]["images"] = len(truth)
+    print(json.dumps(report["pooled"], indent=2))
+    common.save_json(args, "turned_views.json", report)
+
+
+if __name__ == "__main__":
+    main()
