@@ -86,8 +86,8 @@ def split_views(run: RunDir, dataset: object, formats: list[str],
     import keras
 
     from capsedge.backends import LiteRTBackend
-    from capsedge.export.calibration import calibration_indices
     from capsedge.export.converter import keras_to_tflite
+    from capsedge.export.fold_scores import fold_images
     from capsedge.export.run import load_run
     from capsedge.models.build import TRUNK_PREFIX
     from capsedge.models.efficientnet_lite import trunk_output_layer
@@ -102,11 +102,7 @@ def split_views(run: RunDir, dataset: object, formats: list[str],
     cut = trunk_output_layer(trained.classifier, stages, name=TRUNK_PREFIX).output
     trunk = keras.Model(trained.classifier.input, cut, name="trunk")
     rest = keras.Model(cut, trained.classifier.output, name="rest")
-    cache = ImageCache(trained.preprocessing)
-    held = run.read_holdout_indices()
-    training = np.setdiff1d(np.arange(len(dataset.paths)), held)
-    calibration = np.stack([cache.image(dataset.paths[i]) for i in calibration_indices(training)])
-    images = np.stack([cache.image(dataset.paths[i]) for i in held])
+    calibration, images = map(np.stack, fold_images(run, dataset, ImageCache(trained.preprocessing)))
 
     def rest_float(maps: np.ndarray) -> np.ndarray:
         flat = maps.reshape(-1, *maps.shape[2:]).astype(np.float32)

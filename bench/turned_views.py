@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import common
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from capsedge.workshop.run import RunDir
 
 
 def turned(image: np.ndarray, degrees: float) -> np.ndarray:
@@ -28,18 +32,16 @@ def turned(image: np.ndarray, degrees: float) -> np.ndarray:
     return np.asarray(moved, dtype=np.float32)[..., None]
 
 
-def fold_turned_views(fold: Path, dataset: object, degrees: float) -> np.ndarray:
+def fold_turned_views(fold: RunDir, dataset: object, degrees: float) -> np.ndarray:
     """``(held-out images, 8, classes)``: the fold's float classifier on its held-out images turned
     by ``degrees``, in the eight dihedral views."""
     from capsedge.export.run import load_run
     from capsedge.train.evaluation import predict_views
     from capsedge.workshop.dataset import ImageCache
-    from capsedge.workshop.run import RunDir
 
-    trained = load_run(fold)
+    trained = load_run(fold.path)
     cache = ImageCache(trained.preprocessing)
-    images = np.stack([turned(cache.image(dataset.paths[i]), degrees)
-                       for i in RunDir(fold).read_holdout_indices()])
+    images = np.stack([turned(cache.image(dataset.paths[i]), degrees) for i in fold.read_holdout_indices()])
     return predict_views(trained.classifier, images)
 
 
@@ -65,7 +67,7 @@ def main() -> None:
     saved_all, extra_all, truth_all = [], [], []
     for fold in common.finished_folds(args.cv, args.folds):
         truth = dataset.targets[fold.read_holdout_indices()]
-        saved, extra = fold.read_views(), fold_turned_views(fold.path, dataset, args.angle)
+        saved, extra = fold.read_views(), fold_turned_views(fold, dataset, args.angle)
         report["folds"][fold.path.name] = accuracies(saved, extra, truth) | {"images": len(truth)}
         print(json.dumps({fold.path.name: report["folds"][fold.path.name]}), flush=True)
         saved_all.append(saved)

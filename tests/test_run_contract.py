@@ -4,7 +4,6 @@ its file names are those every earlier run has."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from PIL import Image
 from capsedge.cli import main
 from capsedge.workshop.run import CrossValidation, RunDir
 
-from conftest import REPO, synthetic_xray
+from conftest import bench_script, synthetic_xray
 
 pytest.importorskip("tensorflow")
 
@@ -88,10 +87,7 @@ def test_export_and_the_benches_read_the_same_answers(trained: tuple, tmp_path: 
     f32 = json.loads((out / "effcaps_mnist_tflite_f32.json").read_text())["trust"]["provenance"]
     assert f32["out_of_fold_images"] == 16 and "calibrated_on" not in f32  # the float folds' answers
 
-    monkeypatch.syspath_prepend(str(REPO / "bench"))  # the bench scripts import their common.py
-    spec = importlib.util.spec_from_file_location("heldout_int8", REPO / "bench" / "heldout_int8.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("heldout_int8", monkeypatch)
     fold = cv.fold(1)
     measured = bench.measure_fold(fold.path, read_dataset(data), ["int8"])
     saved = fold.read_views("int8")
@@ -109,14 +105,11 @@ def test_turned_views_bench_scores_the_folds_saved_views_turned(trained: tuple,
     from capsedge.workshop.dataset import read_dataset
 
     cv, data = trained
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    spec = importlib.util.spec_from_file_location("turned_views", REPO / "bench" / "turned_views.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("turned_views", monkeypatch)
     fold, dataset = cv.fold(1), read_dataset(data)
     saved = fold.read_views()
-    np.testing.assert_allclose(bench.fold_turned_views(fold.path, dataset, 0.0), saved, atol=1e-5)
-    quarter = bench.fold_turned_views(fold.path, dataset, 90.0)
+    np.testing.assert_allclose(bench.fold_turned_views(fold, dataset, 0.0), saved, atol=1e-5)
+    quarter = bench.fold_turned_views(fold, dataset, 90.0)
     assert not np.allclose(quarter, saved, atol=1e-3)  # another order of the views
     np.testing.assert_allclose(quarter.mean(1), saved.mean(1), atol=1e-5)
     truth = dataset.targets[fold.read_holdout_indices()]
