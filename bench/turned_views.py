@@ -1,6 +1,7 @@
 """Whether more test-time views help: the eight dihedral views of each image turned by an angle.
 
-Each finished fold's float classifier scores its held-out images turned by ``--angle`` degrees
+Each finished fold's classifier (float, or ``--format int8``: converted and run with LiteRT as
+``capsedge export --score-folds`` scores folds) scores its held-out images turned by ``--angle`` degrees
 about the centre (bilinear, black outside the image, as the training's rotations fill) in all
 eight dihedral views, and the script prints, per fold and pooled, the accuracy of the usual
 eight views (the fold's saved answers), of the eight turned ones, and of all sixteen averaged.
@@ -8,7 +9,8 @@ The runtime averages dihedral views only; this measures whether turned ones woul
 adding.
 
 Usage:
-    python bench/turned_views.py --cv runs/stage2-och --data DIR [--folds 0,1] [--angle 45] [--out OUT]
+    python bench/turned_views.py --cv runs/stage2-och --data DIR [--folds 0,1] [--angle 45]
+        [--format int8] [--out OUT]
 """
 
 from __future__ import annotations
@@ -30,6 +32,17 @@ def turned(image: np.ndarray, degrees: float) -> np.ndarray:
     picture = Image.fromarray(np.ascontiguousarray(image[..., 0], dtype=np.float32))
     moved = picture.rotate(degrees, resample=Image.Resampling.BILINEAR, fillcolor=0.0)
     return np.asarray(moved, dtype=np.float32)[..., None]
+
+
+def fold_int8_views(fold: RunDir, dataset: object, degrees: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(upright, turned)``, each ``(held-out images, 8, classes)``: the fold's full-integer int8
+    file (:func:`capsedge.export.fold_scores.fold_views`) on its held-out images as they are and
+    turned by ``degrees``, in the eight dihedral views."""
+    from capsedge.export.fold_scores import fold_views
+
+    upright = fold_views(fold, dataset, ["int8"])["int8"]
+    turned_views = fold_views(fold, dataset, ["int8"], transform=lambda image: turned(image, degrees))
+    return upright, turned_views["int8"]
 
 
 def fold_turned_views(fold: RunDir, dataset: object, degrees: float) -> np.ndarray:
@@ -59,15 +72,20 @@ def main() -> None:
     parser.add_argument("--cv", type=Path, required=True, help="a `capsedge train --folds K` folder")
     parser.add_argument("--folds", help="comma-separated fold numbers (default: all finished)")
     parser.add_argument("--angle", type=float, default=45.0, help="degrees to turn (default: 45)")
+    parser.add_argument("--format", choices=("float", "int8"), default="float",
+                        help="the float classifier or its full-integer int8 file (default: float)")
     args = parser.parse_args()
 
     from capsedge.workshop.dataset import read_dataset
     dataset = read_dataset(common.data_folder(args))
-    report: dict[str, object] = {"cv": str(args.cv), "angle": args.angle, "folds": {}}
+    report: dict[str, object] = {"cv": str(args.cv), "angle": args.angle, "format": args.format, "folds": {}}
     saved_all, extra_all, truth_all = [], [], []
     for fold in common.finished_folds(args.cv, args.folds):
         truth = dataset.targets[fold.read_holdout_indices()]
-        saved, extra = fold.read_views(), fold_turned_views(fold, dataset, args.angle)
+        if args.format == "int8":
+            saved, extra = fold_int8_views(fold, dataset, args.angle)
+        else:
+            saved, extra = fold.read_views(), fold_turned_views(fold, dataset, args.angle)
         report["folds"][fold.path.name] = accuracies(saved, extra, truth) | {"images": len(truth)}
         print(json.dumps({fold.path.name: report["folds"][fold.path.name]}), flush=True)
         saved_all.append(saved)
@@ -77,7 +95,8 @@ def main() -> None:
     report["pooled"] = accuracies(np.concatenate(saved_all), np.concatenate(extra_all), truth)
     report["pooled"]["images"] = len(truth)
     print(json.dumps(report["pooled"], indent=2))
-    common.save_json(args, "turned_views.json", report)
+    name = "turned_views.json" if args.format == "float" else "turned_views_int8.json"
+    common.save_json(args, name, report)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,13 @@ FOLD_FORMATS = ("int8", "dynamic", "float16")
 
 
 def fold_views(fold: RunDir, dataset: Dataset, formats: Sequence[str] = ("int8",),
-               images: ImageCache | None = None) -> dict[str, np.ndarray]:
+               images: ImageCache | None = None,
+               transform: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """``(held-out images, 8, classes)`` float32 probabilities of the fold's classifier converted
     to each of ``formats`` (int8 calibrated on up to 200 of the fold's training images, drawn
     as :func:`~capsedge.export.calibration.calibration_indices` draws them, never held-out ones).
+    ``transform``, if given, changes each preprocessed held-out image before its views (a bench
+    turns them); calibration images are never transformed.
 
     Raises:
         CapsedgeError: the fold cannot be loaded or an image cannot be decoded.
@@ -43,6 +46,8 @@ def fold_views(fold: RunDir, dataset: Dataset, formats: Sequence[str] = ("int8",
     trained = load_run(fold.path)
     cache = images if images is not None else ImageCache(trained.preprocessing)
     calibration, held_images = fold_images(fold, dataset, cache)
+    if transform is not None:
+        held_images = [transform(image) for image in held_images]
     classes = len(trained.labels)
     answers = {}
     with tempfile.TemporaryDirectory(prefix="capsedge-fold-scores-") as folder:

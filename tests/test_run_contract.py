@@ -101,7 +101,7 @@ def test_export_and_the_benches_read_the_same_answers(trained: tuple, tmp_path: 
 def test_turned_views_bench_scores_the_folds_saved_views_turned(trained: tuple,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """``bench/turned_views.py``: turned by 0 degrees the views are the fold's saved ones; turned a
-    quarter, the same eight views in another order, so the same average."""
+    quarter, the same eight views in another order, so the same average; as float and as int8."""
     from capsedge.workshop.dataset import read_dataset
 
     cv, data = trained
@@ -116,3 +116,6 @@ def test_turned_views_bench_scores_the_folds_saved_views_turned(trained: tuple,
     scores = bench.accuracies(saved, quarter, truth)
     assert scores["8 views"] == scores["8 turned views"] == scores["16 views"]
     assert scores["8 views"] == round(float(np.mean(saved.mean(1).argmax(1) == truth)), 4)
+    upright, int8_quarter = bench.fold_int8_views(fold, dataset, 90.0)  # the int8 file, as export scores it
+    assert not np.array_equal(int8_quarter, upright)  # turned: another order of the views
+    np.testing.assert_allclose(np.sort(int8_quarter, axis=1), np.sort(upright, axis=1), atol=1e-6)
