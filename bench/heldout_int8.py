@@ -38,10 +38,14 @@ import common
 import numpy as np
 
 from capsedge.export.fold_scores import FOLD_FORMATS
-from capsedge.views import VIEW_COUNTS
+from capsedge.views import DIHEDRAL_VIEWS, VIEW_COUNTS
 
 if TYPE_CHECKING:
     from capsedge.workshop.run import RunDir
+
+#: The averages compared: those the folds' saved float answers hold (the dihedral views;
+#: ``bench/turned_views.py`` measures sixteen).
+COUNTS = tuple(n for n in VIEW_COUNTS if n <= DIHEDRAL_VIEWS)
 
 #: The formats that quantize one side of the frozen trunk's end and keep the other in float.
 SPLIT_FORMATS = ("int8-trunk", "int8-head")
@@ -56,16 +60,16 @@ def measure_fold(fold: Path, dataset: object, formats: list[str]) -> dict[str, o
 
     run = RunDir(fold)
     held = run.read_holdout_indices()
-    float_views = run.read_views()
+    float_views = run.read_views()[:, :DIHEDRAL_VIEWS]
     split = [name for name in formats if name in SPLIT_FORMATS]
     whole = [name for name in formats if name not in SPLIT_FORMATS]
     measured, maps = (fold_views(run, dataset, whole) if whole else {}), {}
     if split:
         halves, maps = split_views(run, dataset, split, float_views)
         measured |= halves
-    answers = {("float", n): float_views[:, :n].mean(1).argmax(1) for n in VIEW_COUNTS}
+    answers = {("float", n): float_views[:, :n].mean(1).argmax(1) for n in COUNTS}
     for name, views in measured.items():
-        for n in VIEW_COUNTS:
+        for n in COUNTS:
             answers[name, n] = views[:, :n].mean(1).argmax(1)
     return {"truth": dataset.targets[held], "answers": answers, "maps": maps}
 
@@ -136,7 +140,7 @@ def split_views(run: RunDir, dataset: object, formats: list[str],
 
 def summary(truth: np.ndarray, answers: dict, formats: list[str]) -> dict[str, float]:
     result: dict[str, float] = {"images": len(truth)}
-    for n in VIEW_COUNTS:
+    for n in COUNTS:
         reference = answers["float", n]
         result[f"float_accuracy_{n}_views"] = round(float(np.mean(reference == truth)), 4)
         for name in formats:

@@ -1,13 +1,14 @@
 """What averaging over several views at test time adds, measured on a cross-validation's folds.
 
-Each fold's classifier scores its held-out images in all eight orientations (the four
-flips and their quarter turns: the dihedral views it was trained on). The script prints
-the pooled and per-fold accuracy and macro-F1 of one view, of the four flips' average
-and of all eight, averaging probabilities (arithmetic) or log-probabilities (geometric).
-A fold without ``holdout_probabilities_views.npy`` (images x 8 views x classes; runs
-trained before the trainer wrote it) is scored afresh; with ``--out``, those views go into
-``OUT/fold-K/`` (``--out`` the cross-validation folder itself completes an old run) and the
-figures into ``OUT/test_time_views.json``.
+Each fold's classifier scores its held-out images in all sixteen test-time views (the four
+flips and their quarter turns, the dihedral views it was trained on, and the same eight of
+the image turned 45 degrees; :mod:`capsedge.views`). The script prints the pooled and per-fold
+accuracy and macro-F1 of one view, of the four flips' average, of the eight dihedral views and
+of all sixteen, averaging probabilities (arithmetic) or log-probabilities (geometric).
+A fold without all sixteen in ``holdout_probabilities_views.npy`` (images x 16 views x classes;
+runs trained before 0.4 have no such file, before 0.7 eight views) is scored afresh; with
+``--out``, those views go into ``OUT/fold-K/`` (``--out`` the cross-validation folder itself
+completes an old run) and the figures into ``OUT/test_time_views.json``.
 
 Usage:
     python bench/test_time_views.py --cv runs/cv512f5 [--data DIR] [--out DIR]
@@ -30,6 +31,7 @@ def main() -> None:
     from capsedge.export.run import load_run
     from capsedge.preprocess import preprocess
     from capsedge.train.evaluation import predict_views
+    from capsedge.views import VIEW_COUNTS
     from capsedge.workshop.dataset import read_dataset
     from capsedge.workshop.run import views_name
     dataset = read_dataset(common.data_folder(args))
@@ -38,9 +40,8 @@ def main() -> None:
     pooled_views, pooled_targets, per_fold = [], [], []
     for fold in folds:
         held = fold.read_holdout_indices()
-        if fold.views_file().is_file():
-            views = fold.read_views()
-        else:
+        views = fold.read_views() if fold.views_file().is_file() else None
+        if views is None or views.shape[1] < max(VIEW_COUNTS):
             trained = load_run(fold.path)
             images = np.stack([preprocess(dataset.paths[i], trained.preprocessing) for i in held])
             views = predict_views(trained.classifier, images)
@@ -81,7 +82,7 @@ def _scores(views: np.ndarray, truth: np.ndarray, classes: tuple[str, ...]) -> d
 
     rows = {}
     choices = (("1 view", 1, False), ("4 flips", 4, False), ("4 flips, geometric", 4, True),
-               ("8 views", 8, False), ("8 views, geometric", 8, True))
+               ("8 views", 8, False), ("8 views, geometric", 8, True), ("16 views", 16, False))
     for name, count, geometric in choices:
         report = classification_report(truth, _averaged(views, count, geometric).argmax(1), classes)
         rows[name] = {"accuracy": float(report["accuracy"]), "macro_f1": float(report["macro_f1"])}

@@ -21,17 +21,11 @@ from typing import TYPE_CHECKING
 
 import common
 import numpy as np
-from PIL import Image
+
+from capsedge.views import DIHEDRAL_VIEWS, TURN_DEGREES, turned
 
 if TYPE_CHECKING:
     from capsedge.workshop.run import RunDir
-
-
-def turned(image: np.ndarray, degrees: float) -> np.ndarray:
-    """An ``(H, W, 1)`` float image turned ``degrees`` anticlockwise about its centre, black outside."""
-    picture = Image.fromarray(np.ascontiguousarray(image[..., 0], dtype=np.float32))
-    moved = picture.rotate(degrees, resample=Image.Resampling.BILINEAR, fillcolor=0.0)
-    return np.asarray(moved, dtype=np.float32)[..., None]
 
 
 def fold_int8_views(fold: RunDir, dataset: object, degrees: float) -> tuple[np.ndarray, np.ndarray]:
@@ -40,9 +34,11 @@ def fold_int8_views(fold: RunDir, dataset: object, degrees: float) -> tuple[np.n
     turned by ``degrees``, in the eight dihedral views."""
     from capsedge.export.fold_scores import fold_views
 
-    upright = fold_views(fold, dataset, ["int8"])["int8"]
+    views = fold_views(fold, dataset, ["int8"])["int8"]
+    if degrees == TURN_DEGREES:  # the runtime's sixteen views: the eight upright, the eight turned
+        return views[:, :DIHEDRAL_VIEWS], views[:, DIHEDRAL_VIEWS:]
     turned_views = fold_views(fold, dataset, ["int8"], transform=lambda image: turned(image, degrees))
-    return upright, turned_views["int8"]
+    return views[:, :DIHEDRAL_VIEWS], turned_views["int8"][:, :DIHEDRAL_VIEWS]
 
 
 def fold_turned_views(fold: RunDir, dataset: object, degrees: float) -> np.ndarray:
@@ -85,7 +81,7 @@ def main() -> None:
         if args.format == "int8":
             saved, extra = fold_int8_views(fold, dataset, args.angle)
         else:
-            saved, extra = fold.read_views(), fold_turned_views(fold, dataset, args.angle)
+            saved, extra = fold.read_views()[:, :DIHEDRAL_VIEWS], fold_turned_views(fold, dataset, args.angle)
         report["folds"][fold.path.name] = accuracies(saved, extra, truth) | {"images": len(truth)}
         print(json.dumps({fold.path.name: report["folds"][fold.path.name]}), flush=True)
         saved_all.append(saved)

@@ -51,7 +51,7 @@ class ModelMetadata:
         trust: calibration and out-of-distribution statistics (see :mod:`capsedge.trust`);
             ``None`` for a model exported without them.
         test_time_views: how many orientations of an image the runtime averages the
-            probabilities over (1, 4 or 8; see :mod:`capsedge.views`); the calibration in
+            probabilities over (1, 4, 8 or 16; see :mod:`capsedge.views`); the calibration in
             ``trust`` was fitted for that average.
     """
 

@@ -1,20 +1,28 @@
 """Test-time views: the orientations of an image whose answers a model averages.
 
-numpy only. The networks train on the eight orientations an X-ray may be stored in (the
-four flips and their transposes); averaging a model's probabilities over several of
-them at inference is steadier than one view (figures in ``docs/accuracy.md``). The order
-is fixed, so that 4 views are the four flips and 8 all dihedral orientations:
+numpy and Pillow only. The networks train on the eight orientations an X-ray may be stored in
+(the four flips and their transposes); averaging a model's probabilities over several of them at
+inference is steadier than one view (figures in ``docs/accuracy.md``). Sixteen views add the
+same eight of the image turned 45 degrees, which helps the two-stage models, whose trunk was
+trained on images turned by any angle. The order is fixed, so that 4 views are the four flips, 8 all
+dihedral orientations and 16 those and the turned ones:
 
 0. the image; 1. flipped left-right; 2. flipped top-bottom; 3. both (turned 180 degrees);
-4.-7. the same four, transposed.
+4.-7. the same four, transposed; 8.-15. views 0-7 of the image turned 45 degrees anticlockwise
+(:func:`turned`).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
-#: How many views a model may average: one, the four flips, all eight orientations.
-VIEW_COUNTS = (1, 4, 8)
+#: How many views a model may average: one, the four flips, all eight orientations, and those
+#: eight with the same eight of the image turned :data:`TURN_DEGREES`.
+VIEW_COUNTS = (1, 4, 8, 16)
+
+#: The angle of views 8-15, anticlockwise.
+TURN_DEGREES = 45.0
 
 #: The views the training recipe's models average (the bundled model's four flips); what
 #: ``capsedge export`` records unless told otherwise.
@@ -24,7 +32,7 @@ RECIPE_VIEWS = 4
 DIHEDRAL_VIEWS = 8
 
 #: The averages a cross-validation reports beside one view: name -> views.
-VIEW_AVERAGES = {"flips": 4, "dihedral": DIHEDRAL_VIEWS}
+VIEW_AVERAGES = {"flips": 4, "dihedral": DIHEDRAL_VIEWS, "sixteen": 16}
 
 
 def view(images: np.ndarray, index: int) -> np.ndarray:
@@ -48,6 +56,27 @@ def view(images: np.ndarray, index: int) -> np.ndarray:
     return np.ascontiguousarray(flipped)
 
 
+def turned(images: np.ndarray, degrees: float = TURN_DEGREES) -> np.ndarray:
+    """An ``(..., H, W, C)`` float32 array with each image turned ``degrees`` anticlockwise about
+    its centre: bilinear, the same size, black (0) where no pixel of the image lands, as
+    the training's rotations fill (Pillow's rotation, which training uses too).
+
+    Raises:
+        ValueError: fewer than three dimensions.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim < 3:
+        raise ValueError(f"expected (..., H, W, C) images, got shape {images.shape}")
+    height, width, channels = images.shape[-3:]
+    if images.size == 0:
+        return images.copy()
+    planes = np.moveaxis(images.reshape(-1, height, width, channels), -1, 1).reshape(-1, height, width)
+    moved = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(plane)).rotate(
+        degrees, resample=Image.Resampling.BILINEAR, fillcolor=0.0), dtype=np.float32) for plane in planes])
+    moved = np.moveaxis(moved.reshape(-1, channels, height, width), 1, -1)
+    return np.ascontiguousarray(moved.reshape(images.shape))
+
+
 def orientations(images: np.ndarray, count: int) -> list[np.ndarray]:
     """The first ``count`` views of an ``(..., H, W, C)`` array (one image or a batch).
 
@@ -58,7 +87,11 @@ def orientations(images: np.ndarray, count: int) -> list[np.ndarray]:
     if type(count) is not int or count not in VIEW_COUNTS:
         raise ValueError(f"test-time views must be one of {VIEW_COUNTS}, got {count!r}")
     images = np.asarray(images)
-    if count == DIHEDRAL_VIEWS and images.ndim >= 3 and images.shape[-3] != images.shape[-2]:
+    if count >= DIHEDRAL_VIEWS and images.ndim >= 3 and images.shape[-3] != images.shape[-2]:
         height, width = images.shape[-3:-1]
         raise ValueError(f"transposed views need square images, got {height}x{width}")
-    return [view(images, index) for index in range(count)]
+    upright = [view(images, index) for index in range(min(count, DIHEDRAL_VIEWS))]
+    if count <= DIHEDRAL_VIEWS:
+        return upright
+    tilted = turned(images)
+    return upright + [view(tilted, index) for index in range(DIHEDRAL_VIEWS)]

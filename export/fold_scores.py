@@ -1,6 +1,6 @@
 """The held-out answers of each fold's classifier as a device file: converted as the export
 converts (int8 calibrated on the fold's own training images), run with LiteRT on the fold's
-held-out images in every test-time view, and saved beside the float model's
+held-out images in every test-time view (all sixteen), and saved beside the float model's
 (:meth:`capsedge.workshop.run.RunDir.views_file`). An int8 export's trust section is calibrated on
 those answers (:func:`capsedge.export.trust_fit.fit_file_trust`)."""
 
@@ -26,9 +26,10 @@ FOLD_FORMATS = ("int8", "dynamic", "float16")
 def fold_views(fold: RunDir, dataset: Dataset, formats: Sequence[str] = ("int8",),
                images: ImageCache | None = None,
                transform: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """``(held-out images, 8, classes)`` float32 probabilities of the fold's classifier converted
-    to each of ``formats`` (int8 calibrated on up to 200 of the fold's training images, drawn
-    as :func:`~capsedge.export.calibration.calibration_indices` draws them, never held-out ones).
+    """``(held-out images, 16, classes)`` float32 probabilities of the fold's classifier converted
+    to each of ``formats``, in every test-time view (:func:`capsedge.views.orientations`); int8 is
+    calibrated on up to 200 of the fold's training images, drawn as
+    :func:`~capsedge.export.calibration.calibration_indices` draws them, never held-out ones.
     ``transform``, if given, changes each preprocessed held-out image before its views (a bench
     turns them); calibration images are never transformed.
 

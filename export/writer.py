@@ -41,7 +41,7 @@ class ExportOptions:
             go into the provenance, and with ``train_data`` its out-of-fold answers calibrate.
         train_data: the run's training images: with ``cross_validation``, every file carries a
             trust section (calibration and outlier statistics, see :func:`fit_run_trust`).
-        test_time_views: orientations of each image the runtime averages (1, 4 or 8); the
+        test_time_views: orientations of each image the runtime averages (1, 4, 8 or 16); the
             calibration is fitted for that average.
         score_folds: first score each fold of ``cross_validation`` as an int8 file
             (:func:`capsedge.export.fold_scores.score_folds`), so that the int8 files'
@@ -173,7 +173,7 @@ def write_files(run: TrainedRun, out_dir: str | Path, formats: Sequence[ExportFo
     probabilities' range (:func:`capsedge.export.trust_fit.unit_range_features`), and their
     section is refitted on their own outputs (:func:`capsedge.export.trust_fit.fit_file_trust`:
     features of the ``train_data`` images; the ``cross_validation`` folds' int8 answers).
-    ``test_time_views`` (1, 4 or 8) is recorded for the runtime, which averages that many
+    ``test_time_views`` (1, 4, 8 or 16) is recorded for the runtime, which averages that many
     orientations of each image (the calibration must be fitted for it).
 
     Returns:

@@ -86,13 +86,23 @@ def test_export_and_the_benches_read_the_same_answers(trained: tuple, tmp_path: 
     assert int8["calibrated_on"] == "the held-out answers of the folds' int8 files"
     f32 = json.loads((out / "effcaps_mnist_tflite_f32.json").read_text())["trust"]["provenance"]
     assert f32["out_of_fold_images"] == 16 and "calibrated_on" not in f32  # the float folds' answers
+    # sixteen views: the trainer's float answers and the int8 files' hold all sixteen
+    assert cv.fold(0).read_views().shape[1] == cv.fold(0).read_views("int8").shape[1] == 16
+    final = str(cv.final.path)
+    sixteen = CliRunner().invoke(main, ["export", "--model", final, "--out", str(tmp_path / "16"),
+                                        "--formats", "tflite-f32,tflite-int8", "--calib", str(data),
+                                        "--test-time-views", "16", "--no-verify"])
+    assert sixteen.exit_code == 0, sixteen.output
+    for name in ("effcaps_mnist_tflite_int8.json", "effcaps_mnist_tflite_f32.json"):
+        written = json.loads((tmp_path / "16" / name).read_text())
+        assert written["test_time_views"] == 16 and written["trust"]["provenance"]["test_time_views"] == 16
 
     bench = bench_script("heldout_int8", monkeypatch)
     fold = cv.fold(1)
     measured = bench.measure_fold(fold.path, read_dataset(data), ["int8"])
     saved = fold.read_views("int8")
-    assert saved.shape == (len(fold.read_holdout_indices()), 8, 2) and saved.dtype == np.float32
-    np.testing.assert_array_equal(measured["answers"]["int8", 8], saved.mean(1).argmax(1))
+    assert saved.shape == (len(fold.read_holdout_indices()), 16, 2) and saved.dtype == np.float32
+    np.testing.assert_array_equal(measured["answers"]["int8", 8], saved[:, :8].mean(1).argmax(1))
     np.testing.assert_array_equal(measured["truth"], read_dataset(data).targets[fold.read_holdout_indices()])
     assert isinstance(RunDir.of(fold.classifier), RunDir)
 

@@ -13,7 +13,7 @@ from capsedge.errors import CapsedgeError, ModelError, UsageError
 from capsedge.explain import occlusion_map
 from capsedge.metadata import ModelMetadata
 from capsedge.preprocess import Preprocessing
-from capsedge.views import DIHEDRAL_VIEWS, orientations, view
+from capsedge.views import DIHEDRAL_VIEWS, TURN_DEGREES, orientations, turned, view
 
 SIZE = 32
 
@@ -39,7 +39,45 @@ def test_orientations_are_the_eight_distinct_dihedral_views_in_a_fixed_order() -
     assert [v.tobytes() for v in orientations(image, 4)] == [v.tobytes() for v in views[:4]]
 
 
-@pytest.mark.parametrize("count", [0, 2, 3, 9, True, 4.0])
+def test_sixteen_views_add_the_eight_of_the_image_turned_45_degrees() -> None:
+    rng = np.random.default_rng(1)
+    image = rng.random((SIZE, SIZE, 1), dtype=np.float32)
+    sixteen = orientations(image, 16)
+    assert len(sixteen) == 16 and all(v.shape == image.shape and v.flags.c_contiguous for v in sixteen)
+    assert [v.tobytes() for v in sixteen[:8]] == [v.tobytes() for v in orientations(image, 8)]
+    assert [v.tobytes() for v in sixteen[8:]] == [v.tobytes() for v in orientations(turned(image), 8)]
+    assert TURN_DEGREES == 45.0 and len({v.tobytes() for v in sixteen}) == 16
+    # a batch gets the same views, image by image
+    batch = np.stack([image, image[::-1]])
+    for single, batched in zip(sixteen, orientations(batch, 16), strict=True):
+        assert np.array_equal(batched[0], single)
+    with pytest.raises(ValueError, match="square"):
+        orientations(np.zeros((4, 6, 1)), 16)
+
+
+def test_turned_turns_anticlockwise_about_the_centre_and_fills_black() -> None:
+    image = np.zeros((SIZE, SIZE, 1), np.float32)
+    image[4:8, 12:20] = 1.0  # a bar near the top, centred left-right
+    np.testing.assert_allclose(turned(image, 0.0), image, atol=1e-6)
+    np.testing.assert_allclose(turned(image, 90.0), np.rot90(image), atol=1e-5)  # to the left edge
+    white = turned(np.ones((SIZE, SIZE, 1), np.float32))
+    assert white[0, 0, 0] == 0.0 and white[SIZE // 2, SIZE // 2, 0] == pytest.approx(1.0)  # corners black
+    # turned by 45 degrees the bar's centre moves from (6, 16) towards the top-left corner
+    rows, cols = np.nonzero(turned(image)[..., 0] > 0.5)
+    assert rows.mean() == pytest.approx(16 - 10 * np.cos(np.pi / 4), abs=1.0)
+    assert cols.mean() == pytest.approx(16 - 10 * np.sin(np.pi / 4), abs=1.0)
+    # each channel of each image alone, and the same shape back
+    two = np.concatenate([image, 1 - image], axis=-1)[np.newaxis].repeat(2, axis=0)
+    moved = turned(two)
+    assert moved.shape == two.shape and moved.dtype == np.float32
+    np.testing.assert_array_equal(moved[1, ..., :1], turned(image))
+    np.testing.assert_array_equal(moved[0, ..., 1:], turned(1 - image))
+    assert turned(np.zeros((0, SIZE, SIZE, 1))).shape == (0, SIZE, SIZE, 1)
+    with pytest.raises(ValueError, match="images"):
+        turned(np.zeros((SIZE, SIZE)))
+
+
+@pytest.mark.parametrize("count", [0, 2, 3, 9, 12, 17, True, 4.0])
 def test_orientations_refuse_other_counts(count: object) -> None:
     with pytest.raises(ValueError, match="test-time views"):
         orientations(np.zeros((4, 4, 1)), count)  # type: ignore[arg-type]
@@ -103,6 +141,12 @@ def test_the_classifier_averages_its_models_views() -> None:
     # transposed: the white half is on top, so the left half is half white: 0.5 each
     assert eight.probabilities(tensor) == pytest.approx([0.5, 0.5])
     assert len(backend.seen) == 8
+    sixteen, backend = left_bright_classifier(16)
+    # the turned eight lose the corners (black), so their "a" is below the upright eight's 0.5
+    turned_a = np.mean([0.2 + 0.6 * v[:, : SIZE // 2].mean() for v in orientations(turned(tensor), 8)])
+    assert 0.4 < turned_a < 0.49
+    assert sixteen.probabilities(tensor) == pytest.approx([(0.5 + turned_a) / 2, 1 - (0.5 + turned_a) / 2])
+    assert len(backend.seen) == 16 and np.array_equal(backend.seen[8], turned(tensor))
     assert four.probabilities(tensor, views=1) == pytest.approx([0.8, 0.2])
     with pytest.raises(UsageError, match="views must be one of"):
         four.probabilities(tensor, views=3)
@@ -135,7 +179,8 @@ def test_metadata_keeps_the_views_and_refuses_nonsense() -> None:
     assert ModelMetadata.from_dict(data).test_time_views == 8
     del data["test_time_views"]  # files written before 0.4 average nothing
     assert ModelMetadata.from_dict(data).test_time_views == 1
-    for bad in (2, "4", True, None, 8.0):
+    assert ModelMetadata.from_dict({**data, "test_time_views": 16}).test_time_views == 16
+    for bad in (2, "4", True, None, 8.0, 32):
         with pytest.raises(ModelError, match="test_time_views"):
             ModelMetadata.from_dict({**data, "test_time_views": bad})
 
@@ -168,6 +213,10 @@ def test_out_of_fold_reads_the_saved_views(tmp_path: Path) -> None:
     _, int8 = out_of_fold(tmp_path, 5, views=4, quantized="int8")
     assert np.allclose(int8[:2], every[0][:, :4, ::-1].mean(axis=1))
     assert np.allclose(out_of_fold(tmp_path, 5, quantized="int8")[1][2:], every[1][:, 0, ::-1])
+    with pytest.raises(CapsedgeError, match="holds 4 test-time views per image, not 8"):
+        out_of_fold(tmp_path, 5, views=8, quantized="int8")
+    with pytest.raises(CapsedgeError, match="not 16 .*eight dihedral"):  # the trainer saves eight
+        out_of_fold(tmp_path, 5, views=16)
     (tmp_path / "fold-1" / RunDir.VIEWS).unlink()
     with pytest.raises(CapsedgeError, match="bench/test_time_views.py"):
         out_of_fold(tmp_path, 5, views=8)

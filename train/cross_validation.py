@@ -165,7 +165,8 @@ def _summary(per_fold: list[dict[str, Any]], pooled: dict[str, Any], config: Tra
     summary = {"folds": folds, **_mean_and_spread(per_fold, ""), "per_fold": per_fold, "pooled": pooled,
                "train": asdict(config)}
     for name in VIEW_AVERAGES:
-        # What a runtime averaging 4 (flips) or 8 (dihedral) test-time views would score.
+        # What a runtime averaging 4 (flips), 8 (dihedral) or 16 test-time views would score
+        # (folds trained before 0.7 saved eight views: no sixteen).
         if all(f[f"accuracy_{name}"] is not None for f in per_fold):
             summary[name] = _mean_and_spread(per_fold, f"_{name}")
     return summary

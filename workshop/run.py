@@ -287,8 +287,14 @@ class CrossValidation:
                                 "bench/test_time_views.py --cv DIR --out DIR adds it)")
         try:
             indices = np.concatenate([f.read_holdout_indices() for f in folds])
-            probabilities = np.concatenate([average_views(f.read_views(fmt), views) if per_view
-                                            else f.read_holdout_probabilities() for f in folds])
+            per_fold = [f.read_views(fmt) if per_view else f.read_holdout_probabilities() for f in folds]
+            short = [(f, p.shape[1]) for f, p in zip(folds, per_fold, strict=True)
+                     if per_view and p.ndim == 3 and p.shape[1] < views]
+            if short:
+                raise CapsedgeError(f"{short[0][0].path} holds {short[0][1]} test-time views per image, "
+                                    f"not {views} (the trainer saves the eight dihedral views; "
+                                    "capsedge export --score-folds scores the int8 files in all sixteen)")
+            probabilities = np.concatenate([average_views(p, views) if per_view else p for p in per_fold])
         except (OSError, ValueError) as exc:
             raise CapsedgeError(f"cannot read the held-out predictions in {self.path} "
                                 f"({reason(exc)})") from None
