@@ -1,12 +1,12 @@
 """Whether more test-time views help: the eight dihedral views of each image turned by an angle.
 
 Each finished fold's classifier (float, or ``--format int8``: converted and run with LiteRT as
-``capsedge export --score-folds`` scores folds) scores its held-out images turned by ``--angle`` degrees
-about the centre (bilinear, black outside the image, as the training's rotations fill) in all
-eight dihedral views, and the script prints, per fold and pooled, the accuracy of the usual
-eight views (the fold's saved answers), of the eight turned ones, and of all sixteen averaged.
-The runtime averages dihedral views only; this measures whether turned ones would be worth
-adding.
+``capsedge export --score-folds`` scores folds) scores its held-out images turned by ``--angle``
+degrees about the centre (:func:`capsedge.views.turned`: bilinear, black outside the image, as
+the training's rotations fill) in all eight dihedral views, and the script prints, per fold and
+pooled, the accuracy of the usual eight views (the fold's saved answers, or the int8 file's),
+of the eight turned ones, and of all sixteen averaged. At 45 degrees the sixteen are the
+runtime's ``test_time_views: 16``; other angles say whether another turn would do better.
 
 Usage:
     python bench/turned_views.py --cv runs/stage2-och --data DIR [--folds 0,1] [--angle 45]
