@@ -339,9 +339,9 @@ def test_cross_validation_above_a_frozen_trunk_computes_its_maps_once(
     summary = cross_validate(tiny_data, tmp_path / "cv", config, folds=2, progress=False, final=True)
     assert len(calls) == 1
     assert sum(map(sum, summary["pooled"]["confusion_matrix"])) == 12
-    assert {"flips", "dihedral"} <= summary.keys()
+    assert {"flips", "dihedral", "sixteen"} <= summary.keys()
     views = np.load(tmp_path / "cv" / "fold-0" / "holdout_probabilities_views.npy")
-    assert views.shape == (6, 8, 2)
+    assert views.shape == (6, 16, 2)  # all sixteen test-time views
     np.testing.assert_allclose(views[:, 0], np.load(tmp_path / "cv" / "fold-0" / "holdout_probabilities.npy"),
                                atol=1e-5)
     final = json.loads((tmp_path / "cv" / "final" / "metrics.json").read_text())
