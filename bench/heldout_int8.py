@@ -1,15 +1,15 @@
 """What int8 costs on images a model has not seen: cross-validation folds, float against TFLite.
 
 A fold folder of `capsedge train --folds K` holds the fold's classifier, the indices
-of its held-out images and the float probabilities on them (one view and the eight
-test-time views). This converts each fold's classifier to full-integer int8
-(calibrated on up to 200 of the fold's training images, drawn as `--int8-trunk`
+of its held-out images and the float probabilities on them (one view and every test-time
+view: sixteen since 0.7, eight before). This converts each fold's classifier to full-integer
+int8 (calibrated on up to 200 of the fold's training images, drawn as `--int8-trunk`
 draws them, never on the held-out ones), to dynamic range (int8 weights, float
 activations) and, with `--formats`, to float16 weights; runs each with capsedge's LiteRT
-backend on the held-out images, one view and the averages of the four flips and of all eight
-flips and quarter turns, and prints
+backend on the held-out images, one view and the averages of the four flips, of all eight
+flips and quarter turns and (where the fold saved them) of all sixteen views, and prints
 each one's accuracy and top-1 agreement with the float model, per fold and pooled (with
-`--out`, also as OUT/heldout_int8.json).
+`--out`, also as OUT/heldout_int8.json; the pooled figures hold the averages every fold has).
 
 Two more formats split the int8 file at the end of its frozen trunk (the run's
 `--freeze-stages`, the part `--int8-trunk` converts; the whole trunk when nothing was frozen),
@@ -43,10 +43,6 @@ from capsedge.views import DIHEDRAL_VIEWS, VIEW_COUNTS
 if TYPE_CHECKING:
     from capsedge.workshop.run import RunDir
 
-#: The averages compared: those the folds' saved float answers hold (the dihedral views;
-#: ``bench/turned_views.py`` measures sixteen).
-COUNTS = tuple(n for n in VIEW_COUNTS if n <= DIHEDRAL_VIEWS)
-
 #: The formats that quantize one side of the frozen trunk's end and keep the other in float.
 SPLIT_FORMATS = ("int8-trunk", "int8-head")
 
@@ -60,16 +56,19 @@ def measure_fold(fold: Path, dataset: object, formats: list[str]) -> dict[str, o
 
     run = RunDir(fold)
     held = run.read_holdout_indices()
-    float_views = run.read_views()[:, :DIHEDRAL_VIEWS]
+    float_views = run.read_views()
     split = [name for name in formats if name in SPLIT_FORMATS]
     whole = [name for name in formats if name not in SPLIT_FORMATS]
     measured, maps = (fold_views(run, dataset, whole) if whole else {}), {}
     if split:
-        halves, maps = split_views(run, dataset, split, float_views)
+        halves, maps = split_views(run, dataset, split, float_views[:, :DIHEDRAL_VIEWS])
         measured |= halves
-    answers = {("float", n): float_views[:, :n].mean(1).argmax(1) for n in COUNTS}
+    # every average both hold: sixteen views where the fold saved sixteen (trained since 0.7, or
+    # completed by bench/test_time_views.py), eight for the split formats
+    answers = {("float", n): float_views[:, :n].mean(1).argmax(1) for n in VIEW_COUNTS
+               if n <= float_views.shape[1]}
     for name, views in measured.items():
-        for n in COUNTS:
+        for n in (n for n in VIEW_COUNTS if n <= views.shape[1] and ("float", n) in answers):
             answers[name, n] = views[:, :n].mean(1).argmax(1)
     return {"truth": dataset.targets[held], "answers": answers, "maps": maps}
 
@@ -140,10 +139,10 @@ def split_views(run: RunDir, dataset: object, formats: list[str],
 
 def summary(truth: np.ndarray, answers: dict, formats: list[str]) -> dict[str, float]:
     result: dict[str, float] = {"images": len(truth)}
-    for n in COUNTS:
+    for n in (n for n in VIEW_COUNTS if ("float", n) in answers):
         reference = answers["float", n]
         result[f"float_accuracy_{n}_views"] = round(float(np.mean(reference == truth)), 4)
-        for name in formats:
+        for name in (name for name in formats if (name, n) in answers):
             result[f"{name}_accuracy_{n}_views"] = round(float(np.mean(answers[name, n] == truth)), 4)
             result[f"{name}_agreement_{n}_views"] = round(float(np.mean(answers[name, n] == reference)), 4)
     return result
@@ -175,7 +174,8 @@ def main() -> None:
         truth.append(measured["truth"])
         for key, value in measured["answers"].items():
             pooled.setdefault(key, []).append(value)
-    answers = {key: np.concatenate(value) for key, value in pooled.items()}
+    # pooled: the averages every fold has (sixteen views only if every fold saved sixteen)
+    answers = {key: np.concatenate(value) for key, value in pooled.items() if len(value) == len(folds)}
     report["pooled"] = summary(np.concatenate(truth), answers, formats)
     print(json.dumps(report["pooled"], indent=2))
     common.save_json(args, "heldout_int8.json", report)

@@ -103,6 +103,7 @@ def test_export_and_the_benches_read_the_same_answers(trained: tuple, tmp_path: 
     saved = fold.read_views("int8")
     assert saved.shape == (len(fold.read_holdout_indices()), 16, 2) and saved.dtype == np.float32
     np.testing.assert_array_equal(measured["answers"]["int8", 8], saved[:, :8].mean(1).argmax(1))
+    np.testing.assert_array_equal(measured["answers"]["int8", 16], saved.mean(1).argmax(1))
     np.testing.assert_array_equal(measured["truth"], read_dataset(data).targets[fold.read_holdout_indices()])
     assert isinstance(RunDir.of(fold.classifier), RunDir)
 
