@@ -137,13 +137,23 @@ def split_views(run: RunDir, dataset: object, formats: list[str],
     return {name: answers[name].astype(np.float32) for name in formats}, maps
 
 
-def summary(truth: np.ndarray, answers: dict, formats: list[str]) -> dict[str, float]:
+def summary(truth: np.ndarray, answers: dict, formats: list[str],
+            classes: tuple[str, ...]) -> dict[str, float]:
+    """Accuracy and macro-F1 of the float model and each format, and each format's agreement with
+    the float model, for every average of views they have."""
+    from capsedge.train.metrics import classification_report
+
+    def macro_f1(answer: np.ndarray) -> float:
+        return round(float(classification_report(truth, answer, classes)["macro_f1"]), 4)
+
     result: dict[str, float] = {"images": len(truth)}
     for n in (n for n in VIEW_COUNTS if ("float", n) in answers):
         reference = answers["float", n]
         result[f"float_accuracy_{n}_views"] = round(float(np.mean(reference == truth)), 4)
+        result[f"float_macro_f1_{n}_views"] = macro_f1(reference)
         for name in (name for name in formats if (name, n) in answers):
             result[f"{name}_accuracy_{n}_views"] = round(float(np.mean(answers[name, n] == truth)), 4)
+            result[f"{name}_macro_f1_{n}_views"] = macro_f1(answers[name, n])
             result[f"{name}_agreement_{n}_views"] = round(float(np.mean(answers[name, n] == reference)), 4)
     return result
 
@@ -168,7 +178,7 @@ def main() -> None:
     report = {"cv": str(args.cv), "folds": {}}
     for fold in folds:
         measured = measure_fold(fold, dataset, formats)
-        scores = summary(measured["truth"], measured["answers"], formats)
+        scores = summary(measured["truth"], measured["answers"], formats, dataset.classes)
         report["folds"][fold.name] = scores | measured["maps"]
         print(json.dumps({fold.name: report["folds"][fold.name]}), flush=True)
         truth.append(measured["truth"])
@@ -176,7 +186,7 @@ def main() -> None:
             pooled.setdefault(key, []).append(value)
     # pooled: the averages every fold has (sixteen views only if every fold saved sixteen)
     answers = {key: np.concatenate(value) for key, value in pooled.items() if len(value) == len(folds)}
-    report["pooled"] = summary(np.concatenate(truth), answers, formats)
+    report["pooled"] = summary(np.concatenate(truth), answers, formats, dataset.classes)
     print(json.dumps(report["pooled"], indent=2))
     common.save_json(args, "heldout_int8.json", report)
 

@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from capsedge.bench import benchmark
 from capsedge.cli import main
+
+from conftest import bench_script
 
 
 def test_benchmark_measures_the_bundled_model() -> None:
@@ -102,3 +105,17 @@ def test_heldout_int8_names_the_formats_it_knows_before_reading_anything(tmp_pat
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
     assert wrong.stderr.strip().splitlines()[-1].endswith(
         "--formats: 'int9' is not one of int8, dynamic, float16, int8-trunk, int8-head")
+
+
+def test_heldout_int8_summary_scores_each_average_both_models_have(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accuracy, macro-F1 and agreement per average of views; sixteen only where the float
+    answers have it too (a fold saved before 0.7 holds eight)."""
+    bench = bench_script("heldout_int8", monkeypatch)
+    truth = np.array([0, 0, 1, 1])
+    answers = {("float", 8): np.array([0, 0, 1, 1]), ("int8", 8): np.array([0, 1, 1, 1]),
+               ("int8", 16): np.array([0, 0, 0, 1])}
+    scores = bench.summary(truth, answers, ["int8"], ("a", "b"))
+    assert scores["float_accuracy_8_views"] == scores["float_macro_f1_8_views"] == 1.0
+    assert scores["int8_accuracy_8_views"] == scores["int8_agreement_8_views"] == 0.75
+    assert scores["int8_macro_f1_8_views"] == round((2 / 3 + 0.8) / 2, 4)  # F1 of "a" 2/3, of "b" 0.8
+    assert not any("16" in key for key in scores)
