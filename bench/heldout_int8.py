@@ -61,7 +61,7 @@ def measure_fold(fold: Path, dataset: object, formats: list[str]) -> dict[str, o
     whole = [name for name in formats if name not in SPLIT_FORMATS]
     measured, maps = (fold_views(run, dataset, whole) if whole else {}), {}
     if split:
-        halves, maps = split_views(run, dataset, split, float_views[:, :DIHEDRAL_VIEWS])
+        halves, maps = split_views(run, dataset, split, float_views)
         measured |= halves
     # every average both hold: sixteen views where the fold saved sixteen (trained since 0.7, or
     # completed by bench/test_time_views.py), eight for the split formats
@@ -112,8 +112,8 @@ def split_views(run: RunDir, dataset: object, formats: list[str],
         return np.asarray(rest.predict(flat, batch_size=32, verbose=0)).reshape(*maps.shape[:2], -1)
 
     float_maps = frozen_views(trunk, images)
-    composed = rest_float(float_maps)
-    if not np.allclose(composed, float_views, atol=2e-3):
+    composed = rest_float(float_maps)  # the frozen maps hold the eight dihedral views
+    if not np.allclose(composed, float_views[:, :DIHEDRAL_VIEWS], atol=2e-3):
         sys.exit(f"bench: {run.path}'s two float halves do not give its saved answers")
     answers, maps = {}, {}
     if "int8-trunk" in formats:
