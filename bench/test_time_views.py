@@ -31,7 +31,7 @@ def main() -> None:
     from capsedge.export.run import load_run
     from capsedge.preprocess import preprocess
     from capsedge.train.evaluation import predict_views
-    from capsedge.views import VIEW_COUNTS
+    from capsedge.views import ALL_VIEWS
     from capsedge.workshop.dataset import read_dataset
     from capsedge.workshop.run import views_name
     dataset = read_dataset(common.data_folder(args))
@@ -41,7 +41,7 @@ def main() -> None:
     for fold in folds:
         held = fold.read_holdout_indices()
         views = fold.read_views() if fold.views_file().is_file() else None
-        if views is None or views.shape[1] < max(VIEW_COUNTS):
+        if views is None or views.shape[1] < ALL_VIEWS:
             trained = load_run(fold.path)
             images = np.stack([preprocess(dataset.paths[i], trained.preprocessing) for i in held])
             views = predict_views(trained.classifier, images)

@@ -21,6 +21,9 @@ from PIL import Image
 #: eight with the same eight of the image turned :data:`TURN_DEGREES`.
 VIEW_COUNTS = (1, 4, 8, 16)
 
+#: Every test-time view: what the trainer and ``capsedge export --score-folds`` save per image.
+ALL_VIEWS = max(VIEW_COUNTS)
+
 #: The angle of views 8-15, anticlockwise.
 TURN_DEGREES = 45.0
 
@@ -32,7 +35,7 @@ RECIPE_VIEWS = 4
 DIHEDRAL_VIEWS = 8
 
 #: The averages a cross-validation reports beside one view: name -> views.
-VIEW_AVERAGES = {"flips": 4, "dihedral": DIHEDRAL_VIEWS, "sixteen": 16}
+VIEW_AVERAGES = {"flips": 4, "dihedral": DIHEDRAL_VIEWS, "sixteen": ALL_VIEWS}
 
 
 def view(images: np.ndarray, index: int) -> np.ndarray:

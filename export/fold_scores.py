@@ -15,7 +15,7 @@ import numpy as np
 from capsedge.export.calibration import calibration_indices
 from capsedge.export.quantization import Quantization
 from capsedge.preprocess import Preprocessing
-from capsedge.views import VIEW_COUNTS, orientations
+from capsedge.views import ALL_VIEWS, orientations
 from capsedge.workshop.dataset import Dataset, ImageCache
 from capsedge.workshop.run import CrossValidation, RunDir
 
@@ -59,7 +59,7 @@ def fold_views(fold: RunDir, dataset: Dataset, formats: Sequence[str] = ("int8",
             path.write_bytes(convert_to_tflite(trained.classifier, quantization))
             backend = LiteRTBackend(path)
             views = np.array([[backend.run(view[np.newaxis])[:classes]
-                               for view in orientations(image, max(VIEW_COUNTS))] for image in held_images])
+                               for view in orientations(image, ALL_VIEWS)] for image in held_images])
             answers[fmt] = views.astype(np.float32)
     return answers
 

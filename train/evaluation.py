@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from capsedge.views import VIEW_COUNTS, orientations
+from capsedge.views import ALL_VIEWS, orientations
 from capsedge.workshop.run import RunDir
 
 from .figures import TRAIN_COLOUR, save_confusion_png, save_per_class_png, save_reliability_png
@@ -23,7 +23,7 @@ def predict_probabilities(classifier: Any, images: np.ndarray, batch_size: int =
     return np.asarray(classifier.predict(images, batch_size=batch_size, verbose=0))
 
 
-def predict_views(classifier: Any, images: np.ndarray, count: int = max(VIEW_COUNTS),
+def predict_views(classifier: Any, images: np.ndarray, count: int = ALL_VIEWS,
                   batch_size: int = 32) -> np.ndarray:
     """``(N, count, classes)`` probabilities of each image in its first ``count`` test-time views
     (:func:`capsedge.views.orientations`; all sixteen by default)."""
