@@ -238,9 +238,10 @@ def test_heldout_int8_splits_a_folds_int8_file_where_its_trunk_was_frozen(
     bench = bench_script("heldout_int8", monkeypatch)
 
     fold, dataset = RunDir(tmp_path / "cv" / "fold-0"), read_dataset(tiny_data)
-    reference = fold.read_views()[:, :8]  # the split's frozen maps hold the eight dihedral views
-    assert fold.read_views().shape[1] == 16
-    views, maps = bench.split_views(fold, dataset, ["int8-trunk", "int8-head"], fold.read_views())
+    saved = fold.read_views()
+    assert saved.shape[1] == 16
+    reference = saved[:, :8]  # the split's frozen maps hold the eight dihedral views
+    views, maps = bench.split_views(fold, dataset, ["int8-trunk", "int8-head"], saved)
     assert 0 < maps["int8_trunk_map_relative_rmse"] < 0.5 and 0.8 < maps["int8_trunk_map_cosine"] < 1
     for name in ("int8-trunk", "int8-head"):
         assert views[name].shape == reference.shape, name
