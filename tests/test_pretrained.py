@@ -180,6 +180,46 @@ def test_frozen_view_batches_repeat_per_seed_and_epoch() -> None:
     np.testing.assert_array_equal(plain[2][0][0], maps[8:10, 0].astype("float32"))
 
 
+def test_sixteen_frozen_views_are_the_runtimes_and_batches_draw_the_turned_ones_too() -> None:
+    """``training_views=16``: maps of the sixteen test-time views, numbered as the runtime numbers
+    them; draws 0-7 pick the views they always did, 8-15 the same of the turned image, whose
+    reconstruction target is the turned image's view."""
+    from capsedge.train.frozen import drawn_views, view_of
+    from capsedge.views import orientations
+
+    built = build_model(TINY)
+    frozen, _ = frozen_split(built, 5)
+    images = np.stack([synthetic_xray((64, 64), seed=i)[..., None] / 255.0 for i in range(3)])
+    images = images.astype("float32")
+    maps = frozen_views(frozen, images, views=16)
+    assert maps.shape == (3, 16, 4, 4, 112)
+    for view, stack in enumerate(orientations(images, 16)):
+        np.testing.assert_array_equal(view_of(images[1], view), stack[1])
+        expected = np.asarray(frozen.predict(stack, verbose=0)).astype(np.float16)
+        np.testing.assert_array_equal(maps[:, view], expected)
+    upright, tilted = maps[:, 0].astype("float32"), maps[:, 8].astype("float32")
+    assert np.abs(tilted - upright).max() > 0.1 * np.abs(upright).max()  # the turned image's map is another
+    np.testing.assert_array_equal(drawn_views(np.arange(8)), DRAWN_VIEWS)
+    np.testing.assert_array_equal(drawn_views(np.arange(8, 16)), np.asarray(DRAWN_VIEWS) + 8)
+
+    onehot = np.eye(2, dtype="float32")[[0, 1, 0]]
+    outputs = {"caps_length", "reconstruction"}
+    batches = FrozenViewBatches(maps, images, onehot, outputs, 3, seed=5, reconstruction_size=32)
+    drawn = set()
+    for epoch in range(8):
+        batches.epoch = epoch
+        (x, _), targets = batches[0]
+        order = np.random.default_rng([5, epoch]).permutation(3)
+        views = drawn_views(np.random.default_rng([5, epoch, 0]).integers(16, size=3))
+        np.testing.assert_array_equal(x, maps[order, views].astype("float32"))
+        seen = np.stack([orientations(images[i], 16)[v] for i, v in zip(order, views, strict=True)])
+        np.testing.assert_allclose(targets["reconstruction"], average_pool(seen, 32), atol=1e-6)
+        drawn |= set(views.tolist())
+    assert max(drawn) >= 8 and min(drawn) < 8  # both the upright and the turned views are drawn
+    with pytest.raises(ValueError, match="8 or 16 views"):
+        FrozenViewBatches(maps[:, :4], images, onehot, outputs, 3, seed=5)
+
+
 def test_frozen_view_batches_mix_in_int8_maps_at_the_given_fraction() -> None:
     rng = np.random.default_rng(2)
     images = rng.random((200, 8, 8, 1), dtype=np.float32)
@@ -293,16 +333,18 @@ def test_label_smoothing_keeps_the_true_class_weight() -> None:
 
 @pytest.mark.parametrize(("field", "value"), [("weight_decay", -1.0), ("warmup", 1.0), ("init", "coco"),
                                               ("freeze_stages", 8), ("label_smoothing", 1.0),
-                                              ("int8_trunk", 1.5)])
+                                              ("int8_trunk", 1.5), ("training_views", 12)])
 def test_train_config_refuses_bad_fine_tuning_settings(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
 
 
 @pytest.mark.parametrize("settings", [{"freeze_stages": 0}, {"augment": "d4"}, {"mixup": 0.2}])
-def test_an_int8_trunk_needs_frozen_views(settings: dict) -> None:
+def test_an_int8_trunk_and_sixteen_training_views_need_frozen_views(settings: dict) -> None:
     with pytest.raises(ValueError, match="int8_trunk needs"):
         TrainConfig(int8_trunk=0.5, **settings)
+    with pytest.raises(ValueError, match="training_views 16 needs"):
+        TrainConfig(training_views=16, **settings)
 
 
 @pytest.mark.slow
@@ -362,16 +404,17 @@ def test_training_on_int8_trunk_maps_reads_them_for_the_training_images_only(
     original = frozen.int8_frozen_views
 
     def spy(model: keras.Model, images: np.ndarray, calibration: np.ndarray, **options: object) -> np.ndarray:
-        seen.append((len(images), len(calibration)))
-        return original(model, images, calibration, **options)
+        maps = original(model, images, calibration, **options)
+        seen.append((len(images), len(calibration), maps.shape[1]))
+        return maps
 
     monkeypatch.setattr(frozen, "int8_frozen_views", spy)
     config = TrainConfig(model=TINY.name, epochs=1, batch_size=4, holdout=0.25, freeze_stages=5,
-                         augment="dihedral", int8_trunk=1.0)
+                         augment="dihedral", int8_trunk=1.0, training_views=16)
     train(tiny_data, tmp_path / "run", config, progress=False)
-    assert seen == [(8, 8)]  # 12 images, 4 held out: neither converted nor calibrated on
+    assert seen == [(8, 8, 16)]  # 12 images, 4 held out: neither converted nor calibrated on
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["train"]["int8_trunk"] == 1.0
+    assert saved["train"]["int8_trunk"] == 1.0 and saved["train"]["training_views"] == 16
 
 
 def check_export_with_trust(cv: Path, data: Path, out: Path) -> None:

@@ -172,7 +172,7 @@ def test_train_command_records_every_option_in_the_run(tiny_data: Path, tmp_path
                         "augment": "none", "seed": 3, "mixup": 0.2, "ema": 0.9, "weight_decay": 0.01,
                         "warmup": 0.2, "schedule": "one-cycle", "label_smoothing": 0.05, "init": "none",
                         # --int8-trunk needs a frozen trunk: tests/test_pretrained.py
-                        "freeze_stages": 0, "int8_trunk": 0.0}
+                        "freeze_stages": 0, "int8_trunk": 0.0, "training_views": 8}
     bad = CliRunner().invoke(main, [*args[:5], "--reconstruction-weight", "-1"])
     assert bad.exit_code == 2 and "-1" in bad.stderr
 
@@ -223,6 +223,7 @@ def test_training_is_data_parallel_over_several_devices(tiny_data: Path, tmp_pat
     ({"mixup": 0.2}, "end-to-end"),
     ({"freeze_stages": 7, "init": "none"}, "frozen-trunk"),
     ({"int8_trunk": 0.5}, "frozen-trunk"),
+    ({"training_views": 16}, "frozen-trunk"),
 ])
 def test_the_plan_trains_above_frozen_maps_only_when_the_trunk_can_precompute_them(
     settings: dict, mode: str
@@ -237,13 +238,14 @@ def test_the_plan_trains_above_frozen_maps_only_when_the_trunk_can_precompute_th
     assert plan.preprocessing.input_size == 224
     assert plan.parts_share_frozen_maps == (mode == FROZEN_TRUNK and config.init == "imagenet")
     # A network without a pretrained trunk always trains end to end, and cannot have an int8 one.
-    plain = TrainingPlan.build(replace(config, model="effcaps_mnist", int8_trunk=0.0),
+    plain = TrainingPlan.build(replace(config, model="effcaps_mnist", int8_trunk=0.0, training_views=8),
                                get_model_config("effcaps_mnist"), ("Depuy", "Zimmer"))
     assert plain.mode == END_TO_END and not plain.parts_share_frozen_maps
-    if config.int8_trunk:
-        with pytest.raises(ValueError, match="--int8-trunk needs a model with a pretrained trunk"):
-            TrainingPlan.build(replace(config, model="effcaps_mnist"), get_model_config("effcaps_mnist"),
-                               ("Depuy", "Zimmer"))
+    for name, flag in (("int8_trunk", "--int8-trunk"), ("training_views", "--training-views 16")):
+        if name in settings:
+            with pytest.raises(ValueError, match=f"{flag} needs a model with a pretrained trunk"):
+                TrainingPlan.build(replace(config, model="effcaps_mnist"), get_model_config("effcaps_mnist"),
+                                   ("Depuy", "Zimmer"))
 
 
 def test_the_plan_starts_each_part_from_the_same_part_of_a_stage_one_run(tmp_path: Path) -> None:

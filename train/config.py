@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from capsedge.errors import UsageError
+from capsedge.views import ALL_VIEWS, DIHEDRAL_VIEWS
 
 from .augment import AUGMENTATIONS
 from .schedule import SCHEDULES
@@ -77,6 +78,10 @@ class TrainConfig:
             full-integer int8 (calibrated on the run's training images) instead of the float
             one, so that the layers above learn to read int8 maps too (quantization-aware
             training of what trains); needs :attr:`precomputes_frozen_maps`.
+        training_views: the views of each image whose frozen-trunk maps training draws from:
+            8, the dihedral orientations, or 16, those and the same eight of the image turned
+            45 degrees, as a runtime averaging sixteen test-time views shows the network; 16
+            needs :attr:`precomputes_frozen_maps` (the other modes augment on the fly).
     """
 
     model: str = _setting("effcaps_ncp_lite0_512", "Model configuration name.")
@@ -119,6 +124,10 @@ class TrainConfig:
     int8_trunk: float = _setting(
         0.0, "Fraction of the training maps read from the frozen trunk converted to int8 (the layers above "
         "learn to read int8 maps too; 0: float only).", click.FloatRange(0, 1))
+    training_views: int = _setting(
+        DIHEDRAL_VIEWS, f"Views of each image a frozen-trunk run trains on: {DIHEDRAL_VIEWS} (the flips and "
+        f"quarter turns) or {ALL_VIEWS} (and the same of the image turned 45 degrees, as the sixteen "
+        "test-time views).", click.IntRange(DIHEDRAL_VIEWS, ALL_VIEWS))
 
     @property
     def init_run(self) -> Path | None:
@@ -146,6 +155,12 @@ class TrainConfig:
         if self.int8_trunk and not self.precomputes_frozen_maps:
             raise UsageError("int8_trunk needs a frozen trunk (--freeze-stages > 0), the dihedral "
                              "augmentation and no mixup")
+        if self.training_views not in (DIHEDRAL_VIEWS, ALL_VIEWS):
+            raise UsageError(f"training_views must be {DIHEDRAL_VIEWS} or {ALL_VIEWS}, "
+                             f"got {self.training_views!r}")
+        if self.training_views != DIHEDRAL_VIEWS and not self.precomputes_frozen_maps:
+            raise UsageError(f"training_views {self.training_views} needs a frozen trunk "
+                             "(--freeze-stages > 0), the dihedral augmentation and no mixup")
 
 
 def options() -> list[tuple[str, Option, Any]]:

@@ -146,7 +146,7 @@ def _shared_frozen_maps(plan: TrainingPlan, images: np.ndarray, progress: bool) 
     keras.utils.set_random_seed(plan.config.seed)
     network = build_network(plan)
     with progress_bar("frozen trunk maps", progress) as bar:
-        return frozen_views(network.frozen, images, progress=bar)
+        return frozen_views(network.frozen, images, progress=bar, views=plan.config.training_views)
 
 
 def _fold_row(fold: int, metrics: dict[str, Any]) -> dict[str, Any]:

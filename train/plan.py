@@ -5,7 +5,8 @@ Two modes:
 - ``"frozen-trunk"``: the model has a pretrained trunk whose first stages are frozen, and the
   training sees nothing but the eight dihedral views (:attr:`TrainConfig.precomputes_frozen_maps`).
   The frozen part then runs once per image and view (:mod:`capsedge.train.frozen`) and the rest
-  of the network trains above those maps, optionally read in part from an int8 trunk.
+  of the network trains above those maps, optionally read in part from an int8 trunk, optionally
+  of the image turned 45 degrees too (``training_views=16``).
 - ``"end-to-end"``: every step runs the whole network on augmented images.
 
 Where a pretrained trunk starts is a property of the plan too: ImageNet's weights, random ones, or
@@ -22,6 +23,7 @@ import numpy as np
 
 from capsedge.errors import UsageError
 from capsedge.preprocess import Preprocessing
+from capsedge.views import DIHEDRAL_VIEWS
 from capsedge.workshop.dataset import Dataset, read_dataset
 from capsedge.workshop.run import CrossValidation, RunDir
 
@@ -52,7 +54,8 @@ class TrainingPlan:
         """The plan of ``config`` for ``model`` trained on ``classes``.
 
         Raises:
-            UsageError: an int8 trunk is asked of a model without a pretrained trunk.
+            UsageError: an int8 trunk, or sixteen training views, are asked of a model without a
+                pretrained trunk.
         """
         if tuple(model.class_names) != tuple(classes):
             model = replace(model, class_names=tuple(classes), num_classes=len(classes))
@@ -60,6 +63,9 @@ class TrainingPlan:
             mode = FROZEN_TRUNK
         elif config.int8_trunk:
             raise UsageError(f"--int8-trunk needs a model with a pretrained trunk; {config.model} has none")
+        elif config.training_views != DIHEDRAL_VIEWS:
+            raise UsageError(f"--training-views {config.training_views} needs a model with a pretrained "
+                             f"trunk; {config.model} has none")
         else:
             mode = END_TO_END
         return cls(config, model, model.preprocessing, mode)

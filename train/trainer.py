@@ -194,14 +194,15 @@ def _frozen_maps(plan: TrainingPlan, network: Any, images: np.ndarray, train_idx
     maps = part.frozen_maps if part else None
     if maps is None:
         with progress_bar("frozen trunk maps", progress) as bar:
-            maps = frozen_views(network.frozen, images, progress=bar)
+            maps = frozen_views(network.frozen, images, progress=bar, views=plan.config.training_views)
     int8_maps = None
     if plan.config.int8_trunk:  # the only part of training that needs export (TFLite, LiteRT)
         from capsedge.export.calibration import calibration_indices
 
         calibration = images[calibration_indices(train_idx)]
         with progress_bar("int8 trunk maps", progress) as bar:
-            int8_maps = int8_frozen_views(network.frozen, images[train_idx], calibration, progress=bar)
+            int8_maps = int8_frozen_views(network.frozen, images[train_idx], calibration, progress=bar,
+                                          views=plan.config.training_views)
     return maps, int8_maps
 
 
