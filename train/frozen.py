@@ -26,7 +26,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from capsedge.views import DIHEDRAL_VIEWS, orientations, turned
+from capsedge.views import ALL_VIEWS, DIHEDRAL_VIEWS, orientations, turned
 
 from .augment import DRAWN_VIEWS, orientation
 from .batches import average_pool
@@ -138,8 +138,9 @@ class FrozenViewBatches(keras.utils.PyDataset):
                  random_views: bool = True, int8_maps: np.ndarray | None = None,
                  int8_fraction: float = 0.0) -> None:
         super().__init__()
-        if maps.shape[1] not in (VIEWS, 2 * VIEWS):
-            raise ValueError(f"maps must hold 8 or 16 views per image, got {maps.shape[1]}")
+        if maps.shape[1] not in (DIHEDRAL_VIEWS, ALL_VIEWS):
+            raise ValueError(f"maps must hold {DIHEDRAL_VIEWS} or {ALL_VIEWS} views per image, "
+                             f"got {maps.shape[1]}")
         if int8_fraction and (int8_maps is None or int8_maps.shape != maps.shape):
             raise ValueError("int8_fraction needs int8 maps of the float maps' shape")
         self.int8_maps, self.int8_fraction = int8_maps, int8_fraction
