@@ -56,12 +56,19 @@ def test_the_gpu_job_resumes_after_being_stopped_and_packs_every_part(tmp_path: 
     stopped_at = json.loads(metadata.read_text())["epoch"]
     assert 1 <= stopped_at < 3
 
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "stage 1 done" in again.stdout
+    # The folds alone (PARTS), as a session that finishes some parts of a cross-validation: no summary yet.
+    folds_only = subprocess.run(command, env={**env, "PARTS": "0 1"}, capture_output=True, text=True,
+                                timeout=600)
+    assert folds_only.returncode == 1, folds_only.stdout + folds_only.stderr
+    assert "no summary yet: final not done" in folds_only.stdout
+    assert not (out / "stage1" / "final").exists()
     history = (out / "stage1" / "fold-0" / "history.csv").read_text().splitlines()[1:]
     assert [int(row.split(",")[0]) for row in history] == [0, 1, 2]  # resumed, not restarted
     assert not (out / "stage1" / "fold-0" / "backup").exists()
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "stage 1 done" in again.stdout
 
     packs = sorted(p.name for p in (out / "pack").iterdir())
     assert packs == ["stage1-final.tar.gz", "stage1-fold-0.tar.gz", "stage1-fold-1.tar.gz",

@@ -56,6 +56,20 @@ def test_train_writes_a_complete_run(tiny_data: Path, tmp_path: Path) -> None:
         train(tiny_data, run, FAST, progress=False)
 
 
+@pytest.mark.slow
+def test_a_backup_cut_off_in_its_first_epoch_starts_the_run_again(tiny_data: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # As a process that ran out of memory while writing its first backup leaves it: weights begun,
+    # no epoch written, no previous backup. Resuming it once asked the user to delete the folder.
+    run = tmp_path / "run"
+    (run / "backup").mkdir(parents=True)
+    (run / "backup" / "latest.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    train(tiny_data, run, FAST, resume=True, progress=False)
+    assert "cut off while its first epoch was written" in capsys.readouterr().err
+    assert [row.split(",")[0] for row in (run / "history.csv").read_text().splitlines()[1:]] == ["0"]
+    assert (run / "metrics.json").is_file() and not (run / "backup").exists()
+
+
 def colours_in(path: Path) -> set[tuple[int, int, int]]:
     with Image.open(path) as image:
         return {tuple(c) for c in np.asarray(image.convert("RGB")).reshape(-1, 3)}

@@ -21,7 +21,10 @@
 # (recorded in the provenance), PYTHON (the Python with Keras that writes the provenance, default
 # python3), STAGE1_OPTIONS (more `capsedge train` options for a variant of the
 # recipe, e.g. "--schedule one-cycle --warmup 0.3 --label-smoothing 0"; recorded in cv_settings.json and the provenance).
-# Re-running it resumes: finished parts are skipped, interrupted ones resume from their last epoch.
+# PARTS (the parts to train, default every fold and final, e.g. "2 3 final" to finish a
+# cross-validation begun elsewhere in OUT/stage1): the summary is written once every part is done.
+# Re-running it resumes: finished parts are skipped, interrupted ones resume from their last epoch
+# (or start again, where a part stopped while writing its first epoch's backup).
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
@@ -48,8 +51,8 @@ read -ra variant <<< "${STAGE1_OPTIONS:-}"
 recipe+=(${variant[@]+"${variant[@]}"})
 
 started=$(date +%s)
-parts=$(seq 0 $((folds - 1))) 
-for part in $parts final; do
+all_parts="$(seq -s ' ' 0 $((folds - 1))) final"
+for part in ${PARTS:-$all_parts}; do
     while [ "$(jobs -rp | wc -l)" -ge "${PARALLEL:-3}" ]; do wait -n || true; done
     name=$([ "$part" = final ] && echo final || echo "fold-$part")
     (
@@ -62,9 +65,18 @@ for part in $parts final; do
     ) &
 done
 wait
-"$capsedge" train "${recipe[@]}" --resume >"$out/logs/summary.log" 2>&1 \
-    || { echo "summary FAILED:"; tail -5 "$out/logs/summary.log"; exit 1; }
-tail -3 "$out/logs/summary.log"
+unfinished=()
+for part in $all_parts; do
+    name=$([ "$part" = final ] && echo final || echo "fold-$part")
+    [ -f "$run/$name/metrics.json" ] && [ ! -d "$run/$name/backup" ] || unfinished+=("$name")
+done
+if [ ${#unfinished[@]} -eq 0 ]; then
+    "$capsedge" train "${recipe[@]}" --resume >"$out/logs/summary.log" 2>&1 \
+        || { echo "summary FAILED:"; tail -5 "$out/logs/summary.log"; exit 1; }
+    tail -3 "$out/logs/summary.log"
+else
+    echo "no summary yet: ${unfinished[*]} not done"
+fi
 
 "$python" - "$run/provenance.json" "${STAGE1_OPTIONS:+STAGE1_OPTIONS=\"$STAGE1_OPTIONS\" }$0 $*" "$(($(date +%s) - started))" <<'EOF'
 import json, os, platform, subprocess, sys
@@ -86,6 +98,13 @@ with open(sys.argv[1], "w") as handle:
                "machine": {"gpu": gpu(), "cpus": os.cpu_count(), "platform": platform.platform()},
                "versions": versions, "seconds": int(sys.argv[3])}, handle, indent=2)
 EOF
-tar czf "$pack/stage1-summary.tar.gz" -C "$run" cv_summary.json cv_settings.json provenance.json \
-    confusion.png per_class.png reliability.png -C "$out" logs
+summary=()
+for name in cv_summary.json cv_settings.json provenance.json confusion.png per_class.png reliability.png; do
+    [ -f "$run/$name" ] && summary+=("$name")
+done
+tar czf "$pack/stage1-summary.tar.gz" -C "$run" "${summary[@]}" -C "$out" logs
+if [ ${#unfinished[@]} -gt 0 ]; then
+    echo "stage 1 not finished after $(($(date +%s) - started)) s (${unfinished[*]}): run again to resume"
+    exit 1
+fi
 echo "stage 1 done in $(($(date +%s) - started)) s: $run, packed in $pack"

@@ -4,6 +4,7 @@ the backup a resumed run starts from)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,11 +151,18 @@ def distribution(devices: list[str] | None) -> Any | None:
 def resumable_backup(folder: Path) -> Any:
     """Keras' ``BackupAndRestore`` into ``folder`` (weights, optimiser and epoch, every epoch),
     keeping the previous epoch's backup too: a run stopped while it was writing one (killed,
-    out of memory) resumes from the epoch before."""
+    out of memory) resumes from the epoch before, or starts again if that was its first."""
     import keras
 
     class Backup(keras.callbacks.BackupAndRestore):
         def on_train_begin(self, logs: dict | None = None) -> None:
+            weights, epoch = Path(self._weights_path), Path(self._training_metadata_path)
+            if weights.is_file() and not epoch.is_file() and not Path(self._prev_weights_path).is_file():
+                # The epoch is written after the weights: the first epoch's backup was cut off,
+                # so there is nothing to resume from and the run starts again.
+                weights.unlink()
+                print(f"the backup in {folder} was cut off while its first epoch was written: "
+                      "training starts again from the first epoch", file=sys.stderr)
             try:
                 super().on_train_begin(logs)
             except ValueError:  # a half-written weights file opens, but lacks variables
@@ -162,10 +170,10 @@ def resumable_backup(folder: Path) -> Any:
                 if not previous.is_file():
                     raise UsageError(f"the backup in {folder} is unreadable (the run stopped while "
                                      "writing it): delete that folder to restart the run") from None
-                Path(self._weights_path).write_bytes(previous.read_bytes())
+                weights.write_bytes(previous.read_bytes())
                 metadata = Path(self._prev_training_metadata_path)
                 if metadata.is_file():
-                    Path(self._training_metadata_path).write_bytes(metadata.read_bytes())
+                    epoch.write_bytes(metadata.read_bytes())
                 self._load_model()
 
     return Backup(str(folder), double_checkpoint=True)
