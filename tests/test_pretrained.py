@@ -333,7 +333,8 @@ def test_label_smoothing_keeps_the_true_class_weight() -> None:
 
 @pytest.mark.parametrize(("field", "value"), [("weight_decay", -1.0), ("warmup", 1.0), ("init", "coco"),
                                               ("freeze_stages", 8), ("label_smoothing", 1.0),
-                                              ("int8_trunk", 1.5), ("training_views", 12)])
+                                              ("int8_trunk", 1.5), ("training_views", 12),
+                                              ("int8_aware_trunk", -1)])
 def test_train_config_refuses_bad_fine_tuning_settings(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
@@ -345,6 +346,8 @@ def test_an_int8_trunk_and_sixteen_training_views_need_frozen_views(settings: di
         TrainConfig(int8_trunk=0.5, **settings)
     with pytest.raises(ValueError, match="training_views 16 needs"):
         TrainConfig(training_views=16, **settings)
+    with pytest.raises(ValueError, match="int8_aware_trunk needs"):
+        TrainConfig(int8_aware_trunk=2, **settings)
 
 
 @pytest.mark.slow

@@ -186,7 +186,7 @@ def test_train_command_records_every_option_in_the_run(tiny_data: Path, tmp_path
                         "augment": "none", "seed": 3, "mixup": 0.2, "ema": 0.9, "weight_decay": 0.01,
                         "warmup": 0.2, "schedule": "one-cycle", "label_smoothing": 0.05, "init": "none",
                         # --int8-trunk needs a frozen trunk: tests/test_pretrained.py
-                        "freeze_stages": 0, "int8_trunk": 0.0, "training_views": 8}
+                        "freeze_stages": 0, "int8_trunk": 0.0, "training_views": 8, "int8_aware_trunk": 0}
     bad = CliRunner().invoke(main, [*args[:5], "--reconstruction-weight", "-1"])
     assert bad.exit_code == 2 and "-1" in bad.stderr
 
@@ -238,6 +238,7 @@ def test_training_is_data_parallel_over_several_devices(tiny_data: Path, tmp_pat
     ({"freeze_stages": 7, "init": "none"}, "frozen-trunk"),
     ({"int8_trunk": 0.5}, "frozen-trunk"),
     ({"training_views": 16}, "frozen-trunk"),
+    ({"int8_aware_trunk": 2}, "frozen-trunk"),
 ])
 def test_the_plan_trains_above_frozen_maps_only_when_the_trunk_can_precompute_them(
     settings: dict, mode: str
@@ -250,12 +251,16 @@ def test_the_plan_trains_above_frozen_maps_only_when_the_trunk_can_precompute_th
     assert plan.mode == mode and plan.frozen_trunk == (mode == FROZEN_TRUNK)
     assert plan.model.class_names == ("Depuy", "Zimmer") and plan.model.num_classes == 2
     assert plan.preprocessing.input_size == 224
-    assert plan.parts_share_frozen_maps == (mode == FROZEN_TRUNK and config.init == "imagenet")
+    # Distilled on each part's own images, the trunk differs from part to part.
+    assert plan.parts_share_frozen_maps == (mode == FROZEN_TRUNK and config.init == "imagenet"
+                                            and not config.int8_aware_trunk)
     # A network without a pretrained trunk always trains end to end, and cannot have an int8 one.
-    plain = TrainingPlan.build(replace(config, model="effcaps_mnist", int8_trunk=0.0, training_views=8),
+    plain = TrainingPlan.build(replace(config, model="effcaps_mnist", int8_trunk=0.0, training_views=8,
+                                       int8_aware_trunk=0),
                                get_model_config("effcaps_mnist"), ("Depuy", "Zimmer"))
     assert plain.mode == END_TO_END and not plain.parts_share_frozen_maps
-    for name, flag in (("int8_trunk", "--int8-trunk"), ("training_views", "--training-views 16")):
+    for name, flag in (("int8_trunk", "--int8-trunk"), ("training_views", "--training-views 16"),
+                       ("int8_aware_trunk", "--int8-aware-trunk")):
         if name in settings:
             with pytest.raises(ValueError, match=f"{flag} needs a model with a pretrained trunk"):
                 TrainingPlan.build(replace(config, model="effcaps_mnist"), get_model_config("effcaps_mnist"),

@@ -82,6 +82,10 @@ class TrainConfig:
             8, the dihedral orientations, or 16, those and the same eight of the image turned
             45 degrees, as a runtime averaging sixteen test-time views shows the network; 16
             needs :attr:`precomputes_frozen_maps` (the other modes augment on the fly).
+        int8_aware_trunk: epochs of quantization-aware distillation of the frozen trunk before
+            the head trains (:mod:`capsedge.train.quantization_aware`): its weights learn to give,
+            rounded as the int8 file rounds them, the maps they gave in float; 0: none. Needs
+            :attr:`precomputes_frozen_maps`.
     """
 
     model: str = _setting("effcaps_ncp_lite0_512", "Model configuration name.")
@@ -128,6 +132,9 @@ class TrainConfig:
         DIHEDRAL_VIEWS, f"Views of each image a frozen-trunk run trains on: {DIHEDRAL_VIEWS} (the flips and "
         f"quarter turns) or {ALL_VIEWS} (and the same of the image turned 45 degrees, as the sixteen "
         "test-time views).", click.IntRange(DIHEDRAL_VIEWS, ALL_VIEWS))
+    int8_aware_trunk: int = _setting(
+        0, "Epochs of quantization-aware distillation of the frozen trunk before the head trains: its "
+        "weights learn to give, rounded to int8, the maps they gave in float (0: none).", click.IntRange(0))
 
     @property
     def init_run(self) -> Path | None:
@@ -154,6 +161,9 @@ class TrainConfig:
             raise UsageError(f"init must be one of {', '.join(INITS)} or run:PATH, got {self.init!r}")
         if self.int8_trunk and not self.precomputes_frozen_maps:
             raise UsageError("int8_trunk needs a frozen trunk (--freeze-stages > 0), the dihedral "
+                             "augmentation and no mixup")
+        if self.int8_aware_trunk and not self.precomputes_frozen_maps:
+            raise UsageError("int8_aware_trunk needs a frozen trunk (--freeze-stages > 0), the dihedral "
                              "augmentation and no mixup")
         if self.training_views not in (DIHEDRAL_VIEWS, ALL_VIEWS):
             raise UsageError(f"training_views must be {DIHEDRAL_VIEWS} or {ALL_VIEWS}, "

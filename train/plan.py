@@ -54,8 +54,8 @@ class TrainingPlan:
         """The plan of ``config`` for ``model`` trained on ``classes``.
 
         Raises:
-            UsageError: an int8 trunk, or sixteen training views, are asked of a model without a
-                pretrained trunk.
+            UsageError: an int8 trunk, an int8-aware trunk or sixteen training views are asked of
+                a model without a pretrained trunk.
         """
         if tuple(model.class_names) != tuple(classes):
             model = replace(model, class_names=tuple(classes), num_classes=len(classes))
@@ -63,6 +63,9 @@ class TrainingPlan:
             mode = FROZEN_TRUNK
         elif config.int8_trunk:
             raise UsageError(f"--int8-trunk needs a model with a pretrained trunk; {config.model} has none")
+        elif config.int8_aware_trunk:
+            raise UsageError(f"--int8-aware-trunk needs a model with a pretrained trunk; {config.model} "
+                             "has none")
         elif config.training_views != DIHEDRAL_VIEWS:
             raise UsageError(f"--training-views {config.training_views} needs a model with a pretrained "
                              f"trunk; {config.model} has none")
@@ -82,9 +85,9 @@ class TrainingPlan:
 
     @property
     def parts_share_frozen_maps(self) -> bool:
-        """Whether every part of a cross-validation has the same frozen trunk (ImageNet's), so its
-        maps are computed once for all of them."""
-        return self.frozen_trunk and self.config.init == "imagenet"
+        """Whether every part of a cross-validation has the same frozen trunk (ImageNet's, not
+        distilled on the part's images), so its maps are computed once for all of them."""
+        return self.frozen_trunk and self.config.init == "imagenet" and not self.config.int8_aware_trunk
 
     def stage1_trunk(self, part: int | str | None = None, held_out: np.ndarray | None = None) -> Path | None:
         """The trunk weights this run starts from under ``init="run:PATH"`` (else ``None``): for a

@@ -25,7 +25,7 @@ from capsedge.errors import UsageError
 from capsedge.preprocess import Preprocessing
 from capsedge.views import VIEW_AVERAGES
 from capsedge.workshop.dataset import Dataset, DatasetError, load_images
-from capsedge.workshop.run import RunDir, average_views
+from capsedge.workshop.run import RunDir, average_views, read_json, write_json
 
 from .config import TrainConfig
 from .evaluation import predict_probabilities, predict_views, read_history, save_evaluation_pngs
@@ -123,6 +123,8 @@ def train(
     strategy = distribution(devices)
     with strategy.scope() if strategy else contextlib.nullcontext():
         network = build_network(plan, trunk_file)
+        if config.int8_aware_trunk:
+            network.trunk["int8_aware"] = _int8_aware_trunk(plan, network, images, train_idx, run, progress)
         maps, int8_maps = _frozen_maps(plan, network, images, train_idx, part, progress)
         compile_network(network.fitted, config, counts, int(np.ceil(len(train_idx) / config.batch_size)))
     batches, validation = _batches(plan, network, images, onehot, (train_idx, held_idx), maps, int8_maps,
@@ -181,6 +183,32 @@ def _holdout_split(targets: np.ndarray, config: TrainConfig) -> tuple[np.ndarray
     if config.holdout > 0:
         return stratified_split(targets, config.holdout, config.seed)
     return np.arange(len(targets)), np.array([], dtype=np.int64)
+
+
+def _int8_aware_trunk(plan: TrainingPlan, network: Any, images: np.ndarray, train_idx: np.ndarray,
+                      run: RunDir, progress: bool) -> dict[str, Any]:
+    """Distil the frozen trunk for int8 on the training images (``--int8-aware-trunk``), once per
+    run: the result waits in the backup for a resumed run, rounded to float16 as ``trunk.npz``
+    rounds it, so a resumed run reads the trunk that the run it resumes read. Returns the report."""
+    from capsedge.export.calibration import calibration_indices
+    from capsedge.models.build import TRUNK_PREFIX
+    from capsedge.models.efficientnet_lite import load_trunk_weights, save_trunk_weights
+
+    from .quantization_aware import distil_for_int8
+
+    config = plan.config
+    if not run.int8_aware_trunk.is_file():
+        calibration = images[calibration_indices(train_idx)]
+        with progress_bar("int8-aware trunk", progress) as bar:
+            report = distil_for_int8(network.frozen, images[train_idx], calibration, config.int8_aware_trunk,
+                                     seed=config.seed, views=config.training_views, progress=bar)
+        run.backup.mkdir(exist_ok=True)
+        write_json(run.int8_aware_report, report)
+        partial = run.int8_aware_trunk.with_name(f".{RunDir.INT8_AWARE_TRUNK}")
+        save_trunk_weights(network.built.classifier, partial, name=TRUNK_PREFIX)
+        partial.replace(run.int8_aware_trunk)  # written last: the backup holds both or neither
+    load_trunk_weights(network.built.classifier, run.int8_aware_trunk, name=TRUNK_PREFIX)
+    return read_json(run.int8_aware_report)
 
 
 def _frozen_maps(plan: TrainingPlan, network: Any, images: np.ndarray, train_idx: np.ndarray,

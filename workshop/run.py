@@ -73,6 +73,9 @@ class RunDir:
     RELIABILITY: ClassVar[str] = "reliability.png"
     #: What ``--resume`` needs while a run is under way; deleted when it completes.
     BACKUP: ClassVar[str] = "backup"
+    #: In the backup: the trunk ``--int8-aware-trunk`` distilled (as :attr:`TRUNK`), and its report.
+    INT8_AWARE_TRUNK: ClassVar[str] = "int8_aware_trunk.npz"
+    INT8_AWARE_REPORT: ClassVar[str] = "int8_aware_trunk.json"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -118,6 +121,14 @@ class RunDir:
     @property
     def trunk(self) -> Path:
         return self.path / self.TRUNK
+
+    @property
+    def int8_aware_trunk(self) -> Path:
+        return self.backup / self.INT8_AWARE_TRUNK
+
+    @property
+    def int8_aware_report(self) -> Path:
+        return self.backup / self.INT8_AWARE_REPORT
 
     @property
     def decoder(self) -> Path:
