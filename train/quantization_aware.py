@@ -167,12 +167,11 @@ class _Progress(keras.callbacks.Callback):
         self.report(self.done, self.total)
 
 
-def map_error(trunk: keras.Model, reference: keras.Model, images: np.ndarray) -> float:
-    """Root-mean-square difference of two trunks' maps of ``images``, over the spread of the
-    reference maps."""
-    ref = np.asarray(reference.predict(images, batch_size=4, verbose=0), dtype=np.float64)
+def map_error(trunk: keras.Model, reference: np.ndarray, images: np.ndarray) -> float:
+    """Root-mean-square difference between ``trunk``'s maps of ``images`` and ``reference`` (the
+    maps another trunk gave), over the spread of ``reference``."""
     out = np.asarray(trunk.predict(images, batch_size=4, verbose=0), dtype=np.float64)
-    return float(np.sqrt(np.mean((out - ref) ** 2)) / ref.std())
+    return float(np.sqrt(np.mean((out - reference) ** 2)) / reference.std())
 
 
 def distil_for_int8(frozen: keras.Model, images: np.ndarray, calibration: np.ndarray, epochs: int, *,
@@ -193,10 +192,11 @@ def distil_for_int8(frozen: keras.Model, images: np.ndarray, calibration: np.nda
     teacher.trainable = False
     rounded = rounded_trunk(frozen, calibration)
     check = calibration[:8].astype(np.float32)
-    before = map_error(rounded, teacher, check)
+    reference = np.asarray(teacher.predict(check, batch_size=4, verbose=0), dtype=np.float64)
+    before = map_error(rounded, reference, check)
 
     batches = _DistillationBatches(images, teacher, batch_size, seed, views)
-    spread = float(np.asarray(teacher.predict(check, batch_size=4, verbose=0)).std())
+    spread = float(reference.std())
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, epochs * len(batches), alpha=0.01)
     trainable = {layer.name: layer.trainable for layer in frozen.layers}
     try:
@@ -209,7 +209,7 @@ def distil_for_int8(frozen: keras.Model, images: np.ndarray, calibration: np.nda
     finally:
         for layer in frozen.layers:
             layer.trainable = trainable[layer.name]
-    after = map_error(rounded, teacher, check)
+    after = map_error(rounded, reference, check)
     return {"epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size,
             "loss": [round(float(v), 5) for v in history.history["loss"]],
             "simulated_int8_map_error": {"before": round(before, 4), "after": round(after, 4)}}
