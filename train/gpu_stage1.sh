@@ -50,11 +50,14 @@ recipe=(--data "$data" --out "$run" --model "$model" --freeze-stages 0 --augment
 read -ra variant <<< "${STAGE1_OPTIONS:-}"
 recipe+=(${variant[@]+"${variant[@]}"})
 
+# The run folder of a part: fold-K, or final.
+part_dir() { if [ "$1" = final ]; then echo final; else echo "fold-$1"; fi; }
+
 started=$(date +%s)
 all_parts="$(seq -s ' ' 0 $((folds - 1))) final"
 for part in ${PARTS:-$all_parts}; do
     while [ "$(jobs -rp | wc -l)" -ge "${PARALLEL:-3}" ]; do wait -n || true; done
-    name=$([ "$part" = final ] && echo final || echo "fold-$part")
+    name=$(part_dir "$part")
     (
         "$capsedge" train "${recipe[@]}" --fold "$part" --workers "${WORKERS:-4}" \
             >"$out/logs/$name.log" 2>&1 \
@@ -67,7 +70,8 @@ done
 wait
 unfinished=()
 for part in $all_parts; do
-    name=$([ "$part" = final ] && echo final || echo "fold-$part")
+    name=$(part_dir "$part")
+    # Complete as RunDir.complete says: metrics written, no backup left.
     [ -f "$run/$name/metrics.json" ] && [ ! -d "$run/$name/backup" ] || unfinished+=("$name")
 done
 if [ ${#unfinished[@]} -eq 0 ]; then
