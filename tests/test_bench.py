@@ -119,3 +119,20 @@ def test_heldout_int8_summary_scores_each_average_both_models_have(monkeypatch: 
     assert scores["int8_accuracy_8_views"] == scores["int8_agreement_8_views"] == 0.75
     assert scores["int8_macro_f1_8_views"] == round((2 / 3 + 0.8) / 2, 4)  # F1 of "a" 2/3, of "b" 0.8
     assert not any("16" in key for key in scores)
+
+
+def test_prior_shift_chooses_each_folds_tau_on_the_other_folds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model that answers the rare class too seldom is mended by dividing out the prior: the
+    smallest tau that flips 0.4 against 0.6 with priors 0.25 and 0.75 is 0.4 (log 1.5 / log 3)."""
+    bench = bench_script("prior_shift", monkeypatch)
+    prior = np.array([0.75, 0.25])
+    fold = (np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4]]), np.array([0, 0, 1]))
+    assert bench.shifted(fold[0], prior, 0.0).argmax(1).tolist() == [0, 0, 0]
+    assert bench.shifted(fold[0], prior, 1.0).argmax(1).tolist() == [0, 0, 1]
+    accuracy, taus = bench.nested_accuracy([fold, fold, fold], prior)
+    assert accuracy == 1.0 and taus == [0.4, 0.4, 0.4]
+    # A fold the shift would harm: it keeps the others at tau 0 (2 of 3 right each), and they
+    # choose 0.4 for it, which turns both its answers wrong: 4 of 8, the cost of tuning tau.
+    costly = (np.array([[0.6, 0.4], [0.6, 0.4]]), np.array([0, 0]))
+    accuracy, taus = bench.nested_accuracy([fold, fold, costly], prior)
+    assert taus == [0.0, 0.0, 0.4] and accuracy == 4 / 8
