@@ -20,11 +20,13 @@ same calibration images).
 
 It writes nothing into the folds: the int8 answers
 the export's calibration is fitted on (`holdout_probabilities_views_int8.npy` in each fold)
-are saved by the same scoring run as a release step, `capsedge export --score-folds`.
+are saved by the same scoring run as a release step, `capsedge export --score-folds`. With
+`--saved`, a fold that holds those answers is read, not converted again (a release's figures
+in seconds); the others are scored.
 
 Usage:
     python bench/heldout_int8.py --cv runs/cv512f5 --data DIR [--folds 0,1]
-        [--formats int8,dynamic,float16,int8-trunk,int8-head] [--out OUT]
+        [--formats int8,dynamic,float16,int8-trunk,int8-head] [--saved] [--out OUT]
 """
 
 from __future__ import annotations
@@ -47,10 +49,11 @@ if TYPE_CHECKING:
 SPLIT_FORMATS = ("int8-trunk", "int8-head")
 
 
-def measure_fold(fold: Path, dataset: object, formats: list[str]) -> dict[str, object]:
+def measure_fold(fold: Path, dataset: object, formats: list[str], saved: bool = False) -> dict[str, object]:
     """Answers of the float model and of each format on the fold's held-out images (the scoring
     is :func:`capsedge.export.fold_scores.fold_views`, which ``capsedge export --score-folds`` runs;
-    :data:`SPLIT_FORMATS` are :func:`split_views`)."""
+    :data:`SPLIT_FORMATS` are :func:`split_views`); with ``saved``, the int8 answers that run
+    saved in the fold, where it did."""
     from capsedge.export.fold_scores import fold_views
     from capsedge.workshop.run import RunDir
 
@@ -59,7 +62,10 @@ def measure_fold(fold: Path, dataset: object, formats: list[str]) -> dict[str, o
     float_views = run.read_views()
     split = [name for name in formats if name in SPLIT_FORMATS]
     whole = [name for name in formats if name not in SPLIT_FORMATS]
-    measured, maps = (fold_views(run, dataset, whole) if whole else {}), {}
+    stored = {name: run.read_views(name) for name in whole
+              if saved and name == "int8" and run.views_file(name).is_file()}
+    whole = [name for name in whole if name not in stored]
+    measured, maps = stored | (fold_views(run, dataset, whole) if whole else {}), {}
     if split:
         halves, maps = split_views(run, dataset, split, float_views)
         measured |= halves
@@ -158,12 +164,25 @@ def summary(truth: np.ndarray, answers: dict, formats: list[str],
     return result
 
 
+def mean_over_folds(per_fold: list[dict[str, float]], pooled: dict[str, float]) -> dict[str, float]:
+    """Each pooled accuracy and macro-F1, as the mean over the folds and its sample standard
+    deviation (``<name>_std``; the cross-validation's headline form)."""
+    result: dict[str, float] = {}
+    for key in (key for key in pooled if "_accuracy_" in key or "_macro_f1_" in key):
+        values = [fold[key] for fold in per_fold]
+        result[key] = round(float(np.mean(values)), 4)
+        result[f"{key}_std"] = round(float(np.std(values, ddof=1)), 4) if len(values) > 1 else 0.0
+    return result
+
+
 def main() -> None:
     parser = common.parser(__doc__)
     parser.add_argument("--cv", type=Path, required=True, help="a `capsedge train --folds K` folder")
     parser.add_argument("--folds", help="comma-separated fold numbers (default: all)")
     parser.add_argument("--formats", default="int8,dynamic",
                         help="of int8, dynamic, float16, int8-trunk, int8-head")
+    parser.add_argument("--saved", action="store_true",
+                        help="read the int8 answers `capsedge export --score-folds` saved in a fold")
     args = parser.parse_args()
     formats = args.formats.split(",")
     known = (*FOLD_FORMATS, *SPLIT_FORMATS)
@@ -179,7 +198,7 @@ def main() -> None:
     report = {"cv": str(args.cv), "folds": {}}
     for fold in folds:
         with quiet_native_logs():  # TensorFlow's converter and LiteRT write to descriptor 2
-            measured = measure_fold(fold, dataset, formats)
+            measured = measure_fold(fold, dataset, formats, args.saved)
         scores = summary(measured["truth"], measured["answers"], formats, dataset.classes)
         report["folds"][fold.name] = scores | measured["maps"]
         print(json.dumps({fold.name: report["folds"][fold.name]}), flush=True)
@@ -189,6 +208,7 @@ def main() -> None:
     # pooled: the averages every fold has (sixteen views only if every fold saved sixteen)
     answers = {key: np.concatenate(value) for key, value in pooled.items() if len(value) == len(folds)}
     report["pooled"] = summary(np.concatenate(truth), answers, formats, dataset.classes)
+    report["mean_over_folds"] = mean_over_folds(list(report["folds"].values()), report["pooled"])
     print(json.dumps(report["pooled"], indent=2))
     common.save_json(args, "heldout_int8.json", report)
 

@@ -136,3 +136,33 @@ def test_prior_shift_chooses_each_folds_tau_on_the_other_folds(monkeypatch: pyte
     costly = (np.array([[0.6, 0.4], [0.6, 0.4]]), np.array([0, 0]))
     accuracy, taus = bench.nested_accuracy([fold, fold, costly], prior)
     assert taus == [0.0, 0.0, 0.4] and accuracy == 4 / 8
+
+
+def test_heldout_int8_reads_the_saved_int8_answers_and_means_the_folds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``saved``, a fold's int8 answers come from the file the export's scoring saved (no
+    classifier is loaded: this fold has none); the mean over folds is the headline's form."""
+    from types import SimpleNamespace
+
+    from capsedge.workshop.run import RunDir
+
+    bench = bench_script("heldout_int8", monkeypatch)
+    run = RunDir(tmp_path)
+    held = np.array([2, 0, 1])
+    float_views = np.tile(np.eye(2, dtype=np.float32)[[0, 0, 1]][:, None], (1, 16, 1))
+    int8_views = float_views.copy()
+    int8_views[2] = [0.9, 0.1]  # the third image flips to class 0 in every view
+    np.save(run.holdout_indices, held)
+    run.save_views(float_views)
+    run.save_views(int8_views, "int8")
+    dataset = SimpleNamespace(targets=np.array([0, 1, 0]))
+    measured = bench.measure_fold(tmp_path, dataset, ["int8"], saved=True)
+    assert measured["truth"].tolist() == [0, 0, 1]
+    assert measured["answers"]["float", 16].tolist() == [0, 0, 1]
+    assert measured["answers"]["int8", 16].tolist() == [0, 0, 0]
+    scores = bench.summary(measured["truth"], measured["answers"], ["int8"], ("a", "b"))
+    assert scores["int8_accuracy_16_views"] == round(2 / 3, 4) and scores["float_accuracy_16_views"] == 1.0
+
+    means = bench.mean_over_folds([{"int8_accuracy_16_views": 0.8}, {"int8_accuracy_16_views": 0.9}],
+                                  {"images": 190, "int8_accuracy_16_views": 0.85})
+    assert means == {"int8_accuracy_16_views": 0.85, "int8_accuracy_16_views_std": round(0.1 / 2 ** 0.5, 4)}
