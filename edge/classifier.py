@@ -54,7 +54,8 @@ class Prediction:
         uncertain: the label's probability is below ``threshold``: do not rely on it
             (``None``: the model carries no calibration, so nobody can tell).
         threshold: the confidence below which answers are uncertain (``None``: the model
-            carries no calibration; its probabilities are the network's own, uncalibrated).
+            carries no calibration; its probabilities are the network's own, uncalibrated,
+            renormalised to sum to 1).
         out_of_distribution: the image does not look like the X-rays the model was trained
             on (``None``: the model carries no feature statistics to tell).
         ood_reason: one line saying why, when ``out_of_distribution``.
@@ -204,9 +205,10 @@ class Classifier:
         return self._calibrated(self.predict_views(tensor, views)[: len(self.labels)])
 
     def _calibrated(self, raw: np.ndarray) -> np.ndarray:
-        if self._calibration is None:
-            return raw
-        return calibrate(raw, self._calibration.temperature).astype(np.float32)
+        # Without a calibration the network's own answers, renormalised (temperature 1): an int8
+        # file's rounded, clipped outputs need not sum to 1, and a displayed answer should.
+        temperature = 1.0 if self._calibration is None else self._calibration.temperature
+        return calibrate(raw, temperature).astype(np.float32)
 
     def _outlier(self, features: np.ndarray) -> tuple[bool | None, str | None]:
         if self._outliers is None:

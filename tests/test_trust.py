@@ -12,6 +12,7 @@ import pytest
 from capsedge import Classifier, ModelError
 from capsedge.cli import format_text
 from capsedge.metadata import ModelMetadata
+from capsedge.preprocess import preprocess
 from capsedge.trust import (
     Calibration,
     Trust,
@@ -225,6 +226,10 @@ def test_a_model_without_trust_flags_nothing(bundled: Classifier) -> None:
     assert prediction.uncertain is None and prediction.threshold is None
     assert prediction.calibrated is False and prediction.to_dict()["uncertain"] is None
     assert "uncalibrated" in format_text("x.png", prediction)
+    # the network's own answers, only renormalised: an int8 file's need not sum to 1
+    raw = bundled.predict_views(preprocess(np.full((64, 64), 7, np.uint8), plain.preprocessing))[:4]
+    assert abs(raw.sum() - 1) > 1e-3
+    np.testing.assert_allclose(list(prediction.probabilities.values()), raw / raw.sum(), rtol=1e-5)
     assert prediction.out_of_distribution is None and prediction.ood_reason is None
     with pytest.raises(ModelError, match="112 features"):
         Classifier(ProbabilitiesOnly(), bundled.metadata, bundled.model_path)
