@@ -1,8 +1,9 @@
 """Whole-process time of `capsedge classify` on one X-ray, and of one classification in-process.
 
-Usage: python bench/classify_process.py [IMAGE] [--data DIR] [--runs N] [--json] [--out DIR]
+Usage: python bench/classify_process.py [IMAGE] [--model FILE] [--data DIR] [--runs N] [--json] [--out DIR]
 
-IMAGE defaults to Depuy.5.jpg of the data folder. Prints a small table (or --json; with
+IMAGE defaults to Depuy.5.jpg of the data folder; the model to the bundled one (--model: an
+exported file, e.g. a candidate before it is bundled). Prints a small table (or --json; with
 --out, also OUT/classify_process.json); run on the machine you want to describe and
 name that machine when you quote the figures.
 """
@@ -36,23 +37,27 @@ def main() -> None:
     parser = common.parser(__doc__)
     parser.add_argument("image", nargs="?", type=Path, default=None)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--model", type=Path, default=None, help="an exported model (default: bundled)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     args.image = args.image or common.example_image(args)
 
     capsedge = shutil.which("capsedge") or sys.exit("capsedge is not installed (pip install .)")
-    process = time_process([capsedge, "classify", str(args.image)], args.runs)
+    chosen = ["--model", str(args.model)] if args.model is not None else []
+    process = time_process([capsedge, "classify", *chosen, str(args.image)], args.runs)
 
     from capsedge import Classifier
 
     start = time.perf_counter()
-    classifier = Classifier.load()
+    classifier = Classifier.load(args.model)
     load_ms = (time.perf_counter() - start) * 1000
     latencies = [classifier.classify(args.image).latency_ms for _ in range(50)]
     result = {
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
         f"{len(__import__('os').sched_getaffinity(0))} cores, Python {platform.python_version()}",
         "image": args.image.name,
+        "model": classifier.metadata.version,
+        "test_time_views": classifier.test_time_views,
         "process_seconds_median": round(statistics.median(process), 3),
         "process_seconds_max": round(max(process), 3),
         "runs": args.runs,
