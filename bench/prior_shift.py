@@ -20,6 +20,9 @@ from pathlib import Path
 import common
 import numpy as np
 
+from capsedge.trust import MIN_PROBABILITY
+from capsedge.views import VIEW_COUNTS
+
 #: The ``tau`` values scored, and the grid a fold's ``tau`` is chosen from on the other folds.
 TAUS = tuple(round(float(t), 2) for t in np.linspace(0.0, 1.0, 21))
 PRINTED_TAUS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -27,7 +30,7 @@ PRINTED_TAUS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 def shifted(probabilities: np.ndarray, prior: np.ndarray, tau: float) -> np.ndarray:
     """Class scores ``log p - tau * log prior`` (their argmax is the shifted answer)."""
-    return np.log(np.clip(probabilities, 1e-7, 1.0)) - tau * np.log(prior)
+    return np.log(np.clip(probabilities, MIN_PROBABILITY, 1.0)) - tau * np.log(prior)
 
 
 def nested_accuracy(folds: list[tuple[np.ndarray, np.ndarray]],
@@ -77,7 +80,7 @@ def main() -> None:
     parser = common.parser(__doc__)
     parser.add_argument("--cv", type=Path, action="append", required=True,
                         help="a capsedge train --folds K folder (repeat to compare)")
-    parser.add_argument("--views", type=int, default=16, choices=(1, 4, 8, 16),
+    parser.add_argument("--views", type=int, default=16, choices=VIEW_COUNTS,
                         help="test-time views averaged (default 16)")
     parser.add_argument("--format", choices=("float", "int8"), default="float",
                         help="the float models' answers or the int8 files' (default float)")
