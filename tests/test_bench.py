@@ -138,6 +138,24 @@ def test_prior_shift_chooses_each_folds_tau_on_the_other_folds(monkeypatch: pyte
     assert taus == [0.0, 0.0, 0.4] and accuracy == 4 / 8
 
 
+def test_head_average_chooses_each_folds_weight_on_the_other_folds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two heads that err on different images: their plain average is right where either is
+    sure; a fold whose best weight differs pays for the weight the others chose."""
+    bench = bench_script("head_average", monkeypatch)
+    first = np.array([[0.9, 0.1], [0.45, 0.55], [0.3, 0.7]])  # wrong on the second image
+    second = np.array([[0.4, 0.6], [0.9, 0.1], [0.3, 0.7]])  # wrong on the first
+    fold = (first, second, np.array([0, 0, 1]))
+    assert bench.mixed(fold, 0.0).tolist() == [0, 1, 1] and bench.mixed(fold, 1.0).tolist() == [1, 0, 1]
+    assert bench.mixed(fold, 0.5).tolist() == [0, 0, 1]
+    accuracy, weights = bench.nested_accuracy([fold, fold, fold])
+    assert accuracy == 1.0 and weights == [0.5, 0.5, 0.5]  # 0.3 to 0.7 all score 3; 0.5 is nearest
+    # An image only the first head gets right, and only for w < 3/7: with it among the others a
+    # fold chooses 0.4 (the others all right); its own fold gets 0.5 and loses it.
+    alone = (np.array([[0.8, 0.2]]), np.array([[0.1, 0.9]]), np.array([0]))
+    accuracy, weights = bench.nested_accuracy([fold, fold, alone])
+    assert weights == [0.4, 0.4, 0.5] and accuracy == 6 / 7
+
+
 def test_heldout_int8_reads_the_saved_int8_answers_and_means_the_folds(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``saved``, a fold's int8 answers come from the file the export's scoring saved (no
