@@ -24,6 +24,8 @@ from capsedge.models.layers import (
 
 #: Layer-name prefix of a pretrained trunk inside a capsedge network.
 TRUNK_PREFIX = "lite0"
+#: Layer-name prefix of the linear read-out beside the capsule head (``readout_weight``).
+READOUT_PREFIX = "readout"
 
 
 @dataclass(frozen=True)
@@ -70,17 +72,32 @@ def _stem(x: Any, cfg: ModelConfig) -> Any:
     return x
 
 
-def _features(image: Any, cfg: ModelConfig) -> Any:
-    """The feature map under the head: the configured stem, or the pretrained trunk."""
+def _features(image: Any, cfg: ModelConfig) -> tuple[Any, Any]:
+    """The feature map under the head (the configured stem, or the pretrained trunk), and the
+    trunk's stage-7 map under its head convolution (``None`` without ``trunk_head_conv``)."""
     mean, std = INPUT_NORMALIZATIONS[cfg.input_normalization]
     x = image
     if (mean, std) != INPUT_NORMALIZATIONS["unit"]:
         x = keras.layers.Rescaling(255.0 / std, -mean / std, name="input_normalization")(x)
     if cfg.trunk is None:
-        return _stem(x, cfg)
-    from capsedge.models.efficientnet_lite import efficientnet_lite0
+        return _stem(x, cfg), None
+    from capsedge.models.efficientnet_lite import efficientnet_lite0, head_convolution
 
-    return efficientnet_lite0(x, stages=cfg.trunk_stages, head_conv=cfg.trunk_head_conv, name=TRUNK_PREFIX)
+    x = efficientnet_lite0(x, stages=cfg.trunk_stages, name=TRUNK_PREFIX)
+    if not cfg.trunk_head_conv:
+        return x, None
+    return head_convolution(x, name=TRUNK_PREFIX), x
+
+
+def _readout(stage_map: Any, cfg: ModelConfig) -> Any:
+    """The linear read-out beside the capsule head (``readout_weight``): a stage-1 run's linear
+    head on the same trunk, with its own head convolution (stage 2 trains the trunk's for the
+    capsules), pooling and dense softmax; layers ``readout_*``."""
+    from capsedge.models.efficientnet_lite import head_convolution
+
+    x = head_convolution(stage_map, name=READOUT_PREFIX)
+    x = keras.layers.GlobalAveragePooling2D(name=f"{READOUT_PREFIX}_pool")(x)
+    return keras.layers.Dense(cfg.num_classes, activation="softmax", name=f"{READOUT_PREFIX}_probs")(x)
 
 
 def _trunk_primary(x: Any, cfg: ModelConfig) -> Any:
@@ -132,19 +149,22 @@ def build_model(cfg: ModelConfig) -> BuiltModel:
     """Build the models of ``cfg`` (see ``BuiltModel``); weights are freshly initialised.
 
     The classifier's output is the capsule lengths normalised to sum to 1, or, with
-    ``use_ncp``, ``w * that + (1 - w) * ncp_probs`` with ``w = cfg.fusion_weight``.
+    ``use_ncp``, ``w * that + (1 - w) * ncp_probs`` with ``w = cfg.fusion_weight``; with
+    ``readout_weight`` ``v``, ``(1 - v) * that + v * readout_probs``. The read-out is no output
+    of the trainer: it never trains (its weights come from a stage-1 run), and its layers are
+    built last, so the others start as they would without it.
     """
     image = keras.Input(cfg.input_shape, name="image")
     if cfg.head == "linear":
         return _build_linear(image, cfg)
-    primary, caps = _capsules(_features(image, cfg), cfg)
+    features, stage_map = _features(image, cfg)
+    primary, caps = _capsules(features, cfg)
     lengths = Length(name="caps_length")(caps)
     probs = NormalizeLengths(name="caps_probs")(lengths)
     outputs: dict[str, Any] = {"caps_length": lengths}
     if cfg.use_ncp:
         outputs["ncp_probs"] = ncp_head(primary, cfg.num_classes, cfg.ncp_units)
         probs = ProbabilityFusion(cfg.fusion_weight, name="fused_probs")([probs, outputs["ncp_probs"]])
-    classifier = keras.Model(image, probs, name=f"{cfg.name}_classifier")
 
     y_true = keras.Input((cfg.num_classes,), name="y_onehot")
     decoder = None
@@ -154,6 +174,10 @@ def build_model(cfg: ModelConfig) -> BuiltModel:
         decoder = DECODERS[cfg.decoder](cfg.num_classes, cfg.class_dim, target)
         masked = Mask(name="mask_by_label")([caps, y_true])
         outputs["reconstruction"] = keras.layers.Identity(name="reconstruction")(decoder(masked))
+    if cfg.readout_weight:
+        probs = ProbabilityFusion(1.0 - cfg.readout_weight, name=f"{READOUT_PREFIX}_fusion")(
+            [probs, _readout(stage_map, cfg)])
+    classifier = keras.Model(image, probs, name=f"{cfg.name}_classifier")
     trainer = keras.Model([image, y_true], outputs, name=f"{cfg.name}_trainer")
     encoder = keras.Model(image, caps, name=f"{cfg.name}_encoder")
     return BuiltModel(cfg, classifier, trainer, decoder, encoder)
@@ -161,7 +185,7 @@ def build_model(cfg: ModelConfig) -> BuiltModel:
 
 def _build_linear(image: Any, cfg: ModelConfig) -> BuiltModel:
     """The transfer-learning baseline: trunk, global average pooling, dropout, dense softmax."""
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(_features(image, cfg))
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(_features(image, cfg)[0])
     if cfg.dropout:
         x = keras.layers.Dropout(cfg.dropout, name="dropout")(x)
     probs = keras.layers.Dense(cfg.num_classes, activation="softmax", name="linear_probs")(x)

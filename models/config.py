@@ -103,6 +103,11 @@ class ModelConfig:
         reconstruction_size: side of the image the decoder reconstructs (the input, average-
             pooled); ``None``: the input size.
         dropout: dropout before the linear head's dense layer.
+        readout_weight: ``v`` in ``p = (1 - v) * p_head + v * p_readout``: the share of a linear
+            read-out beside the capsule head (its own copy of the trunk's head convolution, global
+            average pooling and a dense softmax: the linear head of a stage-1 run, whose weights
+            it takes, see ``capsedge train --stage1-readout``); 0: none. Needs a capsule head on
+            a trunk with its head convolution.
         description: one line for listings.
     """
 
@@ -134,6 +139,7 @@ class ModelConfig:
     input_normalization: str = "unit"
     reconstruction_size: int | None = None
     dropout: float = 0.0
+    readout_weight: float = 0.0
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -170,6 +176,11 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ModelConfigError(f"dropout must be in [0, 1), received {self.dropout!r}")
+        if not 0.0 <= self.readout_weight < 1.0:
+            raise ModelConfigError(f"readout_weight must be in [0, 1), received {self.readout_weight!r}")
+        if self.readout_weight and (self.head != "capsules" or not self.trunk_head_conv):
+            raise ModelConfigError("readout_weight needs a capsule head on a trunk with its head convolution "
+                                   "(trunk_head_conv)")
         if not 0.0 <= self.fusion_weight <= 1.0:
             raise ModelConfigError(f"fusion_weight must be in [0, 1], received {self.fusion_weight!r}")
         if self.use_ncp and self.ncp_units < self.num_classes + 3:

@@ -181,11 +181,17 @@ def efficientnet_lite0(
             x = _mbconv(x, args, stride, f"{name}_block{block}", rate)
             block += 1
     if include_top or head_conv:
-        x = _conv_bn(x, HEAD_CHANNELS, 1, 1, f"{name}_head")
+        x = head_convolution(x, name)
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name=f"{name}_avg_pool")(x)
         x = keras.layers.Dense(NUM_IMAGENET_CLASSES, name=f"{name}_logits")(x)
     return x
+
+
+def head_convolution(x: Any, name: str = "lite0") -> Any:
+    """The trunk's 1x1 head convolution to 1280 channels, batch norm and ReLU6 (layers
+    ``{name}_head_conv``, ``{name}_head_bn``, ``{name}_head_relu6``), on the map of stage 7."""
+    return _conv_bn(x, HEAD_CHANNELS, 1, 1, f"{name}_head")
 
 
 def imagenet_weights_path() -> Path:

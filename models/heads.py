@@ -125,7 +125,8 @@ class ProbabilityFusion(keras.layers.Layer):
     The two inputs are not equally sharp: normalised capsule lengths stay flat (margin-loss
     targets 0.9 vs 0.1 give ``p = 0.75`` for K=4) while a softmax trained with cross-entropy
     approaches 1, so at ``w = 0.5`` the NCP decides most disagreements; choose ``w`` on
-    held-out data.
+    held-out data. The same layer mixes a linear read-out into that answer
+    (``ModelConfig.readout_weight``).
 
     Args:
         weight: ``w`` in [0, 1].

@@ -49,12 +49,22 @@ TINY_LINEAR = dataclasses.replace(
     class_names=("Depuy", "Zimmer"), num_classes=2,
 )
 
+# The same on the trunk that keeps its head convolution (``lite0h``), as the two-stage recipe.
+TINY_H = dataclasses.replace(
+    get_model_config("effcaps_ncp_lite0h_512"), name="test_lite0h_64", input_shape=(64, 64, 1),
+    class_names=("Depuy", "Zimmer"), num_classes=2, primary_kernel=2, reconstruction_size=32,
+)
+TINY_LINEAR_H = dataclasses.replace(
+    get_model_config("lite0h_linear_512"), name="test_linear_h_64", input_shape=(64, 64, 1),
+    class_names=("Depuy", "Zimmer"), num_classes=2,
+)
+
 
 @pytest.fixture
 def tiny_models(monkeypatch: pytest.MonkeyPatch) -> None:
     """Register the 64x64 configurations for ``TrainConfig(model=...)``."""
-    monkeypatch.setitem(registry.MODEL_CONFIGS, TINY.name, TINY)
-    monkeypatch.setitem(registry.MODEL_CONFIGS, TINY_LINEAR.name, TINY_LINEAR)
+    for config in (TINY, TINY_LINEAR, TINY_H, TINY_LINEAR_H):
+        monkeypatch.setitem(registry.MODEL_CONFIGS, config.name, config)
 
 
 @pytest.fixture(scope="module")
@@ -478,12 +488,16 @@ def check_int8_features(float_file: Classifier, int8_file: Classifier, images: l
 
 
 @pytest.mark.slow
-def test_stage_two_starts_every_fold_from_its_own_stage_one_trunk(
+def test_stage_two_starts_every_fold_from_its_own_stage_one_trunk_and_can_keep_its_readout(
     tiny_models: None, tiny_data: Path, tmp_path: Path
 ) -> None:
+    """Stage 2 starts fold K from stage 1's fold K. ``--stage1-readout``: stage 1's linear head
+    beside the capsule head, its weights copied and kept; ``--reuse`` gives a finished stage 2 the
+    read-out, answering ``(1 - v)`` of its own answer and ``v`` of stage 1's."""
     from capsedge.errors import UsageError
+    from capsedge.train.readout import reuse_trained
 
-    stage1 = TrainConfig(model=TINY_LINEAR.name, epochs=1, batch_size=4, freeze_stages=0, augment="full")
+    stage1 = TrainConfig(model=TINY_LINEAR_H.name, epochs=1, batch_size=4, freeze_stages=0, augment="full")
     # Parts of one cross-validation, as separate processes train them; the last call sums up.
     assert cross_validate(tiny_data, tmp_path / "s1", stage1, folds=2, final=True, progress=False,
                           parts=[0]) is None
@@ -492,18 +506,20 @@ def test_stage_two_starts_every_fold_from_its_own_stage_one_trunk(
                              parts=[1, "final"])
     assert summary is not None and len(summary["per_fold"]) == 2
 
-    stage2 = TrainConfig(model=TINY.name, epochs=1, batch_size=4, freeze_stages=7, augment="dihedral",
+    stage2 = TrainConfig(model=TINY_H.name, epochs=1, batch_size=4, freeze_stages=7, augment="dihedral",
                          init=f"run:{tmp_path / 's1'}")
     cross_validate(tiny_data, tmp_path / "s2", stage2, folds=2, final=True, progress=False)
     for part in ("fold-0", "fold-1", "final"):
         metrics = json.loads((tmp_path / "s2" / part / "metrics.json").read_text())
         assert metrics["trunk_from"]["file"] == str(tmp_path / "s1" / part / "trunk.npz")
-        assert metrics["layers_loaded"] == 96
+        assert metrics["layers_loaded"] == 98  # 96 and the head convolution with its batch norm
         with np.load(tmp_path / "s1" / part / "trunk.npz") as before, \
                 np.load(tmp_path / "s2" / part / "trunk.npz") as after:
             assert sorted(before.files) == sorted(after.files)
-            for key in before.files:  # the whole trunk stayed frozen in stage 2
-                np.testing.assert_array_equal(before[key], after[key])
+            for key in before.files:  # the seven stages stayed frozen (the head convolution trains)
+                if not key.startswith("lite0_head_"):
+                    np.testing.assert_array_equal(before[key], after[key])
+            assert not np.array_equal(before["lite0_head_conv/0"], after["lite0_head_conv/0"])
     with np.load(tmp_path / "s1" / "fold-0" / "trunk.npz") as fold0, \
             np.load(tmp_path / "s1" / "fold-1" / "trunk.npz") as fold1:
         assert not np.array_equal(fold0["lite0_stem_conv/0"], fold1["lite0_stem_conv/0"])
@@ -511,6 +527,46 @@ def test_stage_two_starts_every_fold_from_its_own_stage_one_trunk(
     with pytest.raises(UsageError, match="did not hold out"):
         cross_validate(tiny_data, tmp_path / "s2-seed1", dataclasses.replace(stage2, seed=1), folds=2,
                        progress=False)
+
+    with_readout = dataclasses.replace(stage2, stage1_readout=0.25)
+    summary = cross_validate(tiny_data, tmp_path / "s2r", with_readout, folds=2, final=True, progress=False,
+                             reuse=tmp_path / "s2")
+    assert summary is not None and summary["train"]["stage1_readout"] == 0.25
+    images = np.random.default_rng(3).random((3, 64, 64, 1), dtype=np.float32)
+    for part in ("fold-0", "fold-1", "final"):
+        metrics = json.loads((tmp_path / "s2r" / part / "metrics.json").read_text())
+        assert metrics["reused"]["run"] == str(tmp_path / "s2" / part)
+        assert metrics["readout_from"]["file"] == str(tmp_path / "s1" / part / "classifier.keras")
+        config = json.loads((tmp_path / "s2r" / part / "config.json").read_text())
+        assert config["model"]["readout_weight"] == 0.25
+        capsules, linear, both = (keras.models.load_model(tmp_path / run / part / "classifier.keras")
+                                  for run in ("s2", "s1", "s2r"))
+        # Stage 2's trunk is stage 1's rounded to float16, so the read-out is stage 1's head to ~1e-3.
+        np.testing.assert_allclose(both(images), 0.75 * capsules(images) + 0.25 * linear(images), atol=5e-3)
+        assert not np.allclose(both(images), capsules(images), atol=5e-3)
+    held = np.load(tmp_path / "s2r" / "fold-1" / "holdout_indices.npy")
+    np.testing.assert_array_equal(held, np.load(tmp_path / "s2" / "fold-1" / "holdout_indices.npy"))
+
+    # Trained with the read-out: it still holds stage 1's weights after the epochs.
+    cross_validate(tiny_data, tmp_path / "s2t", with_readout, folds=2, progress=False, parts=[0])
+    trained = keras.models.load_model(tmp_path / "s2t" / "fold-0" / "classifier.keras")
+    source = keras.models.load_model(tmp_path / "s1" / "fold-0" / "classifier.keras")
+    for ours, theirs in (("readout_probs", "linear_probs"), ("readout_head_bn", "lite0_head_bn")):
+        for got, want in zip(trained.get_layer(ours).get_weights(), source.get_layer(theirs).get_weights(),
+                             strict=True):
+            np.testing.assert_array_equal(got, want)
+
+    with pytest.raises(UsageError, match="another recipe .*epochs 1 vs 2"):
+        reuse_trained(tiny_data, tmp_path / "other", dataclasses.replace(with_readout, epochs=2),
+                      tmp_path / "s2" / "final")
+    with pytest.raises(UsageError, match="holds a run already"):
+        reuse_trained(tiny_data, tmp_path / "s2r" / "final", dataclasses.replace(with_readout, holdout=0.0),
+                      tmp_path / "s2" / "final")
+    with pytest.raises(UsageError, match="needs init run:PATH"):
+        TrainConfig(model=TINY_H.name, stage1_readout=0.5)
+    with pytest.raises(UsageError, match="capsule head on a trunk with its head convolution"):
+        cross_validate(tiny_data, tmp_path / "no", dataclasses.replace(with_readout, model=TINY.name),
+                       folds=2, progress=False)
 
 
 def test_trunk_weights_round_trip_in_float16(tmp_path: Path) -> None:

@@ -186,7 +186,8 @@ def test_train_command_records_every_option_in_the_run(tiny_data: Path, tmp_path
                         "augment": "none", "seed": 3, "mixup": 0.2, "ema": 0.9, "weight_decay": 0.01,
                         "warmup": 0.2, "schedule": "one-cycle", "label_smoothing": 0.05, "init": "none",
                         # --int8-trunk needs a frozen trunk: tests/test_pretrained.py
-                        "freeze_stages": 0, "int8_trunk": 0.0, "training_views": 8, "int8_aware_trunk": 0}
+                        "freeze_stages": 0, "int8_trunk": 0.0, "training_views": 8, "int8_aware_trunk": 0,
+                        "stage1_readout": 0.0}  # with --init run:PATH only: tests/test_pretrained.py
     bad = CliRunner().invoke(main, [*args[:5], "--reconstruction-weight", "-1"])
     assert bad.exit_code == 2 and "-1" in bad.stderr
 
@@ -199,6 +200,19 @@ def test_train_command_refuses_an_int8_trunk_without_a_frozen_trunk(tiny_data: P
     assert result.stderr.strip().splitlines() == [
         "capsedge: error: int8_trunk needs a frozen trunk (--freeze-stages > 0), the dihedral augmentation "
         "and no mixup"]
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_command_refuses_a_readout_without_its_stage_one_run(tiny_data: Path, tmp_path: Path) -> None:
+    base = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "r")]
+    for extra, message in (
+            (["--stage1-readout", "0.5"],
+             "stage1_readout needs init run:PATH, the stage-1 run whose linear head it copies"),
+            (["--reuse", str(tmp_path)], "--reuse adds the stage-1 read-out to a trained run: give "
+                                         "--stage1-readout too")):
+        result = CliRunner().invoke(main, [*base, *extra])
+        assert result.exit_code == 1
+        assert result.stderr.strip().splitlines() == [f"capsedge: error: {message}"]
     assert not (tmp_path / "r").exists()
 
 

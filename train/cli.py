@@ -42,13 +42,17 @@ def recipe_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="Threads that augment batches (results do not depend on it).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--reuse", type=click.Path(path_type=Path), default=None,
+              help="With --stage1-readout: a finished run (with --folds, cross-validation) of this recipe "
+              "without it, whose trained weights are kept; nothing trains, the read-out is added and the "
+              "held-out images are scored again.")
 @click.option("--attribution", default=None,
               help="Credit the data set (name, source, licence), recorded in the run and every export; "
               "'uci-517' names the public UCI data set. Default: a capsedge-data.json in --data, else "
               "none.")
 @click.option("--verbose", is_flag=True, help="Show TensorFlow's own start-up and log lines.")
 def command(data: Path, run_dir: Path, folds: int | None, final: bool, parts: tuple[str, ...], workers: int,
-            resume: bool, attribution: str | None, verbose: bool, **recipe: Any) -> None:
+            resume: bool, reuse: Path | None, attribution: str | None, verbose: bool, **recipe: Any) -> None:
     """Train a capsule network on labelled X-rays."""
     from capsedge.train.cross_validation import cross_validate
     from capsedge.train.trainer import train
@@ -61,11 +65,13 @@ def command(data: Path, run_dir: Path, folds: int | None, final: bool, parts: tu
         if parts and not folds:
             raise UsageError("--fold needs --folds")
         chosen = [part if part == CrossValidation.FINAL else _fold_number(part) for part in parts] or None
-        refuse_inside(run_dir, [data], "--out")
+        if reuse is not None and not config.stage1_readout:
+            raise UsageError("--reuse adds the stage-1 read-out to a trained run: give --stage1-readout too")
+        refuse_inside(run_dir, [data, reuse], "--out")
         import_tensorflow_quietly(verbose)
         if folds:
             summary = cross_validate(dataset, run_dir, config, folds=folds, resume=resume, workers=workers,
-                                     final=final, parts=chosen)
+                                     final=final, parts=chosen, reuse=reuse)
             if summary is None:
                 click.echo(f"trained {', '.join(parts)} in {run_dir}; the summary is written once every "
                            "fold is done")
@@ -78,7 +84,12 @@ def command(data: Path, run_dir: Path, folds: int | None, final: bool, parts: tu
             if final:
                 click.echo(f"final run written to {CrossValidation(run_dir).final.path}")
             return
-        result = train(dataset, run_dir, config, resume=resume, workers=workers)
+        if reuse is not None:
+            from capsedge.train.readout import reuse_trained
+
+            result = reuse_trained(dataset, run_dir, config, reuse)
+        else:
+            result = train(dataset, run_dir, config, resume=resume, workers=workers)
     held = result.metrics.get("holdout")
     if held:
         click.echo(f"held-out accuracy {held['accuracy']:.3f}, macro-F1 {held['macro_f1']:.3f}")

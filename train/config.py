@@ -86,6 +86,10 @@ class TrainConfig:
             the head trains (:mod:`capsedge.train.quantization_aware`): its weights learn to give,
             rounded as the int8 file rounds them, the maps they gave in float; 0: none. Needs
             :attr:`precomputes_frozen_maps`.
+        stage1_readout: the share ``v`` of the stage-1 run's own linear head in the answer,
+            ``(1 - v) * capsule + NCP head + v * read-out`` (``ModelConfig.readout_weight``): its
+            head convolution, pooling and dense layer are copied from the same part of the
+            ``init="run:PATH"`` run and never train; 0: none. Needs ``init="run:PATH"``.
     """
 
     model: str = _setting("effcaps_ncp_lite0_512", "Model configuration name.")
@@ -135,6 +139,10 @@ class TrainConfig:
     int8_aware_trunk: int = _setting(
         0, "Epochs of quantization-aware distillation of the frozen trunk before the head trains: its "
         "weights learn to give, rounded to int8, the maps they gave in float (0: none).", click.IntRange(0))
+    stage1_readout: float = _setting(
+        0.0, "Share of the --init run:PATH run's own linear head in the answer, beside the capsule head: "
+        "copied from the same part of that run, never trained (0: none).",
+        click.FloatRange(0, 1, max_open=True))
 
     @property
     def init_run(self) -> Path | None:
@@ -165,6 +173,9 @@ class TrainConfig:
         if self.int8_aware_trunk and not self.precomputes_frozen_maps:
             raise UsageError("int8_aware_trunk needs a frozen trunk (--freeze-stages > 0), the dihedral "
                              "augmentation and no mixup")
+        if self.stage1_readout and self.init_run is None:
+            raise UsageError("stage1_readout needs init run:PATH, the stage-1 run whose linear head it "
+                             "copies")
         if self.training_views not in (DIHEDRAL_VIEWS, ALL_VIEWS):
             raise UsageError(f"training_views must be {DIHEDRAL_VIEWS} or {ALL_VIEWS}, "
                              f"got {self.training_views!r}")

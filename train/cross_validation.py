@@ -21,6 +21,7 @@ from .config import TrainConfig, options
 from .evaluation import save_evaluation_pngs
 from .metrics import classification_report, stratified_folds
 from .plan import TrainingPlan, plan_training
+from .readout import reuse_trained
 from .trainer import Part, progress_bar, train
 
 
@@ -35,6 +36,7 @@ def cross_validate(
     workers: int = 1,
     final: bool = False,
     parts: Collection[int | str] | None = None,
+    reuse: str | Path | None = None,
 ) -> dict[str, Any] | None:
     """Stratified K-fold cross-validation; each fold is a run in ``run_dir/fold-K``.
 
@@ -51,7 +53,9 @@ def cross_validate(
     the summary is written by the call that finds every fold done, else ``None`` is returned.
     With ``init="run:PATH"``, fold K starts from the trunk of ``PATH/fold-K``, which must have
     held out the same images (else the cross-validation would not be honest), and the final run
-    from ``PATH/final``.
+    from ``PATH/final``. With ``reuse`` (a cross-validation of the same recipe without
+    ``stage1_readout``), each part is made from that folder's same part by
+    :func:`capsedge.train.readout.reuse_trained` instead of trained.
     """
     dataset, plan = plan_training(data, config or TrainConfig())
     config = plan.config
@@ -71,8 +75,13 @@ def cross_validate(
             if progress:
                 print(f"fold {k + 1}/{folds}: {len(train_idx)} training, {len(val_idx)} validation images",
                       file=sys.stderr)
-            train(dataset, fold.path, config, resume=resume and fold.backup.is_dir(), progress=progress,
-                  workers=workers, part=Part(k, (train_idx, val_idx), images, maps))
+            here = Part(k, (train_idx, val_idx), images, maps)
+            if reuse is not None:
+                reuse_trained(dataset, fold.path, config, CrossValidation(Path(reuse)).fold(k).path,
+                              progress=progress, part=here)
+            else:
+                train(dataset, fold.path, config, resume=resume and fold.backup.is_dir(), progress=progress,
+                      workers=workers, part=here)
         if not fold.is_finished():
             continue
         pooled_true.append(targets[val_idx])
@@ -81,10 +90,14 @@ def cross_validate(
     if cv.FINAL in wanted and not (resume and cv.final.is_finished()):
         if progress:
             print(f"final: all {len(targets)} images", file=sys.stderr)
-        everything = (np.arange(len(targets)), np.array([], dtype=np.int64))
-        train(dataset, cv.final.path, replace(config, holdout=0.0), progress=progress,
-              resume=resume and cv.final.backup.is_dir(), workers=workers,
-              part=Part(CrossValidation.FINAL, everything, images, maps))
+        everything = Part(CrossValidation.FINAL, (np.arange(len(targets)), np.array([], dtype=np.int64)),
+                          images, maps)
+        if reuse is not None:
+            reuse_trained(dataset, cv.final.path, replace(config, holdout=0.0),
+                          CrossValidation(Path(reuse)).final.path, progress=progress, part=everything)
+        else:
+            train(dataset, cv.final.path, replace(config, holdout=0.0), progress=progress,
+                  resume=resume and cv.final.backup.is_dir(), workers=workers, part=everything)
     if len(per_fold) < folds:
         return None
     pooled = classification_report(np.concatenate(pooled_true), np.concatenate(pooled_pred), dataset.classes)

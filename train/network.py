@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from capsedge.errors import UsageError
+from capsedge.workshop.run import RunDir
 
 from .config import TrainConfig
 from .plan import TrainingPlan, stage1_trunk_file
@@ -44,6 +45,9 @@ def build_network(plan: TrainingPlan, trunk_file: Path | None = None) -> Network
 
     built = build_model(plan.model)
     trunk = initialise_trunk(built, plan.config, trunk_file)
+    if plan.model.readout_weight:
+        stage1 = RunDir((trunk_file or stage1_trunk_file(plan.config.init_run)).parent)
+        trunk["readout_from"] = load_stage1_readout(built.classifier, stage1.classifier)
     if plan.frozen_trunk:
         frozen, fitted = frozen_split(built, plan.config.freeze_stages)
         return Network(built, fitted, frozen, trunk)
@@ -84,6 +88,38 @@ def initialise_trunk(built: Any, config: TrainConfig, trunk_file: Path | None = 
             layer.trainable = False
         done["layers_frozen"] = len(frozen)
     return done
+
+
+#: The layers of the read-out beside the capsule head (``ModelConfig.readout_weight``), and those
+#: of a stage-1 linear network (``head="linear"`` on a trunk with its head convolution) they copy.
+READOUT_LAYERS = {"readout_head_conv": "lite0_head_conv", "readout_head_bn": "lite0_head_bn",
+                  "readout_probs": "linear_probs"}
+
+
+def load_stage1_readout(classifier: Any, stage1_classifier: Path) -> dict[str, Any]:
+    """Copy a stage-1 run's linear head (its classifier file ``stage1_classifier``) into the
+    read-out of ``classifier`` and freeze it; returns where it came from, for ``metrics.json``.
+
+    Raises:
+        UsageError: the file is missing, or holds no linear head that fits the read-out.
+    """
+    import keras
+
+    from capsedge.model_guard import file_digest
+
+    if not stage1_classifier.is_file():
+        raise UsageError(f"no stage-1 classifier at {stage1_classifier} to take the read-out from")
+    source = keras.models.load_model(stage1_classifier, compile=False)
+    for ours, theirs in READOUT_LAYERS.items():
+        layer = classifier.get_layer(ours)
+        try:
+            weights = source.get_layer(theirs).get_weights()
+            layer.set_weights(weights)
+        except ValueError:
+            raise UsageError(f"{stage1_classifier} has no layer {theirs!r} that fits {ours!r}: the read-out "
+                             "copies a linear head on a trunk with its head convolution") from None
+        layer.trainable = False
+    return {"file": str(stage1_classifier), "sha256": file_digest(stage1_classifier)}
 
 
 def compile_network(model: Any, config: TrainConfig, counts: np.ndarray, steps: int) -> None:

@@ -55,10 +55,16 @@ class TrainingPlan:
 
         Raises:
             UsageError: an int8 trunk, an int8-aware trunk or sixteen training views are asked of
-                a model without a pretrained trunk.
+                a model without a pretrained trunk, or a stage-1 read-out of one without a
+                capsule head on a trunk with its head convolution.
         """
         if tuple(model.class_names) != tuple(classes):
             model = replace(model, class_names=tuple(classes), num_classes=len(classes))
+        if config.stage1_readout:
+            if model.head != "capsules" or not model.trunk_head_conv:
+                raise UsageError("--stage1-readout needs a capsule head on a trunk with its head "
+                                 f"convolution; {config.model} has none")
+            model = replace(model, readout_weight=config.stage1_readout)
         if model.trunk is not None and config.precomputes_frozen_maps:
             mode = FROZEN_TRUNK
         elif config.int8_trunk:

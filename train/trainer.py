@@ -33,7 +33,7 @@ from .figures import save_learning_curves_png
 from .metrics import classification_report, stratified_split
 from .plan import TrainingPlan, plan_training
 
-__all__ = ["Part", "TrainResult", "train"]
+__all__ = ["Part", "TrainResult", "evaluate_held_out", "holdout_split", "progress_bar", "save_run", "train"]
 
 
 
@@ -105,7 +105,7 @@ def train(
     dataset, plan = plan_training(data, config or TrainConfig())
     config = plan.config
     targets = dataset.targets
-    train_idx, held_idx = part.split if part else _holdout_split(targets, config)
+    train_idx, held_idx = part.split if part else holdout_split(targets, config)
     trunk_file = plan.stage1_trunk(part.name, held_idx) if part else None
     run = RunDir(Path(run_dir))
     _open_run(run, resume)
@@ -150,9 +150,9 @@ def train(
         **network.trunk,
     }
     if len(held_idx):
-        metrics |= _evaluate_held_out(network.built.classifier, images[held_idx], targets[held_idx],
+        metrics |= evaluate_held_out(network.built.classifier, images[held_idx], targets[held_idx],
                                       held_idx, dataset.classes, run)
-    _save_run(run, plan, network, dataset, metrics)
+    save_run(run, plan, network, dataset, metrics)
     return TrainResult(run.path, network.built.classifier, plan.preprocessing, dataset.classes, metrics)
 
 
@@ -178,7 +178,7 @@ def _open_run(run: RunDir, resume: bool) -> None:
     run.path.mkdir(parents=True, exist_ok=True)
 
 
-def _holdout_split(targets: np.ndarray, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(targets: np.ndarray, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     """(training, held-out) indices of a single run: a stratified ``config.holdout``, or none."""
     if config.holdout > 0:
         return stratified_split(targets, config.holdout, config.seed)
@@ -263,7 +263,7 @@ def _batches(plan: TrainingPlan, network: Any, images: np.ndarray, onehot: np.nd
                                     reconstruction_size=size)
 
 
-def _evaluate_held_out(classifier: Any, images: np.ndarray, targets: np.ndarray, indices: np.ndarray,
+def evaluate_held_out(classifier: Any, images: np.ndarray, targets: np.ndarray, indices: np.ndarray,
                        classes: tuple[str, ...], run: RunDir) -> dict[str, Any]:
     """Score the held-out images in one view and averaged over
     :data:`capsedge.views.VIEW_AVERAGES`, save their answers, indices and pictures in ``run``;
@@ -279,7 +279,7 @@ def _evaluate_held_out(classifier: Any, images: np.ndarray, targets: np.ndarray,
     return reports
 
 
-def _save_run(run: RunDir, plan: TrainingPlan, network: Any, dataset: Dataset,
+def save_run(run: RunDir, plan: TrainingPlan, network: Any, dataset: Dataset,
               metrics: dict[str, Any]) -> None:
     """Write the learning curves, the classifier (and the trunk and decoder it has), ``config.json``
     and, last, ``metrics.json`` (a run with metrics is complete)."""
