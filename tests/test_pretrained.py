@@ -536,6 +536,9 @@ def test_stage_two_starts_every_fold_from_its_own_stage_one_trunk_and_can_keep_i
     for part in ("fold-0", "fold-1", "final"):
         metrics = json.loads((tmp_path / "s2r" / part / "metrics.json").read_text())
         assert metrics["reused"]["run"] == str(tmp_path / "s2" / part)
+        before = json.loads((tmp_path / "s2" / part / "metrics.json").read_text())
+        assert metrics["parameters"] > before["parameters"]  # the read-out's convolution and dense layer
+        assert metrics["train_seconds"] == before["train_seconds"]  # the training is the reused run's
         assert metrics["readout_from"]["file"] == str(tmp_path / "s1" / part / "classifier.keras")
         config = json.loads((tmp_path / "s2r" / part / "config.json").read_text())
         assert config["model"]["readout_weight"] == 0.25

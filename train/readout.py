@@ -71,7 +71,8 @@ def reuse_trained(data: str | Path | Dataset, run_dir: str | Path, config: Train
         with progress_bar("reading images", progress) as bar:
             images = load_images(dataset, plan.preprocessing, progress=bar)
     metrics = {key: value for key, value in origin.read_metrics().items() if not key.startswith("holdout")}
-    metrics |= {"readout_from": network.trunk["readout_from"],
+    metrics |= {"parameters": int(network.built.classifier.count_params()),
+                "readout_from": network.trunk["readout_from"],
                 "reused": {"run": str(origin.path), "layers_copied": copied}}
     if len(held_idx):
         metrics |= evaluate_held_out(network.built.classifier, images[held_idx], targets[held_idx], held_idx,
