@@ -26,6 +26,8 @@ from capsedge.models.layers import (
 TRUNK_PREFIX = "lite0"
 #: Layer-name prefix of the linear read-out beside the capsule head (``readout_weight``).
 READOUT_PREFIX = "readout"
+#: The dense softmax layer of a linear head (``head="linear"``).
+LINEAR_HEAD = "linear_probs"
 
 
 @dataclass(frozen=True)
@@ -188,10 +190,10 @@ def _build_linear(image: Any, cfg: ModelConfig) -> BuiltModel:
     x = keras.layers.GlobalAveragePooling2D(name="pool")(_features(image, cfg)[0])
     if cfg.dropout:
         x = keras.layers.Dropout(cfg.dropout, name="dropout")(x)
-    probs = keras.layers.Dense(cfg.num_classes, activation="softmax", name="linear_probs")(x)
+    probs = keras.layers.Dense(cfg.num_classes, activation="softmax", name=LINEAR_HEAD)(x)
     classifier = keras.Model(image, probs, name=f"{cfg.name}_classifier")
     y_true = keras.Input((cfg.num_classes,), name="y_onehot")
-    trainer = keras.Model([image, y_true], {"linear_probs": probs}, name=f"{cfg.name}_trainer")
+    trainer = keras.Model([image, y_true], {LINEAR_HEAD: probs}, name=f"{cfg.name}_trainer")
     return BuiltModel(cfg, classifier, trainer, None, None)
 
 

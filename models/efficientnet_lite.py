@@ -319,15 +319,17 @@ def load_lite0_weights(
 
 
 
-def save_trunk_weights(model: keras.Model, path: str | Path, name: str = "lite0") -> int:
-    """Write the weights of every ``{name}_*`` layer of ``model`` to ``path`` (``.npz``, float16).
+def save_trunk_weights(model: keras.Model, path: str | Path, name: str = "lite0",
+                       also: tuple[str, ...] = ()) -> int:
+    """Write the weights of every ``{name}_*`` layer of ``model``, and of the layers named in
+    ``also`` (e.g. a linear head that a later stage keeps), to ``path`` (``.npz``, float16).
 
     This is how a trained trunk travels to the next stage of a recipe (``--init run:PATH``):
     float16 halves the file (6.8 MB for Lite0) and rounds each weight by at most 2**-11 of
     itself. Keys are ``"{layer}/{i}"``. Returns the number of layers written.
     """
     arrays = {f"{layer.name}/{i}": np.asarray(w, dtype=np.float16)
-              for layer in _walk(model) if layer.name.startswith(f"{name}_")
+              for layer in _walk(model) if layer.name.startswith(f"{name}_") or layer.name in also
               for i, w in enumerate(layer.get_weights())}
     if not arrays:
         raise WeightsError(f"the model has no layer named {name}_* with weights")

@@ -515,8 +515,9 @@ def test_stage_two_starts_every_fold_from_its_own_stage_one_trunk_and_can_keep_i
         assert metrics["layers_loaded"] == 98  # 96 and the head convolution with its batch norm
         with np.load(tmp_path / "s1" / part / "trunk.npz") as before, \
                 np.load(tmp_path / "s2" / part / "trunk.npz") as after:
-            assert sorted(before.files) == sorted(after.files)
-            for key in before.files:  # the seven stages stayed frozen (the head convolution trains)
+            head = ["linear_probs/0", "linear_probs/1"]  # stage 1's head goes with its trunk
+            assert sorted(before.files) == sorted([*after.files, *head])
+            for key in after.files:  # the seven stages stayed frozen (the head convolution trains)
                 if not key.startswith("lite0_head_"):
                     np.testing.assert_array_equal(before[key], after[key])
             assert not np.array_equal(before["lite0_head_conv/0"], after["lite0_head_conv/0"])
@@ -539,7 +540,7 @@ def test_stage_two_starts_every_fold_from_its_own_stage_one_trunk_and_can_keep_i
         before = json.loads((tmp_path / "s2" / part / "metrics.json").read_text())
         assert metrics["parameters"] > before["parameters"]  # the read-out's convolution and dense layer
         assert metrics["train_seconds"] == before["train_seconds"]  # the training is the reused run's
-        assert metrics["readout_from"]["file"] == str(tmp_path / "s1" / part / "classifier.keras")
+        assert metrics["readout_from"]["file"] == str(tmp_path / "s1" / part / "trunk.npz")  # with the head
         config = json.loads((tmp_path / "s2r" / part / "config.json").read_text())
         assert config["model"]["readout_weight"] == 0.25
         capsules, linear, both = (keras.models.load_model(tmp_path / run / part / "classifier.keras")
@@ -554,10 +555,10 @@ def test_stage_two_starts_every_fold_from_its_own_stage_one_trunk_and_can_keep_i
     cross_validate(tiny_data, tmp_path / "s2t", with_readout, folds=2, progress=False, parts=[0])
     trained = keras.models.load_model(tmp_path / "s2t" / "fold-0" / "classifier.keras")
     source = keras.models.load_model(tmp_path / "s1" / "fold-0" / "classifier.keras")
-    for ours, theirs in (("readout_probs", "linear_probs"), ("readout_head_bn", "lite0_head_bn")):
-        for got, want in zip(trained.get_layer(ours).get_weights(), source.get_layer(theirs).get_weights(),
-                             strict=True):
-            np.testing.assert_array_equal(got, want)
+    with np.load(tmp_path / "s1" / "fold-0" / "trunk.npz") as stored:
+        for ours, theirs in (("readout_probs", "linear_probs"), ("readout_head_bn", "lite0_head_bn")):
+            for i, got in enumerate(trained.get_layer(ours).get_weights()):
+                np.testing.assert_array_equal(got, stored[f"{theirs}/{i}"].astype(np.float32))
 
     with pytest.raises(UsageError, match="another recipe .*epochs 1 vs 2"):
         reuse_trained(tiny_data, tmp_path / "other", dataclasses.replace(with_readout, epochs=2),
@@ -570,6 +571,24 @@ def test_stage_two_starts_every_fold_from_its_own_stage_one_trunk_and_can_keep_i
     with pytest.raises(UsageError, match="capsule head on a trunk with its head convolution"):
         cross_validate(tiny_data, tmp_path / "no", dataclasses.replace(with_readout, model=TINY.name),
                        folds=2, progress=False)
+
+    # A stage 1 whose trunk.npz lacks the head (written before 0.7): its classifier.keras, else an error.
+    from capsedge.train.network import load_stage1_readout
+    from capsedge.workshop.run import RunDir
+
+    model = build_model(dataclasses.replace(TINY_H, readout_weight=0.5)).classifier
+    fold0 = RunDir(tmp_path / "s1" / "fold-0")
+    with np.load(fold0.trunk) as stored:
+        trunk_only = {key: stored[key] for key in stored.files if not key.startswith("linear_probs/")}
+    with open(fold0.trunk, "wb") as handle:
+        np.savez(handle, **trunk_only)
+    assert load_stage1_readout(model, fold0)["file"] == str(fold0.classifier)
+    wanted = source.get_layer("linear_probs").get_weights()
+    for got, want in zip(model.get_layer("readout_probs").get_weights(), wanted, strict=True):
+        np.testing.assert_array_equal(got, want)  # float32, as the classifier file holds it
+    fold0.classifier.unlink()
+    with pytest.raises(UsageError, match="holds no linear head"):
+        load_stage1_readout(model, fold0)
 
 
 def test_trunk_weights_round_trip_in_float16(tmp_path: Path) -> None:

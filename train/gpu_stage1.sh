@@ -8,7 +8,8 @@
 # Writes OUT/stage1/, a cross-validation run folder: stage 2 starts from it with
 # `capsedge train --init run:OUT/stage1 ...` (fold K from fold-K/trunk.npz, the final run from
 # final/trunk.npz). For machines whose files travel back in few, small files, OUT/pack/ holds one
-# tar per part (its run folder without classifier.keras: trunk.npz in float16, metrics, held-out
+# tar per part (its run folder without classifier.keras: trunk.npz in float16 with the linear head
+# that --stage1-readout keeps, metrics, held-out
 # answers; about 6.5 MB at 512 px) and stage1-summary.tar.gz (summary, settings, logs,
 # provenance.json: the command, commit, machine and versions). Unpack them all into one folder:
 #   for t in pack/*.tar.gz; do tar xzf "$t" -C runs/stage1; done

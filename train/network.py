@@ -47,7 +47,7 @@ def build_network(plan: TrainingPlan, trunk_file: Path | None = None) -> Network
     trunk = initialise_trunk(built, plan.config, trunk_file)
     if plan.model.readout_weight:
         stage1 = RunDir((trunk_file or stage1_trunk_file(plan.config.init_run)).parent)
-        trunk["readout_from"] = load_stage1_readout(built.classifier, stage1.classifier)
+        trunk["readout_from"] = load_stage1_readout(built.classifier, stage1)
     if plan.frozen_trunk:
         frozen, fitted = frozen_split(built, plan.config.freeze_stages)
         return Network(built, fitted, frozen, trunk)
@@ -96,30 +96,52 @@ READOUT_LAYERS = {"readout_head_conv": "lite0_head_conv", "readout_head_bn": "li
                   "readout_probs": "linear_probs"}
 
 
-def load_stage1_readout(classifier: Any, stage1_classifier: Path) -> dict[str, Any]:
-    """Copy a stage-1 run's linear head (its classifier file ``stage1_classifier``) into the
-    read-out of ``classifier`` and freeze it; returns where it came from, for ``metrics.json``.
+def load_stage1_readout(classifier: Any, stage1: RunDir) -> dict[str, Any]:
+    """Copy the linear head of the stage-1 run ``stage1`` into the read-out of ``classifier`` and
+    freeze it; returns where it came from, for ``metrics.json``. The head is read from the run's
+    ``trunk.npz`` (float16, which holds it since 0.7), else from its ``classifier.keras``.
 
     Raises:
-        UsageError: the file is missing, or holds no linear head that fits the read-out.
+        UsageError: neither file holds a linear head that fits the read-out.
     """
-    import keras
-
     from capsedge.model_guard import file_digest
 
-    if not stage1_classifier.is_file():
-        raise UsageError(f"no stage-1 classifier at {stage1_classifier} to take the read-out from")
-    source = keras.models.load_model(stage1_classifier, compile=False)
+    source = stage1.trunk
+    weights = _stored_layers(source, READOUT_LAYERS.values()) if source.is_file() else None
+    if weights is None and stage1.classifier.is_file():
+        import keras
+
+        source = stage1.classifier
+        model = keras.models.load_model(source, compile=False)
+        try:
+            weights = {name: model.get_layer(name).get_weights() for name in READOUT_LAYERS.values()}
+        except ValueError:
+            weights = None
+    if weights is None:
+        raise UsageError(f"{stage1.path} holds no linear head to take the read-out from (neither its "
+                         f"{RunDir.TRUNK} nor its {RunDir.CLASSIFIER}; a stage 1 run by train/gpu_stage1.sh "
+                         "before 0.7 kept the trunk only)")
     for ours, theirs in READOUT_LAYERS.items():
         layer = classifier.get_layer(ours)
         try:
-            weights = source.get_layer(theirs).get_weights()
-            layer.set_weights(weights)
+            layer.set_weights([np.asarray(w, dtype=np.float32) for w in weights[theirs]])
         except ValueError:
-            raise UsageError(f"{stage1_classifier} has no layer {theirs!r} that fits {ours!r}: the read-out "
-                             "copies a linear head on a trunk with its head convolution") from None
+            raise UsageError(f"{source}: the layer {theirs!r} does not fit {ours!r}") from None
         layer.trainable = False
-    return {"file": str(stage1_classifier), "sha256": file_digest(stage1_classifier)}
+    return {"file": str(source), "sha256": file_digest(source)}
+
+
+def _stored_layers(path: Path, names: Any) -> dict[str, list[np.ndarray]] | None:
+    """The weights of the layers ``names`` in a ``trunk.npz`` file (keys ``"{layer}/{i}"``), or
+    ``None`` if one is missing."""
+    layers: dict[str, list[np.ndarray]] = {}
+    with np.load(path, allow_pickle=False) as stored:
+        for name in names:
+            count = sum(1 for key in stored.files if key.rsplit("/", 1)[0] == name)
+            if not count:
+                return None
+            layers[name] = [stored[f"{name}/{i}"] for i in range(count)]
+    return layers
 
 
 def compile_network(model: Any, config: TrainConfig, counts: np.ndarray, steps: int) -> None:

@@ -287,10 +287,13 @@ def save_run(run: RunDir, plan: TrainingPlan, network: Any, dataset: Dataset,
     save_learning_curves_png(read_history(run.history), run.learning_curves)
     built.classifier.save(run.classifier)
     if plan.model.trunk is not None:  # what a later stage starts from (init="run:PATH")
-        from capsedge.models.build import TRUNK_PREFIX
+        from capsedge.models.build import LINEAR_HEAD, TRUNK_PREFIX
         from capsedge.models.efficientnet_lite import save_trunk_weights
 
-        save_trunk_weights(built.classifier, run.trunk, name=TRUNK_PREFIX)
+        # A linear head goes with its trunk: a stage 2 may keep it (--stage1-readout), and a GPU
+        # machine's run travels back without classifier.keras (train/gpu_stage1.sh).
+        head = (LINEAR_HEAD,) if plan.model.head == "linear" else ()
+        save_trunk_weights(built.classifier, run.trunk, name=TRUNK_PREFIX, also=head)
     if built.decoder is not None:
         built.decoder.save(run.decoder)
     run.write_config({
