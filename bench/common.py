@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from capsedge.workshop.run import RunDir
 
 #: Environment variables naming the data folders when ``--data`` (``--mnist``) is not given.
@@ -110,3 +112,28 @@ def finished_folds(cv: Path, numbers: str | None = None) -> list[RunDir]:
     if not finished:
         raise SystemExit(f"{cv}: no finished fold")
     return finished
+
+
+def add_stored_answer_options(parser: argparse.ArgumentParser) -> None:
+    """``--views`` and ``--format``: which of a cross-validation's stored answers a script reads
+    (see :func:`averaged_answers`)."""
+    from capsedge.views import VIEW_COUNTS
+
+    parser.add_argument("--views", type=int, default=16, choices=VIEW_COUNTS,
+                        help="test-time views averaged (default 16)")
+    parser.add_argument("--format", choices=("float", "int8"), default="float",
+                        help="the float models' answers or the int8 files' (default float)")
+
+
+def averaged_answers(fold: RunDir, views: int, fmt: str | None) -> np.ndarray:
+    """A fold's stored held-out answers (the float model's, or with ``fmt`` those ``capsedge export
+    --score-folds`` saved) averaged over their first ``views`` test-time views; exits with a
+    message when they are missing or hold fewer views."""
+    from capsedge.workshop.run import average_views
+
+    if not fold.views_file(fmt).is_file():
+        raise SystemExit(f"{fold.path}: no {fold.views_file(fmt).name} (score the folds first)")
+    stored = fold.read_views(fmt)
+    if stored.shape[1] < views:
+        raise SystemExit(f"{fold.path}: {stored.shape[1]} views stored, {views} asked for")
+    return average_views(stored, views)

@@ -19,8 +19,6 @@ from pathlib import Path
 import common
 import numpy as np
 
-from capsedge.views import VIEW_COUNTS
-
 #: The weights ``w`` of the second folder scored, and the grid a fold's ``w`` is chosen from.
 WEIGHTS = tuple(round(float(w), 2) for w in np.linspace(0.0, 1.0, 11))
 #: A fold's answers: the first folder's probabilities, the second's, and the true classes.
@@ -52,23 +50,13 @@ def nested_accuracy(folds: list[Fold]) -> tuple[float, list[float]]:
 
 def read_folds(first: Path, second: Path, targets: np.ndarray, views: int, fmt: str | None) -> list[Fold]:
     """Each fold's averaged answers in both folders; the folds must hold the same images."""
-    from capsedge.workshop.run import average_views
-
     folds = []
-    pairs = zip(common.finished_folds(first), common.finished_folds(second), strict=False)
-    for a, b in pairs:
-        answers = []
-        for fold in (a, b):
-            if not fold.views_file(fmt).is_file():
-                raise SystemExit(f"{fold.path}: no {fold.views_file(fmt).name} (score the folds first)")
-            stored = fold.read_views(fmt)
-            if stored.shape[1] < views:
-                raise SystemExit(f"{fold.path}: {stored.shape[1]} views stored, {views} asked for")
-            answers.append(average_views(stored, views))
+    for a, b in zip(common.finished_folds(first), common.finished_folds(second), strict=False):
         held = a.read_holdout_indices()
         if a.path.name != b.path.name or not np.array_equal(held, b.read_holdout_indices()):
             raise SystemExit(f"{a.path} and {b.path} hold out different images")
-        folds.append((answers[0], answers[1], targets[held]))
+        folds.append((common.averaged_answers(a, views, fmt), common.averaged_answers(b, views, fmt),
+                      targets[held]))
     if not folds:
         raise SystemExit(f"no finished folds common to {first} and {second}")
     return folds
@@ -78,10 +66,7 @@ def main() -> None:
     parser = common.parser(__doc__)
     parser.add_argument("--cv", type=Path, action="append", required=True,
                         help="a capsedge train --folds K folder (exactly two)")
-    parser.add_argument("--views", type=int, default=16, choices=VIEW_COUNTS,
-                        help="test-time views averaged (default 16)")
-    parser.add_argument("--format", choices=("float", "int8"), default="float",
-                        help="the float models' answers or the int8 files' (default float)")
+    common.add_stored_answer_options(parser)
     args = parser.parse_args()
     if len(args.cv) != 2:
         parser.error("give --cv exactly twice: the first folder and the second")

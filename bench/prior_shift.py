@@ -21,7 +21,6 @@ import common
 import numpy as np
 
 from capsedge.trust import MIN_PROBABILITY
-from capsedge.views import VIEW_COUNTS
 
 #: The ``tau`` values scored, and the grid a fold's ``tau`` is chosen from on the other folds.
 TAUS = tuple(round(float(t), 2) for t in np.linspace(0.0, 1.0, 21))
@@ -53,17 +52,9 @@ def score(cv: Path, targets: np.ndarray, prior: np.ndarray, classes: tuple[str, 
           fmt: str | None) -> dict:
     """The figures of one cross-validation folder."""
     from capsedge.train.metrics import classification_report
-    from capsedge.workshop.run import average_views
 
-    folds = []
-    for fold in common.finished_folds(cv):
-        if not fold.views_file(fmt).is_file():
-            raise SystemExit(f"{fold.path}: no {fold.views_file(fmt).name} (score the folds first)")
-        stored = fold.read_views(fmt)
-        if stored.shape[1] < views:
-            raise SystemExit(f"{fold.path}: {stored.shape[1]} views stored, {views} asked for")
-        held = fold.read_holdout_indices()
-        folds.append((average_views(stored, views), targets[held]))
+    folds = [(common.averaged_answers(fold, views, fmt), targets[fold.read_holdout_indices()])
+             for fold in common.finished_folds(cv)]
     probabilities = np.concatenate([p for p, _ in folds])
     truth = np.concatenate([t for _, t in folds])
     rows = {}
@@ -80,10 +71,7 @@ def main() -> None:
     parser = common.parser(__doc__)
     parser.add_argument("--cv", type=Path, action="append", required=True,
                         help="a capsedge train --folds K folder (repeat to compare)")
-    parser.add_argument("--views", type=int, default=16, choices=VIEW_COUNTS,
-                        help="test-time views averaged (default 16)")
-    parser.add_argument("--format", choices=("float", "int8"), default="float",
-                        help="the float models' answers or the int8 files' (default float)")
+    common.add_stored_answer_options(parser)
     args = parser.parse_args()
 
     from capsedge.workshop.dataset import read_dataset

@@ -210,16 +210,29 @@ def rebuild_classifier(classifier: keras.Model, cfg: ModelConfig, tolerance: flo
             outputs differ by more than ``tolerance`` on random images.
     """
     rebuilt = build_model(cfg).classifier
-    for layer in rebuilt.layers:
-        if not layer.weights:
-            continue
-        try:
-            source = classifier.get_layer(layer.name)
-        except ValueError:
-            raise ValueError(f"the saved model has no layer {layer.name!r}") from None
-        layer.set_weights(source.get_weights())
+    copy_weights(classifier, rebuilt)
     images = np.random.default_rng(0).random((4, *cfg.input_shape), dtype=np.float32)
     difference = float(np.max(np.abs(np.asarray(classifier(images)) - np.asarray(rebuilt(images)))))
     if difference > tolerance:
         raise ValueError(f"the rebuilt model's outputs differ from the saved model's by {difference:.3g}")
     return rebuilt
+
+
+def copy_weights(source: keras.Model, target: keras.Model, skip_prefix: str | None = None) -> int:
+    """Set every layer of ``target`` that has weights, but those whose name starts with
+    ``skip_prefix``, from ``source``'s layer of the same name; returns how many.
+
+    Raises:
+        ValueError: ``source`` lacks such a layer, or its weights do not fit.
+    """
+    copied = 0
+    for layer in target.layers:
+        if not layer.weights or (skip_prefix is not None and layer.name.startswith(skip_prefix)):
+            continue
+        try:
+            origin = source.get_layer(layer.name)
+        except ValueError:
+            raise ValueError(f"the saved model has no layer {layer.name!r}") from None
+        layer.set_weights(origin.get_weights())
+        copied += 1
+    return copied

@@ -19,6 +19,7 @@ import keras  # noqa: E402
 
 from capsedge import Classifier  # noqa: E402
 from capsedge.models import (  # noqa: E402
+    ModelConfig,
     ModelConfigError,
     build_model,
     get_model_config,
@@ -39,25 +40,20 @@ from capsedge.train.frozen import (  # noqa: E402
 )
 from capsedge.train.trainer import train  # noqa: E402
 
-# A 64x64 member of the family: the whole trunk (a 2x2 map), 16 primary capsules, decoder at 32.
-TINY = dataclasses.replace(
-    get_model_config("effcaps_ncp_lite0_224"), name="test_lite0_64", input_shape=(64, 64, 1),
-    class_names=("Depuy", "Zimmer"), num_classes=2, primary_kernel=2, reconstruction_size=32,
-)
-TINY_LINEAR = dataclasses.replace(
-    get_model_config("lite0_linear_224"), name="test_linear_64", input_shape=(64, 64, 1),
-    class_names=("Depuy", "Zimmer"), num_classes=2,
-)
 
+def tiny(name: str, family: str, **capsules: int) -> ModelConfig:
+    """``family``'s network at 64x64 (the whole trunk gives a 2x2 map) for two classes."""
+    return dataclasses.replace(get_model_config(family), name=name, input_shape=(64, 64, 1),
+                               class_names=("Depuy", "Zimmer"), num_classes=2, **capsules)
+
+
+# 16 primary capsules over the 2x2 map, decoder at 32.
+CAPSULES = {"primary_kernel": 2, "reconstruction_size": 32}
+TINY = tiny("test_lite0_64", "effcaps_ncp_lite0_224", **CAPSULES)
+TINY_LINEAR = tiny("test_linear_64", "lite0_linear_224")
 # The same on the trunk that keeps its head convolution (``lite0h``), as the two-stage recipe.
-TINY_H = dataclasses.replace(
-    get_model_config("effcaps_ncp_lite0h_512"), name="test_lite0h_64", input_shape=(64, 64, 1),
-    class_names=("Depuy", "Zimmer"), num_classes=2, primary_kernel=2, reconstruction_size=32,
-)
-TINY_LINEAR_H = dataclasses.replace(
-    get_model_config("lite0h_linear_512"), name="test_linear_h_64", input_shape=(64, 64, 1),
-    class_names=("Depuy", "Zimmer"), num_classes=2,
-)
+TINY_H = tiny("test_lite0h_64", "effcaps_ncp_lite0h_512", **CAPSULES)
+TINY_LINEAR_H = tiny("test_linear_h_64", "lite0h_linear_512")
 
 
 @pytest.fixture

@@ -189,6 +189,12 @@ def options() -> list[tuple[str, Option, Any]]:
     return [(f.name, f.metadata["option"], f.default) for f in fields(TrainConfig)]
 
 
+def with_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
+    """The training settings a run recorded, each one it lacks (a setting added after the run was
+    written) at its default, which is what that run trained with."""
+    return {**{name: default for name, _, default in options()}, **recorded}
+
+
 def _check_range(name: str, value: Any, kind: click.IntRange | click.FloatRange) -> None:
     """Refuse ``value`` of setting ``name`` outside ``kind``'s range, or not an integer for an
     integer range."""

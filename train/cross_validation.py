@@ -15,9 +15,9 @@ import numpy as np
 from capsedge.errors import UsageError
 from capsedge.views import VIEW_AVERAGES
 from capsedge.workshop.dataset import Dataset, load_images
-from capsedge.workshop.run import CrossValidation
+from capsedge.workshop.run import CrossValidation, RunDir
 
-from .config import TrainConfig, options
+from .config import TrainConfig, with_defaults
 from .evaluation import save_evaluation_pngs
 from .metrics import classification_report, stratified_folds
 from .plan import TrainingPlan, plan_training
@@ -68,6 +68,17 @@ def cross_validate(
         images = load_images(dataset, plan.preprocessing, progress=bar)
     maps = _shared_frozen_maps(plan, images, progress)
     targets = dataset.targets
+
+    def make(part: Part, run: RunDir, settings: TrainConfig) -> None:
+        """Train ``part`` into ``run`` (resuming its backup), or with ``reuse`` make it from that
+        folder's same part."""
+        if reuse is not None:
+            reuse_trained(dataset, run.path, settings, CrossValidation(Path(reuse)).part(part.name).path,
+                          progress=progress, part=part)
+        else:
+            train(dataset, run.path, settings, resume=resume and run.backup.is_dir(), progress=progress,
+                  workers=workers, part=part)
+
     pooled_true, pooled_pred, per_fold = [], [], []
     for k, (train_idx, val_idx) in enumerate(stratified_folds(targets, folds, config.seed)):
         fold = cv.fold(k)
@@ -75,13 +86,7 @@ def cross_validate(
             if progress:
                 print(f"fold {k + 1}/{folds}: {len(train_idx)} training, {len(val_idx)} validation images",
                       file=sys.stderr)
-            here = Part(k, (train_idx, val_idx), images, maps)
-            if reuse is not None:
-                reuse_trained(dataset, fold.path, config, CrossValidation(Path(reuse)).fold(k).path,
-                              progress=progress, part=here)
-            else:
-                train(dataset, fold.path, config, resume=resume and fold.backup.is_dir(), progress=progress,
-                      workers=workers, part=here)
+            make(Part(k, (train_idx, val_idx), images, maps), fold, config)
         if not fold.is_finished():
             continue
         pooled_true.append(targets[val_idx])
@@ -90,14 +95,8 @@ def cross_validate(
     if cv.FINAL in wanted and not (resume and cv.final.is_finished()):
         if progress:
             print(f"final: all {len(targets)} images", file=sys.stderr)
-        everything = Part(CrossValidation.FINAL, (np.arange(len(targets)), np.array([], dtype=np.int64)),
-                          images, maps)
-        if reuse is not None:
-            reuse_trained(dataset, cv.final.path, replace(config, holdout=0.0),
-                          CrossValidation(Path(reuse)).final.path, progress=progress, part=everything)
-        else:
-            train(dataset, cv.final.path, replace(config, holdout=0.0), progress=progress,
-                  resume=resume and cv.final.backup.is_dir(), workers=workers, part=everything)
+        everything = (np.arange(len(targets)), np.array([], dtype=np.int64))
+        make(Part(CrossValidation.FINAL, everything, images, maps), cv.final, replace(config, holdout=0.0))
     if len(per_fold) < folds:
         return None
     pooled = classification_report(np.concatenate(pooled_true), np.concatenate(pooled_pred), dataset.classes)
@@ -121,10 +120,9 @@ def _check_parts(parts: Collection[int | str] | None, folds: int, final: bool) -
 
 
 def _with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` as read from a run, each training setting it lacks (one added after the run was
-    written) at its default, which is what that run trained with."""
-    defaults = {name: default for name, _, default in options()}
-    return {**settings, "train": {**defaults, **settings.get("train", {})}}
+    """A cross-validation's ``settings`` as read, its training settings completed by
+    :func:`~capsedge.train.config.with_defaults`."""
+    return {**settings, "train": with_defaults(settings.get("train", {}))}
 
 
 def _open_cross_validation(cv: CrossValidation, settings: dict[str, Any], resume: bool,

@@ -22,7 +22,7 @@ from capsedge.errors import UsageError
 from capsedge.workshop.dataset import Dataset, load_images
 from capsedge.workshop.run import RunDir
 
-from .config import TrainConfig, options
+from .config import TrainConfig, with_defaults
 from .plan import plan_training
 from .trainer import Part, TrainResult, evaluate_held_out, holdout_split, progress_bar, save_run
 
@@ -86,8 +86,7 @@ def reuse_trained(data: str | Path | Dataset, run_dir: str | Path, config: Train
 def check_same_recipe(origin: RunDir, config: TrainConfig) -> None:
     """Refuse a finished run whose training settings are not ``config``'s without the read-out
     (a setting it lacks, added since, counts at its default, which is what it trained with)."""
-    defaults = {name: default for name, _, default in options()}
-    recorded = {**defaults, **origin.read_config().get("train", {})}
+    recorded = with_defaults(origin.read_config().get("train", {}))
     wanted = asdict(replace(config, stage1_readout=0.0))
     differing = sorted(key for key in wanted if recorded.get(key) != wanted[key])
     if differing:
@@ -106,13 +105,18 @@ def copy_trained_weights(origin: RunDir, built: Any) -> int:
     """
     import keras
 
-    from capsedge.models.build import READOUT_PREFIX
+    from capsedge.models.build import READOUT_PREFIX, copy_weights
 
     classifier = keras.models.load_model(origin.classifier, compile=False)
-    copied = _copy_layers(classifier, built.classifier, origin.classifier)
+    pairs = [(classifier, built.classifier, origin.classifier)]
     if built.decoder is not None and origin.decoder.is_file():
-        copied += _copy_layers(keras.models.load_model(origin.decoder, compile=False), built.decoder,
-                               origin.decoder)
+        pairs.append((keras.models.load_model(origin.decoder, compile=False), built.decoder, origin.decoder))
+    copied = 0
+    for source, target, source_file in pairs:
+        try:
+            copied += copy_weights(source, target, skip_prefix=f"{READOUT_PREFIX}_")
+        except ValueError as exc:
+            raise UsageError(f"{source_file} does not fit this recipe's network ({exc})") from None
     head = built.classifier.get_layer(f"{READOUT_PREFIX}_fusion").input[0]
     without_readout = keras.Model(built.classifier.input, head)
     images = np.random.default_rng(0).random((2, *built.config.input_shape), dtype=np.float32)
@@ -120,22 +124,4 @@ def copy_trained_weights(origin: RunDir, built: Any) -> int:
     if difference > COPY_TOLERANCE:
         raise UsageError(f"the network built from {origin.path} answers otherwise than its classifier "
                          f"(by {difference:.3g}): another model configuration?")
-    return copied
-
-
-def _copy_layers(source: Any, target: Any, source_file: Path) -> int:
-    """Set every layer of ``target`` that has weights, but the read-out's, from ``source``'s layer
-    of the same name; returns how many."""
-    from capsedge.models.build import READOUT_PREFIX
-
-    copied = 0
-    for layer in target.layers:
-        if not layer.weights or layer.name.startswith(f"{READOUT_PREFIX}_"):
-            continue
-        try:
-            layer.set_weights(source.get_layer(layer.name).get_weights())
-        except ValueError:
-            raise UsageError(f"{source_file} has no layer {layer.name!r} that fits this recipe's "
-                             "network") from None
-        copied += 1
     return copied
