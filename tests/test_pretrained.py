@@ -557,6 +557,31 @@ def test_stage_two_starts_every_fold_from_its_own_stage_one_trunk_and_can_keep_i
             for i, got in enumerate(trained.get_layer(ours).get_weights()):
                 np.testing.assert_array_equal(got, stored[f"{theirs}/{i}"].astype(np.float32))
 
+    # --readout-run: the head of a linear network refitted on stage 1's frozen trunk instead.
+    refit = dataclasses.replace(stage1, freeze_stages=7, augment="dihedral", init=f"run:{tmp_path / 's1'}")
+    cross_validate(tiny_data, tmp_path / "s1h", refit, folds=2, final=True, progress=False)
+    from_refit = dataclasses.replace(with_readout, readout_run=str(tmp_path / "s1h"))
+    cross_validate(tiny_data, tmp_path / "s2h", from_refit, folds=2, progress=False, reuse=tmp_path / "s2",
+                   parts=[1])
+    assert json.loads((tmp_path / "s2h" / "fold-1" / "metrics.json").read_text())["readout_from"]["file"] == \
+        str(tmp_path / "s1h" / "fold-1" / "trunk.npz")
+    refitted, original, readout = (keras.models.load_model(tmp_path / run / "fold-1" / "classifier.keras")
+                                   for run in ("s1h", "s1", "s2h"))
+    for ours, theirs in (("readout_probs", "linear_probs"), ("readout_head_conv", "lite0_head_conv")):
+        for got, want in zip(readout.get_layer(ours).get_weights(), refitted.get_layer(theirs).get_weights(),
+                             strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-3)  # float16 in trunk.npz
+    assert not np.allclose(readout.get_layer("readout_probs").get_weights()[0],
+                           original.get_layer("linear_probs").get_weights()[0], atol=1e-3)
+    moved = dataclasses.replace(refit, freeze_stages=0)  # a head trained on a trunk that moved
+    cross_validate(tiny_data, tmp_path / "s1m", moved, folds=2, progress=False, parts=[1])
+    from_moved = dataclasses.replace(from_refit, readout_run=str(tmp_path / "s1m"))
+    with pytest.raises(UsageError, match="holds another trunk"):
+        cross_validate(tiny_data, tmp_path / "s2m", from_moved, folds=2, progress=False,
+                       reuse=tmp_path / "s2", parts=[1])
+    with pytest.raises(UsageError, match="give stage1_readout too"):
+        dataclasses.replace(stage2, readout_run=str(tmp_path / "s1h"))
+
     with pytest.raises(UsageError, match="another recipe .*epochs 1 vs 2"):
         reuse_trained(tiny_data, tmp_path / "other", dataclasses.replace(with_readout, epochs=2),
                       tmp_path / "s2" / "final")

@@ -89,7 +89,12 @@ class TrainConfig:
         stage1_readout: the share ``v`` of the stage-1 run's own linear head in the answer,
             ``(1 - v) * capsule + NCP head + v * read-out`` (``ModelConfig.readout_weight``): its
             head convolution, pooling and dense layer are copied from the same part of the
-            ``init="run:PATH"`` run and never train; 0: none. Needs ``init="run:PATH"``.
+            ``init="run:PATH"`` run (or of ``readout_run``) and never train; 0: none. Needs
+            ``init="run:PATH"``.
+        readout_run: with ``stage1_readout``, the run whose linear head the read-out copies, part
+            by part, instead of the ``init`` run: e.g. a linear head refitted on that run's frozen
+            trunk (``--model lite0h_linear_512 --freeze-stages 7 --init run:PATH``); its trunk
+            must be the ``init`` run's (see :meth:`capsedge.train.plan.TrainingPlan.readout_trunk`).
     """
 
     model: str = _setting("effcaps_ncp_lite0_512", "Model configuration name.")
@@ -143,6 +148,9 @@ class TrainConfig:
         0.0, "Share of the --init run:PATH run's own linear head in the answer, beside the capsule head: "
         "copied from the same part of that run, never trained (0: none).",
         click.FloatRange(0, 1, max_open=True))
+    readout_run: str = _setting(
+        "", "With --stage1-readout: the run whose linear head the read-out copies, part by part, instead "
+        "of the --init one (e.g. a linear head refitted on its frozen trunk; the same trunk).")
 
     @property
     def init_run(self) -> Path | None:
@@ -176,6 +184,9 @@ class TrainConfig:
         if self.stage1_readout and self.init_run is None:
             raise UsageError("stage1_readout needs init run:PATH, the stage-1 run whose linear head it "
                              "copies")
+        if self.readout_run and not self.stage1_readout:
+            raise UsageError("readout_run names where the stage-1 read-out comes from: give "
+                             "stage1_readout too")
         if self.training_views not in (DIHEDRAL_VIEWS, ALL_VIEWS):
             raise UsageError(f"training_views must be {DIHEDRAL_VIEWS} or {ALL_VIEWS}, "
                              f"got {self.training_views!r}")

@@ -36,18 +36,21 @@ class Network:
     trunk: dict[str, Any]
 
 
-def build_network(plan: TrainingPlan, trunk_file: Path | None = None) -> Network:
-    """Build ``plan``'s model, initialise its trunk (from ``trunk_file`` under ``init="run:PATH"``)
-    and, for a frozen-trunk plan, split it into the frozen trunk and the part above."""
+def build_network(plan: TrainingPlan, part: int | str | None = None,
+                  held_out: np.ndarray | None = None) -> Network:
+    """Build ``plan``'s model, initialise its trunk (under ``init="run:PATH"`` from that run's
+    part ``part``, which held out ``held_out``; see :meth:`TrainingPlan.stage1_trunk`), load its
+    stage-1 read-out, and for a frozen-trunk plan, split it into the frozen trunk and the part
+    above."""
     from capsedge.models import build_model
 
     from .frozen import frozen_split
 
     built = build_model(plan.model)
-    trunk = initialise_trunk(built, plan.config, trunk_file)
-    if plan.model.readout_weight:
-        stage1 = RunDir((trunk_file or stage1_trunk_file(plan.config.init_run)).parent)
-        trunk["readout_from"] = load_stage1_readout(built.classifier, stage1)
+    trunk = initialise_trunk(built, plan.config, plan.stage1_trunk(part, held_out))
+    readout = plan.readout_trunk(part, held_out)
+    if plan.model.readout_weight and readout is not None:
+        trunk["readout_from"] = load_stage1_readout(built.classifier, RunDir(readout.parent))
     if plan.frozen_trunk:
         frozen, fitted = frozen_split(built, plan.config.freeze_stages)
         return Network(built, fitted, frozen, trunk)

@@ -107,14 +107,45 @@ class TrainingPlan:
         """
         if self.stage1_run is None:
             return None
-        trunk_file = stage1_trunk_file(self.stage1_run, part)
-        if isinstance(part, int) and held_out is not None:
-            fold = RunDir(trunk_file.parent)
-            if not fold.holdout_indices.is_file() or not np.array_equal(np.sort(fold.read_holdout_indices()),
-                                                                          np.sort(held_out)):
-                raise UsageError(f"{trunk_file.parent} did not hold out fold {part}'s images: the stage-1 "
-                                 "run must be a cross-validation of the same data, folds and seed")
-        return trunk_file
+        return _same_part_trunk(self.stage1_run, part, held_out)
+
+    def readout_trunk(self, part: int | str | None = None, held_out: np.ndarray | None = None) -> Path | None:
+        """The ``trunk.npz`` whose run's linear head the stage-1 read-out copies (else ``None``):
+        that of :meth:`stage1_trunk`, or under ``readout_run`` the same part of that run, which
+        must have held out the same images and kept the same trunk (every weight but the head's).
+
+        Raises:
+            UsageError: as :meth:`stage1_trunk`, or the ``readout_run`` part has another trunk.
+        """
+        if not self.config.stage1_readout:
+            return None
+        stage1 = self.stage1_trunk(part, held_out)
+        if not self.config.readout_run:
+            return stage1
+        readout = _same_part_trunk(Path(self.config.readout_run), part, held_out)
+        with np.load(stage1) as ours, np.load(readout) as theirs:
+            trunk = [key for key in ours.files if not key.startswith(TRUNK_HEAD_PREFIXES)]
+            if any(key not in theirs.files or not np.array_equal(ours[key], theirs[key]) for key in trunk):
+                raise UsageError(f"{readout} holds another trunk than {stage1}: its linear head was not "
+                                 "trained on the trunk the read-out reads")
+        return readout
+
+
+#: The layers of a stage-1 ``trunk.npz`` that a head refitted on its frozen trunk trains again.
+TRUNK_HEAD_PREFIXES = ("lite0_head_", "linear_probs/")
+
+
+def _same_part_trunk(run: Path, part: int | str | None, held_out: np.ndarray | None) -> Path:
+    """``run``'s trunk of ``part`` (see :func:`stage1_trunk_file`); a fold's must have held out
+    ``held_out``."""
+    trunk_file = stage1_trunk_file(run, part)
+    if isinstance(part, int) and held_out is not None:
+        fold = RunDir(trunk_file.parent)
+        if not fold.holdout_indices.is_file() or not np.array_equal(np.sort(fold.read_holdout_indices()),
+                                                                      np.sort(held_out)):
+            raise UsageError(f"{trunk_file.parent} did not hold out fold {part}'s images: the stage-1 "
+                             "run must be a cross-validation of the same data, folds and seed")
+    return trunk_file
 
 
 def plan_training(data: str | Path | Dataset, config: TrainConfig) -> tuple[Dataset, TrainingPlan]:

@@ -62,8 +62,7 @@ def reuse_trained(data: str | Path | Dataset, run_dir: str | Path, config: Train
 
     from .network import build_network
 
-    trunk_file = plan.stage1_trunk(part.name, held_idx) if part else None
-    network = build_network(plan, trunk_file)
+    network = build_network(plan, part.name if part else None, held_idx)
     copied = copy_trained_weights(origin, network.built)
     if part:
         images = part.images
@@ -87,7 +86,7 @@ def check_same_recipe(origin: RunDir, config: TrainConfig) -> None:
     """Refuse a finished run whose training settings are not ``config``'s without the read-out
     (a setting it lacks, added since, counts at its default, which is what it trained with)."""
     recorded = with_defaults(origin.read_config().get("train", {}))
-    wanted = asdict(replace(config, stage1_readout=0.0))
+    wanted = asdict(replace(config, stage1_readout=0.0, readout_run=""))
     differing = sorted(key for key in wanted if recorded.get(key) != wanted[key])
     if differing:
         shown = ", ".join(f"{key} {recorded.get(key)!r} vs {wanted[key]!r}" for key in differing)

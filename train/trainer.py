@@ -106,7 +106,6 @@ def train(
     config = plan.config
     targets = dataset.targets
     train_idx, held_idx = part.split if part else holdout_split(targets, config)
-    trunk_file = plan.stage1_trunk(part.name, held_idx) if part else None
     run = RunDir(Path(run_dir))
     _open_run(run, resume)
     keras.utils.set_random_seed(config.seed)
@@ -122,7 +121,7 @@ def train(
 
     strategy = distribution(devices)
     with strategy.scope() if strategy else contextlib.nullcontext():
-        network = build_network(plan, trunk_file)
+        network = build_network(plan, part.name if part else None, held_idx)
         if config.int8_aware_trunk:
             network.trunk["int8_aware"] = _int8_aware_trunk(plan, network, images, train_idx, run, progress)
         maps, int8_maps = _frozen_maps(plan, network, images, train_idx, part, progress)
