@@ -443,7 +443,7 @@ def check_export_with_trust(cv: Path, data: Path, out: Path) -> None:
     written = export(cv / "final", out, options).files
     classifier = Classifier.load(written["tflite-f32"])
     trust = classifier.metadata.trust
-    assert classifier.backend.num_outputs == 2 + 112 and trust.outliers.feature_dim == 112
+    assert classifier.backend.num_outputs == 2 + 192 and trust.outliers.feature_dim == 192
     assert trust.provenance["out_of_fold_images"] == 12
     assert classifier.test_time_views == 4 and trust.provenance["test_time_views"] == 4
     tensor = preprocess(data / "Depuy.0.png", classifier.metadata.preprocessing)
@@ -471,7 +471,7 @@ def check_int8_features(float_file: Classifier, int8_file: Classifier, images: l
     from capsedge.preprocess import preprocess
 
     outliers = int8_file.metadata.trust.outliers
-    assert int8_file.backend.num_outputs == 2 + 112 and outliers.feature_dim == 112
+    assert int8_file.backend.num_outputs == 2 + 192 and outliers.feature_dim == 192
     assert "own features" in int8_file.metadata.trust.provenance["outlier_statistics"]
     tensors = np.array([preprocess(path, float_file.metadata.preprocessing) for path in images])
     exact = np.array([float_file.backend.run(t[np.newaxis])[2:] for t in tensors])

@@ -89,6 +89,18 @@ def test_outlier_model_flags_far_points_and_few_inliers() -> None:
     assert fit.outlier_false_alarms(train) < 0.03
 
 
+def test_outlier_model_of_few_images_keeps_fewer_axes_than_images() -> None:
+    """Twelve images span eleven centred axes: of twenty asked, ten are kept, each with a variance
+    (a null axis would divide distances by nothing), and a residual variance is left."""
+    rng = np.random.default_rng(2)
+    train = rng.normal(size=(13, 30))
+    model = fit.fit_outliers(train[:12], components=20)
+    assert len(model.variances) == 10
+    assert model.variances.min() > 0.1 and model.residual_variance > 0.1
+    assert np.isfinite(model.distance(train[12:])).all()
+    assert fit.fit_outliers(train, components=5).variances.shape == (5,)
+
+
 def test_unit_range_features_keep_every_distance_and_fit_an_int8_step() -> None:
     """Int8 files output the features mapped onto [0, 1]: the statistics that go with them give the
     same distances, and the training features land well inside the range of one int8 scale."""
