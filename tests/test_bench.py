@@ -156,6 +156,21 @@ def test_head_average_chooses_each_folds_weight_on_the_other_folds(monkeypatch: 
     assert weights == [0.4, 0.4, 0.5] and accuracy == 6 / 7
 
 
+def test_outlier_choice_fits_each_folds_statistics_without_its_held_out_images(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fold whose held-out images are far from its training images flags them all; were they
+    in the fit, the 99th percentile would cover some. The folds' counts are pooled."""
+    bench = bench_script("outlier_choice", monkeypatch)
+    rng = np.random.default_rng(0)
+    near = rng.normal(size=(300, 3)) @ rng.normal(size=(3, 30)) + 0.1 * rng.normal(size=(300, 30))
+    far = np.concatenate([near[:250], near[250:] + 3.0])
+    held = np.arange(250, 300)
+    assert bench.held_out_flagged([(far, held)], components=3) == 1.0
+    assert (alone := bench.held_out_flagged([(near, held)], components=3)) < 0.1
+    assert bench.held_out_flagged([(far, held), (near, held)], components=3) == pytest.approx((1 + alone) / 2)
+    assert bench.flagged_share(near, far[250:], components=3) == 1.0
+
+
 def test_heldout_int8_reads_the_saved_int8_answers_and_means_the_folds(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``saved``, a fold's int8 answers come from the file the export's scoring saved (no
