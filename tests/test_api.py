@@ -24,11 +24,11 @@ def classifier() -> Classifier:
 def test_bundled_model_metadata(classifier: Classifier) -> None:
     metadata = read_metadata(default_model_path())
     assert classifier.labels == ("Cofield", "Depuy", "Tornier", "Zimmer")
-    assert metadata.name == "effcaps_ncp_lite0_512"
+    assert metadata.name == "effcaps_ncp_lite0h_512"
     assert metadata.preprocessing.input_shape == (512, 512, 1)
     assert "CC BY 4.0" in metadata.provenance["attribution"]
     assert metadata.provenance["metrics"]["pretrained"]["licence"] == "Apache-2.0"
-    assert metadata.provenance["metrics"]["init"] == "imagenet"
+    assert metadata.provenance["metrics"]["init"] == "run:runs/stage1-h"
     assert metadata.provenance["cross_validation"]["folds"] == 5
     assert metadata.provenance["format"] == "tflite-int8"  # full integer; see README, "The bundled model"
     assert default_model_path().stat().st_size <= 6 * 1024 * 1024

@@ -20,7 +20,7 @@ from conftest import bench_script
 
 def test_benchmark_measures_the_bundled_model() -> None:
     result = benchmark(None, runs=20, warmup=2)
-    assert result.backend == "litert" and result.threads == 1 and result.runs == 20 and result.views == 4
+    assert result.backend == "litert" and result.threads == 1 and result.runs == 20 and result.views == 16
     assert 0 < result.median_ms <= result.p90_ms <= result.p99_ms
     assert result.throughput > 0 and result.load_ms > 0 and result.preprocess_ms > 0
     assert 10 < result.peak_rss_mb < 4096

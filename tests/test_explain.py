@@ -90,14 +90,14 @@ def test_explain_command_on_the_bundled_model(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert record["grid"] == 3 and np.asarray(record["heat"]).shape == (3, 3)
-    assert record["inferences"] == 4 + 1 + 9  # the bundled model's 4 views, the image as given, 9 squares
+    assert record["inferences"] == 16 + 1 + 9  # the bundled model's 16 views, the image as given, 9 squares
     assert record["label"] in ("Cofield", "Depuy", "Tornier", "Zimmer")
     with Image.open(out) as overlay:
         assert overlay.format == "PNG" and overlay.width > overlay.height  # 120 wide, 90 high
     # The generated picture is no X-ray: explain carries classify's flags.
     assert record["out_of_distribution"] is True and record["answer"] is None
     assert record["ood_reason"].startswith("not like") and record["uncertain"] in (True, False)
-    assert record["model_version"] == "effcaps_ncp_lite0_512-0.6.0" and record["threshold"] > 0.5
+    assert record["model_version"] == "effcaps_ncp_lite0h_512-0.7.0" and record["threshold"] > 0.5
     text = CliRunner().invoke(main, ["explain", str(image), "--out", str(out), "--grid", "2"])
     assert text.stdout.startswith(f"{image}: not a shoulder-implant X-ray, no answer: not like")
     assert not any(maker in text.stdout for maker in ("Cofield", "Depuy", "Tornier", "Zimmer"))

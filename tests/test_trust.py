@@ -156,11 +156,11 @@ def bundled() -> Classifier:
 
 def test_bundled_model_carries_a_fitted_trust_section(bundled: Classifier) -> None:
     trust = bundled.metadata.trust
-    assert bundled.test_time_views == trust.provenance["test_time_views"] == 4
+    assert bundled.test_time_views == trust.provenance["test_time_views"] == 16
     assert 0.3 < trust.calibration.temperature < 1.0  # the fused probabilities are under-confident
     assert 0.5 < trust.calibration.uncertain_below < 1.0
-    assert trust.outliers.feature_dim == 112  # stage-5 channels of EfficientNet-Lite0
-    assert bundled.backend.num_outputs == 4 + 112
+    assert trust.outliers.feature_dim == 192  # stage-6 channels of EfficientNet-Lite0
+    assert bundled.backend.num_outputs == 4 + 192
     assert trust.provenance["ece_after"] < trust.provenance["ece_before"]
     assert trust.provenance["outlier_false_alarms_cv"] < 0.05
 
@@ -243,7 +243,7 @@ def test_a_model_without_trust_flags_nothing(bundled: Classifier) -> None:
     assert abs(raw.sum() - 1) > 1e-3
     np.testing.assert_allclose(list(prediction.probabilities.values()), raw / raw.sum(), rtol=1e-5)
     assert prediction.out_of_distribution is None and prediction.ood_reason is None
-    with pytest.raises(ModelError, match="112 features"):
+    with pytest.raises(ModelError, match="192 features"):
         Classifier(ProbabilitiesOnly(), bundled.metadata, bundled.model_path)
 
 
