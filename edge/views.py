@@ -27,9 +27,9 @@ ALL_VIEWS = max(VIEW_COUNTS)
 #: The angle of views 8-15, anticlockwise.
 TURN_DEGREES = 45.0
 
-#: The views the training recipe's models average (the bundled model's four flips); what
-#: ``capsedge export`` records unless told otherwise.
-RECIPE_VIEWS = 4
+#: The views the training recipe's models average (the bundled model's sixteen since 0.7; four
+#: flips in 0.4-0.6); what ``capsedge export`` records unless told otherwise.
+RECIPE_VIEWS = ALL_VIEWS
 
 #: All dihedral orientations: the views training augments over and :func:`view` numbers.
 DIHEDRAL_VIEWS = 8

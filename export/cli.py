@@ -56,9 +56,10 @@ def _cli() -> Any:
                        "Default: the data folder the run recorded.")
     @click.option("--test-time-views", "test_time_views", type=click.Choice([str(n) for n in VIEW_COUNTS]),
                   default=str(RECIPE_VIEWS), show_default=True,
-                  help="Orientations of each image the runtime averages (4: the flips, as in the recipe "
-                       "and the bundled model; 8: flips and transposes); with --train-data the "
-                       "calibration is fitted for that average.")
+                  help="Views of each image the runtime averages (16: the flips and quarter turns of "
+                       "the image and of the image turned 45 degrees, as in the recipe and the bundled "
+                       "model; 8: the first eight; 4: the flips); with --train-data the calibration is "
+                       "fitted for that average.")
     @click.option("--score-folds", is_flag=True,
                   help="First score each fold of the cross-validation as an int8 file on its held-out "
                        "images (saved in the fold folders), so that the int8 files are calibrated on "

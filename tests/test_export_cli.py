@@ -102,7 +102,7 @@ def test_trust_sources_are_the_runs_own_when_it_has_them(tmp_path: Path) -> None
 
 
 def test_test_time_views_default_is_the_recipes() -> None:
-    """One default everywhere: the four flips the recipe and the bundled model average."""
+    """One default everywhere: the sixteen views the recipe and the bundled model average."""
     import inspect
 
     from capsedge.classifier import default_model_path
@@ -113,7 +113,7 @@ def test_test_time_views_default_is_the_recipes() -> None:
     functions = (trust_fit.fit_trust, trust_fit.fit_file_trust)
     defaults = {inspect.signature(f).parameters["test_time_views"].default for f in functions}
     defaults.add(writer.ExportOptions().test_time_views)
-    assert defaults == {int(option.default)} == {read_metadata(default_model_path()).test_time_views} == {4}
+    assert defaults == {int(option.default)} == {read_metadata(default_model_path()).test_time_views} == {16}
 
 
 def test_cli_verification_without_images_fails_before_tensorflow(tmp_path: Path) -> None:
