@@ -525,6 +525,7 @@ def test_stage_two_starts_every_fold_from_its_own_stage_one_trunk_and_can_keep_i
     with pytest.raises(UsageError, match="did not hold out"):
         cross_validate(tiny_data, tmp_path / "s2-seed1", dataclasses.replace(stage2, seed=1), folds=2,
                        progress=False)
+    assert not (tmp_path / "s2-seed1" / "fold-0").exists()  # refused before the fold's folder opens
 
     with_readout = dataclasses.replace(stage2, stage1_readout=0.25)
     summary = cross_validate(tiny_data, tmp_path / "s2r", with_readout, folds=2, final=True, progress=False,

@@ -106,6 +106,9 @@ def train(
     config = plan.config
     targets = dataset.targets
     train_idx, held_idx = part.split if part else holdout_split(targets, config)
+    part_name = part.name if part else None
+    plan.stage1_trunk(part_name, held_idx)  # a stage 1 (or read-out run) that held out other
+    plan.readout_trunk(part_name, held_idx)  # images is refused before the run folder opens
     run = RunDir(Path(run_dir))
     _open_run(run, resume)
     keras.utils.set_random_seed(config.seed)
@@ -121,7 +124,7 @@ def train(
 
     strategy = distribution(devices)
     with strategy.scope() if strategy else contextlib.nullcontext():
-        network = build_network(plan, part.name if part else None, held_idx)
+        network = build_network(plan, part_name, held_idx)
         if config.int8_aware_trunk:
             network.trunk["int8_aware"] = _int8_aware_trunk(plan, network, images, train_idx, run, progress)
         maps, int8_maps = _frozen_maps(plan, network, images, train_idx, part, progress)
