@@ -36,21 +36,22 @@ class Network:
     trunk: dict[str, Any]
 
 
-def build_network(plan: TrainingPlan, part: int | str | None = None,
-                  held_out: np.ndarray | None = None) -> Network:
-    """Build ``plan``'s model, initialise its trunk (under ``init="run:PATH"`` from that run's
-    part ``part``, which held out ``held_out``; see :meth:`TrainingPlan.stage1_trunk`), load its
-    stage-1 read-out, and for a frozen-trunk plan, split it into the frozen trunk and the part
-    above."""
+def build_network(plan: TrainingPlan, trunk_file: Path | None = None,
+                  readout_file: Path | None = None) -> Network:
+    """Build ``plan``'s model, initialise its trunk (under ``init="run:PATH"`` from ``trunk_file``),
+    load its stage-1 read-out (from ``readout_file``'s run), and for a frozen-trunk plan, split it
+    into the frozen trunk and the part above. The files are a part's
+    :meth:`TrainingPlan.stage1_trunk` and :meth:`TrainingPlan.readout_trunk`, by default a
+    single run's."""
     from capsedge.models import build_model
 
     from .frozen import frozen_split
 
     built = build_model(plan.model)
-    trunk = initialise_trunk(built, plan.config, plan.stage1_trunk(part, held_out))
-    readout = plan.readout_trunk(part, held_out)
-    if plan.model.readout_weight and readout is not None:
-        trunk["readout_from"] = load_stage1_readout(built.classifier, RunDir(readout.parent))
+    trunk = initialise_trunk(built, plan.config, trunk_file)
+    readout_file = readout_file or plan.readout_trunk()
+    if plan.model.readout_weight and readout_file is not None:
+        trunk["readout_from"] = load_stage1_readout(built.classifier, RunDir(readout_file.parent))
     if plan.frozen_trunk:
         frozen, fitted = frozen_split(built, plan.config.freeze_stages)
         return Network(built, fitted, frozen, trunk)

@@ -122,17 +122,15 @@ class TrainingPlan:
         stage1 = self.stage1_trunk(part, held_out)
         if not self.config.readout_run:
             return stage1
+        from .network import READOUT_LAYERS  # the head's layers: the rest is the trunk
+
         readout = _same_part_trunk(Path(self.config.readout_run), part, held_out)
         with np.load(stage1) as ours, np.load(readout) as theirs:
-            trunk = [key for key in ours.files if not key.startswith(TRUNK_HEAD_PREFIXES)]
+            trunk = [key for key in ours.files if key.rsplit("/", 1)[0] not in READOUT_LAYERS.values()]
             if any(key not in theirs.files or not np.array_equal(ours[key], theirs[key]) for key in trunk):
                 raise UsageError(f"{readout} holds another trunk than {stage1}: its linear head was not "
                                  "trained on the trunk the read-out reads")
         return readout
-
-
-#: The layers of a stage-1 ``trunk.npz`` that a head refitted on its frozen trunk trains again.
-TRUNK_HEAD_PREFIXES = ("lite0_head_", "linear_probs/")
 
 
 def _same_part_trunk(run: Path, part: int | str | None, held_out: np.ndarray | None) -> Path:

@@ -62,7 +62,8 @@ def reuse_trained(data: str | Path | Dataset, run_dir: str | Path, config: Train
 
     from .network import build_network
 
-    network = build_network(plan, part.name if part else None, held_idx)
+    name = part.name if part else None
+    network = build_network(plan, plan.stage1_trunk(name, held_idx), plan.readout_trunk(name, held_idx))
     copied = copy_trained_weights(origin, network.built)
     if part:
         images = part.images

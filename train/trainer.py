@@ -106,9 +106,10 @@ def train(
     config = plan.config
     targets = dataset.targets
     train_idx, held_idx = part.split if part else holdout_split(targets, config)
+    # Resolved before the run folder opens: a stage 1 (or read-out run) that held out other images
+    # is refused first.
     part_name = part.name if part else None
-    plan.stage1_trunk(part_name, held_idx)  # a stage 1 (or read-out run) that held out other
-    plan.readout_trunk(part_name, held_idx)  # images is refused before the run folder opens
+    trunk_file, readout_file = plan.stage1_trunk(part_name, held_idx), plan.readout_trunk(part_name, held_idx)
     run = RunDir(Path(run_dir))
     _open_run(run, resume)
     keras.utils.set_random_seed(config.seed)
@@ -124,7 +125,7 @@ def train(
 
     strategy = distribution(devices)
     with strategy.scope() if strategy else contextlib.nullcontext():
-        network = build_network(plan, part_name, held_idx)
+        network = build_network(plan, trunk_file, readout_file)
         if config.int8_aware_trunk:
             network.trunk["int8_aware"] = _int8_aware_trunk(plan, network, images, train_idx, run, progress)
         maps, int8_maps = _frozen_maps(plan, network, images, train_idx, part, progress)
