@@ -580,6 +580,26 @@ def test_stage_two_starts_every_fold_from_its_own_stage_one_trunk_and_can_keep_i
     with pytest.raises(UsageError, match="holds another trunk"):
         cross_validate(tiny_data, tmp_path / "s2m", from_moved, folds=2, progress=False,
                        reuse=tmp_path / "s2", parts=[1])
+    # A head refitted on a stage 2 whose trunk --int8-aware-trunk distilled: with --reuse of that
+    # run its trunk is the one the network reads; stage 1's (or another run's) is refused.
+    distilled = dataclasses.replace(stage2, int8_aware_trunk=1)
+    cross_validate(tiny_data, tmp_path / "s2q", distilled, folds=2, progress=False, parts=[1])
+    with np.load(tmp_path / "s1" / "fold-1" / "trunk.npz") as before, \
+            np.load(tmp_path / "s2q" / "fold-1" / "trunk.npz") as after:
+        assert not np.array_equal(before["lite0_stem_conv/0"], after["lite0_stem_conv/0"])
+    cross_validate(tiny_data, tmp_path / "s2qh", dataclasses.replace(refit, init=f"run:{tmp_path / 's2q'}"),
+                   folds=2, progress=False, parts=[1])
+    on_distilled = dataclasses.replace(with_readout, int8_aware_trunk=1, readout_run=str(tmp_path / "s2qh"))
+    cross_validate(tiny_data, tmp_path / "s2qr", on_distilled, folds=2, progress=False,
+                   reuse=tmp_path / "s2q", parts=[1])
+    readout_from = json.loads((tmp_path / "s2qr" / "fold-1" / "metrics.json").read_text())["readout_from"]
+    assert readout_from["file"] == str(tmp_path / "s2qh" / "fold-1" / "trunk.npz")
+    with pytest.raises(UsageError, match=r"another trunk than \S*/s2q/fold-1/trunk"):
+        cross_validate(tiny_data, tmp_path / "s2qx", dataclasses.replace(on_distilled, readout_run=str(
+            tmp_path / "s1h")), folds=2, progress=False, reuse=tmp_path / "s2q", parts=[1])
+    with pytest.raises(UsageError, match=r"another trunk than \S*/s1/fold-1/trunk"):  # without --reuse
+        cross_validate(tiny_data, tmp_path / "s2qy", on_distilled, folds=2, progress=False, parts=[1])
+    assert not (tmp_path / "s2qx" / "fold-1").exists() and not (tmp_path / "s2qy" / "fold-1").exists()
     with pytest.raises(UsageError, match="give stage1_readout too"):
         dataclasses.replace(stage2, readout_run=str(tmp_path / "s1h"))
 

@@ -94,7 +94,8 @@ class TrainConfig:
         readout_run: with ``stage1_readout``, the run whose linear head the read-out copies, part
             by part, instead of the ``init`` run: e.g. a linear head refitted on that run's frozen
             trunk (``--model lite0h_linear_512 --freeze-stages 7 --init run:PATH``); its trunk
-            must be the ``init`` run's (see :meth:`capsedge.train.plan.TrainingPlan.readout_trunk`).
+            must be the ``init`` run's, or with ``--reuse`` the reused run's (e.g. distilled by
+            ``--int8-aware-trunk``; see :meth:`capsedge.train.plan.TrainingPlan.readout_trunk`).
     """
 
     model: str = _setting("effcaps_ncp_lite0_512", "Model configuration name.")
@@ -150,7 +151,8 @@ class TrainConfig:
         click.FloatRange(0, 1, max_open=True))
     readout_run: str = _setting(
         "", "With --stage1-readout: the run whose linear head the read-out copies, part by part, instead "
-        "of the --init one (e.g. a linear head refitted on its frozen trunk; the same trunk).")
+        "of the --init one (e.g. a linear head refitted on its frozen trunk): on the same trunk, or with "
+        "--reuse the reused run's.")
 
     @property
     def init_run(self) -> Path | None:

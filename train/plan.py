@@ -109,10 +109,13 @@ class TrainingPlan:
             return None
         return _same_part_trunk(self.stage1_run, part, held_out)
 
-    def readout_trunk(self, part: int | str | None = None, held_out: np.ndarray | None = None) -> Path | None:
+    def readout_trunk(self, part: int | str | None = None, held_out: np.ndarray | None = None,
+                      trunk: Path | None = None) -> Path | None:
         """The ``trunk.npz`` whose run's linear head the stage-1 read-out copies (else ``None``):
         that of :meth:`stage1_trunk`, or under ``readout_run`` the same part of that run, which
-        must have held out the same images and kept the same trunk (every weight but the head's).
+        must have held out the same images and kept the trunk the network reads (every weight but
+        the head's): ``trunk``, by default stage 1's (``--reuse``: the reused run's, which
+        ``--int8-aware-trunk`` distilled).
 
         Raises:
             UsageError: as :meth:`stage1_trunk`, or the ``readout_run`` part has another trunk.
@@ -124,11 +127,14 @@ class TrainingPlan:
             return stage1
         from .network import READOUT_LAYERS  # the head's layers: the rest is the trunk
 
+        read = trunk or stage1
+        if not read.is_file():
+            raise UsageError(f"{read} does not exist: the read-out's trunk cannot be compared with it")
         readout = _same_part_trunk(Path(self.config.readout_run), part, held_out)
-        with np.load(stage1) as ours, np.load(readout) as theirs:
-            trunk = [key for key in ours.files if key.rsplit("/", 1)[0] not in READOUT_LAYERS.values()]
-            if any(key not in theirs.files or not np.array_equal(ours[key], theirs[key]) for key in trunk):
-                raise UsageError(f"{readout} holds another trunk than {stage1}: its linear head was not "
+        with np.load(read) as ours, np.load(readout) as theirs:
+            kept = [key for key in ours.files if key.rsplit("/", 1)[0] not in READOUT_LAYERS.values()]
+            if any(key not in theirs.files or not np.array_equal(ours[key], theirs[key]) for key in kept):
+                raise UsageError(f"{readout} holds another trunk than {read}: its linear head was not "
                                  "trained on the trunk the read-out reads")
         return readout
 

@@ -58,12 +58,16 @@ def reuse_trained(data: str | Path | Dataset, run_dir: str | Path, config: Train
     run = RunDir(Path(run_dir))
     if run.metrics.is_file() or run.backup.is_dir():
         raise UsageError(f"{run.path} holds a run already; choose another --out")
+    name = part.name if part else None
+    # Checked before the folder opens. The read-out's head must have been fitted on the trunk it
+    # reads: the reused run's.
+    trunk_file = plan.stage1_trunk(name, held_idx)
+    readout_file = plan.readout_trunk(name, held_idx, trunk=origin.trunk)
     run.path.mkdir(parents=True, exist_ok=True)
 
     from .network import build_network
 
-    name = part.name if part else None
-    network = build_network(plan, plan.stage1_trunk(name, held_idx), plan.readout_trunk(name, held_idx))
+    network = build_network(plan, trunk_file, readout_file)
     copied = copy_trained_weights(origin, network.built)
     if part:
         images = part.images
