@@ -28,6 +28,10 @@ TRUNK_PREFIX = "lite0"
 READOUT_PREFIX = "readout"
 #: The dense softmax layer of a linear head (``head="linear"``).
 LINEAR_HEAD = "linear_probs"
+#: The dense softmax layer of the read-out; a trainer output when the read-out trains.
+READOUT_HEAD = f"{READOUT_PREFIX}_probs"
+#: The trainer outputs fitted to the one-hot label (each that a network has).
+LABEL_OUTPUTS = ("caps_length", "ncp_probs", LINEAR_HEAD, READOUT_HEAD)
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,7 @@ def _readout(stage_map: Any, cfg: ModelConfig) -> Any:
 
     x = head_convolution(stage_map, name=READOUT_PREFIX)
     x = keras.layers.GlobalAveragePooling2D(name=f"{READOUT_PREFIX}_pool")(x)
-    return keras.layers.Dense(cfg.num_classes, activation="softmax", name=f"{READOUT_PREFIX}_probs")(x)
+    return keras.layers.Dense(cfg.num_classes, activation="softmax", name=READOUT_HEAD)(x)
 
 
 def _trunk_primary(x: Any, cfg: ModelConfig) -> Any:
@@ -153,8 +157,8 @@ def build_model(cfg: ModelConfig) -> BuiltModel:
     The classifier's output is the capsule lengths normalised to sum to 1, or, with
     ``use_ncp``, ``w * that + (1 - w) * ncp_probs`` with ``w = cfg.fusion_weight``; with
     ``readout_weight`` ``v``, ``(1 - v) * that + v * readout_probs``. The read-out is no output
-    of the trainer: it never trains (its weights come from a stage-1 run), and its layers are
-    built last, so the others start as they would without it.
+    of the trainer (its weights come from a stage-1 run; ``capsedge train --readout-loss`` makes
+    it one), and its layers are built last, so the others start as they would without it.
     """
     image = keras.Input(cfg.input_shape, name="image")
     if cfg.head == "linear":

@@ -557,6 +557,25 @@ def test_stage_two_starts_every_fold_from_its_own_stage_one_trunk_and_can_keep_i
         for ours, theirs in (("readout_probs", "linear_probs"), ("readout_head_bn", "lite0_head_bn")):
             for i, got in enumerate(trained.get_layer(ours).get_weights()):
                 np.testing.assert_array_equal(got, stored[f"{theirs}/{i}"].astype(np.float32))
+    # --readout-loss: the read-out trains too, from stage 1's head, fitted to the label on the same
+    # maps; the capsule head trains as it did without it (its own losses, its own weights).
+    cross_validate(tiny_data, tmp_path / "s2tr", dataclasses.replace(with_readout, readout_loss=1.0), folds=2,
+                   progress=False, parts=[0])
+    fitted = keras.models.load_model(tmp_path / "s2tr" / "fold-0" / "classifier.keras")
+    with np.load(tmp_path / "s1" / "fold-0" / "trunk.npz") as stored:
+        assert not np.allclose(fitted.get_layer("readout_probs").get_weights()[0],
+                               stored["linear_probs/0"].astype(np.float32), atol=1e-4)
+    for layer in ("class_caps", "primary_caps"):
+        for got, want in zip(fitted.get_layer(layer).get_weights(), trained.get_layer(layer).get_weights(),
+                             strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+    header = (tmp_path / "s2tr" / "fold-0" / "history.csv").read_text().splitlines()[0]
+    assert "readout_probs_categorical_accuracy" in header.split(",")
+    with pytest.raises(UsageError, match="drop --readout-loss"):
+        cross_validate(tiny_data, tmp_path / "s2trr", dataclasses.replace(with_readout, readout_loss=1.0),
+                       folds=2, progress=False, reuse=tmp_path / "s2", parts=[0])
+    with pytest.raises(UsageError, match="give stage1_readout too"):
+        dataclasses.replace(stage2, readout_loss=1.0)
 
     # --readout-run: the head of a linear network refitted on stage 1's frozen trunk instead.
     refit = dataclasses.replace(stage1, freeze_stages=7, augment="dihedral", init=f"run:{tmp_path / 's1'}")

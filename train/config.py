@@ -89,13 +89,18 @@ class TrainConfig:
         stage1_readout: the share ``v`` of the stage-1 run's own linear head in the answer,
             ``(1 - v) * capsule + NCP head + v * read-out`` (``ModelConfig.readout_weight``): its
             head convolution, pooling and dense layer are copied from the same part of the
-            ``init="run:PATH"`` run (or of ``readout_run``) and never train; 0: none. Needs
+            ``init="run:PATH"`` run (or of ``readout_run``) and train only with ``readout_loss``;
+            0: none. Needs
             ``init="run:PATH"``.
         readout_run: with ``stage1_readout``, the run whose linear head the read-out copies, part
             by part, instead of the ``init`` run: e.g. a linear head refitted on that run's frozen
             trunk (``--model lite0h_linear_512 --freeze-stages 7 --init run:PATH``); its trunk
             must be the ``init`` run's, or with ``--reuse`` the reused run's (e.g. distilled by
             ``--int8-aware-trunk``; see :meth:`capsedge.train.plan.TrainingPlan.readout_trunk`).
+        readout_loss: with ``stage1_readout``, the weight of the read-out's own cross-entropy:
+            above 0 the read-out trains beside the capsule head, from the stage-1 head it
+            copies, on the same maps (the distilled trunk's, int8 ones with ``int8_trunk``);
+            0: it keeps the copied weights.
     """
 
     model: str = _setting("effcaps_ncp_lite0_512", "Model configuration name.")
@@ -153,6 +158,10 @@ class TrainConfig:
         "", "With --stage1-readout: the run whose linear head the read-out copies, part by part, instead "
         "of the --init one (e.g. a linear head refitted on its frozen trunk): on the same trunk, or with "
         "--reuse the reused run's.")
+    readout_loss: float = _setting(
+        0.0, "With --stage1-readout: weight of the read-out's own cross-entropy; above 0 it trains beside "
+        "the capsule head, from the copied head, on the same maps (0: it stays as copied).",
+        click.FloatRange(0))
 
     @property
     def init_run(self) -> Path | None:
@@ -189,6 +198,8 @@ class TrainConfig:
         if self.readout_run and not self.stage1_readout:
             raise UsageError("readout_run names where the stage-1 read-out comes from: give "
                              "stage1_readout too")
+        if self.readout_loss and not self.stage1_readout:
+            raise UsageError("readout_loss trains the stage-1 read-out: give stage1_readout too")
         if self.training_views not in (DIHEDRAL_VIEWS, ALL_VIEWS):
             raise UsageError(f"training_views must be {DIHEDRAL_VIEWS} or {ALL_VIEWS}, "
                              f"got {self.training_views!r}")

@@ -51,7 +51,11 @@ def build_network(plan: TrainingPlan, trunk_file: Path | None = None,
     trunk = initialise_trunk(built, plan.config, trunk_file)
     readout_file = readout_file or plan.readout_trunk()
     if plan.model.readout_weight and readout_file is not None:
-        trunk["readout_from"] = load_stage1_readout(built.classifier, RunDir(readout_file.parent))
+        trains = plan.config.readout_loss > 0
+        stage1 = RunDir(readout_file.parent)
+        trunk["readout_from"] = load_stage1_readout(built.classifier, stage1, trains=trains)
+        if trains:  # the read-out becomes an output of the trainer, fitted to the label
+            built = with_trained_readout(built)
     if plan.frozen_trunk:
         frozen, fitted = frozen_split(built, plan.config.freeze_stages)
         return Network(built, fitted, frozen, trunk)
@@ -100,10 +104,25 @@ READOUT_LAYERS = {"readout_head_conv": "lite0_head_conv", "readout_head_bn": "li
                   "readout_probs": "linear_probs"}
 
 
-def load_stage1_readout(classifier: Any, stage1: RunDir) -> dict[str, Any]:
+def with_trained_readout(built: Any) -> Any:
+    """``built`` whose trainer has the read-out's probabilities as an output too (``readout_loss``)."""
+    import dataclasses
+
+    import keras
+
+    from capsedge.models.build import READOUT_HEAD
+
+    trainer = built.trainer
+    outputs = {**dict(zip(trainer.output_names, trainer.outputs, strict=True)),
+               READOUT_HEAD: built.classifier.get_layer(READOUT_HEAD).output}
+    return dataclasses.replace(built, trainer=keras.Model(trainer.inputs, outputs, name=trainer.name))
+
+
+def load_stage1_readout(classifier: Any, stage1: RunDir, trains: bool = False) -> dict[str, Any]:
     """Copy the linear head of the stage-1 run ``stage1`` into the read-out of ``classifier`` and
-    freeze it; returns where it came from, for ``metrics.json``. The head is read from the run's
-    ``trunk.npz`` (float16, which holds it since 0.7), else from its ``classifier.keras``.
+    freeze it unless it ``trains``; returns where it came from, for ``metrics.json``. The head is
+    read from the run's ``trunk.npz`` (float16, which holds it since 0.7), else from its
+    ``classifier.keras``.
 
     Raises:
         UsageError: neither file holds a linear head that fits the read-out.
@@ -131,7 +150,7 @@ def load_stage1_readout(classifier: Any, stage1: RunDir) -> dict[str, Any]:
             layer.set_weights([np.asarray(w, dtype=np.float32) for w in weights[theirs]])
         except ValueError:
             raise UsageError(f"{source}: the layer {theirs!r} does not fit {ours!r}") from None
-        layer.trainable = False
+        layer.trainable = trains
     return {"file": str(source), "sha256": file_digest(source)}
 
 
@@ -155,6 +174,7 @@ def compile_network(model: Any, config: TrainConfig, counts: np.ndarray, steps: 
     import keras
 
     from capsedge.models import losses
+    from capsedge.models.build import LABEL_OUTPUTS, READOUT_HEAD
 
     class_weights = losses.class_balanced_weights(counts, config.beta).astype("float32")
 
@@ -175,14 +195,16 @@ def compile_network(model: Any, config: TrainConfig, counts: np.ndarray, steps: 
     if "ncp_probs" in outputs:
         loss["ncp_probs"] = cross_entropy
         weights["ncp_probs"] = config.ncp_weight
+    if READOUT_HEAD in outputs:
+        loss[READOUT_HEAD] = cross_entropy
+        weights[READOUT_HEAD] = config.readout_loss
     if "reconstruction" in outputs:
         loss["reconstruction"] = losses.reconstruction_loss
         weights["reconstruction"] = config.reconstruction_weight
     schedule = learning_rate_schedule(config.schedule, config.learning_rate, config.warmup,
                                       config.epochs * steps)
     # Accuracy of each head on its own, per epoch in history.csv (val_* with a hold-out).
-    metrics = {name: ["categorical_accuracy"] for name in ("caps_length", "ncp_probs", "linear_probs")
-               if name in loss}
+    metrics = {name: ["categorical_accuracy"] for name in LABEL_OUTPUTS if name in loss}
     average = {"use_ema": config.ema > 0, "ema_momentum": config.ema or 0.99}
     if config.weight_decay:
         optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay, **average)
