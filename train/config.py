@@ -90,8 +90,7 @@ class TrainConfig:
             ``(1 - v) * capsule + NCP head + v * read-out`` (``ModelConfig.readout_weight``): its
             head convolution, pooling and dense layer are copied from the same part of the
             ``init="run:PATH"`` run (or of ``readout_run``) and train only with ``readout_loss``;
-            0: none. Needs
-            ``init="run:PATH"``.
+            0: none. Needs ``init="run:PATH"``.
         readout_run: with ``stage1_readout``, the run whose linear head the read-out copies, part
             by part, instead of the ``init`` run: e.g. a linear head refitted on that run's frozen
             trunk (``--model lite0h_linear_512 --freeze-stages 7 --init run:PATH``); its trunk
