@@ -46,7 +46,8 @@ class BuiltModel:
         trainer: ``[image, y_onehot]`` -> dict with ``"caps_length"`` ``(batch, K)``,
             ``"ncp_probs"`` ``(batch, K)`` when ``use_ncp``, and ``"reconstruction"``
             ``(batch, H, W, C)`` (decoded from the capsule of the true label) when a decoder
-            is configured.
+            is configured. The trainer adds ``"readout_probs"`` when the read-out trains
+            (``capsedge.train.network.with_trained_readout``).
         decoder: ``(batch, K*D)`` masked class capsules -> image, or ``None``.
         encoder: image -> ``(batch, K, D)`` class capsules, for the perturbation view; ``None``
             for a linear head.
