@@ -77,19 +77,29 @@ def check_tflite(path: Path) -> None:
             return
         if not sys.executable:  # an embedded interpreter: no child to try it in
             return
-        try:
-            done = subprocess.run([sys.executable, "-c", _TRIAL, str(path)], stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  timeout=TRIAL_TIMEOUT, check=False)
-        except subprocess.TimeoutExpired:
+        outcome = trial(path)
+        if outcome == "hang":
             raise ModelError(f"not a usable TFLite model (the runtime did not load it within "
-                             f"{TRIAL_TIMEOUT:g} s)") from None
-        except OSError:
-            return
-        if done.returncode < 0 or done.returncode > 1:
+                             f"{TRIAL_TIMEOUT:g} s)")
+        if outcome == "crash":
             raise ModelError("not a valid TFLite model (the runtime crashed loading it: corrupt file)")
-        if done.returncode == 0:
+        if outcome == "runs":
             _verified.add(digest)
+
+
+def trial(path: Path, timeout: float = TRIAL_TIMEOUT) -> str | None:
+    """Load, allocate and run ``path`` once in a child process; how the child ended: ``"runs"``,
+    ``"error"`` (the runtime raised an error, which the in-process load words), ``"crash"`` (a
+    signal or an abort) or ``"hang"`` (past ``timeout`` seconds); None when no child started."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _TRIAL, str(path)], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        return "hang"
+    except OSError:
+        return None
+    return {0: "runs", 1: "error"}.get(done.returncode, "crash")
 
 
 def _same(a: Path, b: Path) -> bool:

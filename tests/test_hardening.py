@@ -26,7 +26,7 @@ from capsedge.cli import main
 from capsedge.limits import MAX_INFLATED_DICOM_BYTES
 from capsedge.model_guard import file_digest
 
-from conftest import synthetic_xray
+from conftest import bench_script, synthetic_xray
 
 #: A byte of the bundled model (offset, new value) that makes LiteRT abort the process in
 #: allocate_tensors ("double free or corruption"): for 0.7.0's file, the one crash among 400
@@ -193,6 +193,34 @@ def test_a_model_that_crashes_litert_is_a_model_error(tmp_path: Path) -> None:
                           timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == \
         "not a valid TFLite model (the runtime crashed loading it: corrupt file)"
+
+
+def test_the_fuzz_script_tells_how_the_runtime_ends_on_each_mutant(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/model_fuzz.py: each mutant changes one byte; the guard's trial tells a file that runs,
+    one the runtime refuses and one that crashes it; each that does not run is a ModelError."""
+    from capsedge.model_guard import trial
+
+    fuzz = bench_script("model_fuzz", monkeypatch)
+    data = default_model_path().read_bytes()
+    drawn = fuzz.draw_mutants(len(data), 50, seed=3)
+    assert drawn == fuzz.draw_mutants(len(data), 50, seed=3) != fuzz.draw_mutants(len(data), 50, seed=4)
+    assert len({offset for offset, _ in drawn}) == 50 and all(1 <= shift <= 255 for _, shift in drawn)
+    changed, value = fuzz.mutate(data, *drawn[0])
+    differs = np.flatnonzero(np.frombuffer(changed, np.uint8) != np.frombuffer(data, np.uint8))
+    assert differs.tolist() == [drawn[0][0]] and changed[drawn[0][0]] == value
+
+    copy = tmp_path / "copy.tflite"
+    copy.write_bytes(data)
+    assert trial(copy) == "runs"
+    offset, crashing = CRASHING_BYTE
+    shift = (crashing - data[offset]) % 256
+    assert fuzz.try_mutant(data, offset, shift, tmp_path) == (offset, crashing, "crash")
+    assert data[4:8] == b"TFL3"  # the file identifier: LiteRT raises an error on another
+    assert fuzz.try_mutant(data, 4, 1, tmp_path) == (4, data[4] + 1, "error")
+    assert fuzz.load_outcome(data, offset, crashing, tmp_path) == "ModelError"
+    assert fuzz.load_outcome(data, 4, data[4] + 1, tmp_path) == "ModelError"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.tflite"]  # the mutants are removed
 
 
 def test_a_corrupt_bundled_model_is_refused_before_litert(tmp_path: Path,
