@@ -29,8 +29,8 @@ from capsedge.model_guard import file_digest
 from conftest import bench_script, synthetic_xray
 
 #: A byte of the bundled model (offset, new value) that makes LiteRT abort the process in
-#: allocate_tensors ("double free or corruption"): for 0.7.0's file, the one crash among 400
-#: random one-byte mutants (each loaded in a child process). A new bundled file needs a new one.
+#: allocate_tensors ("double free or corruption"): for 0.7.0's file, one crash among 400 random
+#: one-byte mutants. A new bundled file needs a new one: `python bench/model_fuzz.py` lists them.
 CRASHING_BYTE = (4_100_291, 69)
 
 
