@@ -22,14 +22,16 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import get_args
 
 import common
 import numpy as np
 
+from capsedge.model_guard import TrialOutcome
 from capsedge.progress import Progress
 
 #: How a trial can end, in the order the counts are printed.
-OUTCOMES = ("runs", "error", "crash", "hang")
+OUTCOMES = get_args(TrialOutcome)
 
 
 def draw_mutants(size: int, count: int, seed: int) -> list[tuple[int, int]]:

@@ -20,9 +20,13 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Literal
 
 from . import bundled
 from .errors import ModelError
+
+#: How a trial child ended (:func:`trial`).
+TrialOutcome = Literal["runs", "error", "crash", "hang"]
 
 #: Seconds the child may take to load and run the model once.
 TRIAL_TIMEOUT = 120.0
@@ -87,7 +91,7 @@ def check_tflite(path: Path) -> None:
             _verified.add(digest)
 
 
-def trial(path: Path, timeout: float = TRIAL_TIMEOUT) -> str | None:
+def trial(path: Path, timeout: float = TRIAL_TIMEOUT) -> TrialOutcome | None:
     """Load, allocate and run ``path`` once in a child process; how the child ended: ``"runs"``,
     ``"error"`` (the runtime raised an error, which the in-process load words), ``"crash"`` (a
     signal or an abort) or ``"hang"`` (past ``timeout`` seconds); None when no child started."""
@@ -99,7 +103,9 @@ def trial(path: Path, timeout: float = TRIAL_TIMEOUT) -> str | None:
         return "hang"
     except OSError:
         return None
-    return {0: "runs", 1: "error"}.get(done.returncode, "crash")
+    if done.returncode == 0:
+        return "runs"
+    return "error" if done.returncode == 1 else "crash"
 
 
 def _same(a: Path, b: Path) -> bool:
