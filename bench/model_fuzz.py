@@ -27,7 +27,7 @@ from typing import get_args
 import common
 import numpy as np
 
-from capsedge.model_guard import TrialOutcome
+from capsedge.model_guard import TrialOutcome, trial
 from capsedge.progress import Progress
 
 #: How a trial can end, in the order the counts are printed.
@@ -43,18 +43,21 @@ def draw_mutants(size: int, count: int, seed: int) -> list[tuple[int, int]]:
     return [(int(o), int(s)) for o, s in zip(offsets, shifts, strict=True)]
 
 
+def with_byte(data: bytes, offset: int, value: int) -> bytes:
+    """``data`` with the byte at ``offset`` set to ``value``."""
+    changed = bytearray(data)
+    changed[offset] = value
+    return bytes(changed)
+
+
 def mutate(data: bytes, offset: int, shift: int) -> tuple[bytes, int]:
     """``data`` with the byte at ``offset`` shifted by ``shift`` (mod 256); the bytes and the new value."""
     value = (data[offset] + shift) % 256
-    changed = bytearray(data)
-    changed[offset] = value
-    return bytes(changed), value
+    return with_byte(data, offset, value), value
 
 
 def try_mutant(data: bytes, offset: int, shift: int, folder: Path) -> tuple[int, int, str]:
     """The mutant's offset, new byte value and how its trial ended."""
-    from capsedge.model_guard import trial
-
     changed, value = mutate(data, offset, shift)
     path = folder / f"mutant-{offset}.tflite"
     path.write_bytes(changed)
@@ -72,10 +75,8 @@ def load_outcome(data: bytes, offset: int, value: int, folder: Path) -> str:
     from capsedge import Classifier
     from capsedge.errors import ModelError
 
-    changed = bytearray(data)
-    changed[offset] = value
     path = folder / f"load-{offset}.tflite"
-    path.write_bytes(bytes(changed))
+    path.write_bytes(with_byte(data, offset, value))
     try:
         Classifier.load(path)
     except ModelError:
