@@ -317,3 +317,19 @@ def test_every_train_setting_is_an_option_of_the_command_with_its_default() -> N
         assert param.default == default == getattr(TrainConfig(), name) and param.help == option.help
         assert (option.flag or f"--{name.replace('_', '-')}") in param.opts
     assert params["learning_rate"].opts == ["--lr"]
+
+
+def test_the_final_run_is_named_only_once_it_is_trained(tmp_path: Path) -> None:
+    """``--final --fold 4`` can finish the folds' summary before the final part trains: the command
+    then says the final run is still to train, not that it was written."""
+    from capsedge.train.cli import final_run_line
+    from capsedge.workshop.run import CrossValidation
+
+    cv = CrossValidation(tmp_path / "cv")
+    assert final_run_line(cv).startswith("the final run is not trained yet: --fold final")
+    cv.final.path.mkdir(parents=True)
+    cv.final.write_metrics({"holdout": None})
+    cv.final.backup.mkdir()  # interrupted: a backup is left
+    assert "not trained yet" in final_run_line(cv)
+    cv.final.backup.rmdir()
+    assert final_run_line(cv) == f"final run in {cv.final.path}"

@@ -84,7 +84,7 @@ def command(data: Path, run_dir: Path, folds: int | None, final: bool, parts: tu
             )
             click.echo(f"summary written to {CrossValidation(run_dir).summary}")
             if final:
-                click.echo(f"final run written to {CrossValidation(run_dir).final.path}")
+                click.echo(final_run_line(CrossValidation(run_dir)))
             return
         if reuse is not None:
             from capsedge.train.readout import reuse_trained
@@ -96,6 +96,14 @@ def command(data: Path, run_dir: Path, folds: int | None, final: bool, parts: tu
     if held:
         click.echo(f"held-out accuracy {held['accuracy']:.3f}, macro-F1 {held['macro_f1']:.3f}")
     click.echo(f"run written to {result.run_dir}")
+
+
+def final_run_line(cv: CrossValidation) -> str:
+    """What a ``--final`` cross-validation says of its final run: where it is, or that it is still to
+    train (``--fold K`` alone finishes the folds and writes the summary, not the final run)."""
+    if cv.final.is_finished():
+        return f"final run in {cv.final.path}"
+    return f"the final run is not trained yet: --fold final trains it into {cv.final.path}"
 
 
 def _fold_number(part: str) -> int:
