@@ -548,6 +548,8 @@ def test_stage_two_starts_every_fold_from_its_own_stage_one_trunk_and_can_keep_i
         assert not np.allclose(both(images), capsules(images), atol=5e-3)
     held = np.load(tmp_path / "s2r" / "fold-1" / "holdout_indices.npy")
     np.testing.assert_array_equal(held, np.load(tmp_path / "s2" / "fold-1" / "holdout_indices.npy"))
+    # The network with the read-out exports as the bundled model does: trust, int8, its features.
+    check_export_with_trust(tmp_path / "s2r", tiny_data, tmp_path / "exported-readout")
 
     # Trained with the read-out: it still holds stage 1's weights after the epochs.
     cross_validate(tiny_data, tmp_path / "s2t", with_readout, folds=2, progress=False, parts=[0])
