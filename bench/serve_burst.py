@@ -6,6 +6,7 @@ server's peak resident memory (VmHWM in /proc/<pid>/status) before stopping it::
 
     python bench/serve_burst.py --data DIR            # Depuy.5.jpg of DIR (or --image X)
     python bench/serve_burst.py --data DIR --screenshot --out docs   # also the README's docs/serve.png
+    python bench/serve_burst.py --data DIR --model FILE   # another exported model, e.g. the last release's
 
 tests/test_serve.py runs the same server and burst (and checks every answer).
 """
@@ -152,6 +153,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1, help="capsedge serve --workers.")
+    parser.add_argument("--model", type=Path, default=None, help="capsedge serve --model "
+                        "(default: the bundled model).")
     parser.add_argument("--screenshot", action="store_true", help="Also save a picture of the page "
                         "as OUT/serve.png.")
     args = parser.parse_args()
@@ -162,7 +165,8 @@ def main() -> None:
 
     data = args.image.read_bytes()
     with tempfile.NamedTemporaryFile(suffix=".log") as log:
-        process, url = start_server("--workers", str(args.workers), log=log)
+        model = ["--model", str(args.model)] if args.model else []
+        process, url = start_server("--workers", str(args.workers), *model, log=log)
         try:
             for _ in range(2):
                 post_image(url, data)
