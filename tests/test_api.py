@@ -28,7 +28,7 @@ def test_bundled_model_metadata(classifier: Classifier) -> None:
     assert metadata.preprocessing.input_shape == (512, 512, 1)
     assert "CC BY 4.0" in metadata.provenance["attribution"]
     assert metadata.provenance["metrics"]["pretrained"]["licence"] == "Apache-2.0"
-    assert metadata.provenance["metrics"]["init"] == "run:runs/stage1-h"
+    assert metadata.provenance["metrics"]["init"] == "run:runs/stage1"
     assert metadata.provenance["cross_validation"]["folds"] == 5
     assert metadata.provenance["format"] == "tflite-int8"  # full integer; see README, "The bundled model"
     assert default_model_path().stat().st_size <= 6 * 1024 * 1024
