@@ -16,9 +16,13 @@ from .bundled import DEFAULT_MODEL_NAME, default_model_path  # noqa: F401 - caps
 from .errors import ModelError, UsageError
 from .limits import MAX_THREADS
 from .metadata import ModelMetadata, read_metadata
-from .preprocess import ImageSource, preprocess
+from .preprocess import ImageSource, load_grey, not_a_radiograph, to_model_input
 from .trust import calibrate
 from .views import VIEW_COUNTS, orientations
+
+#: Why an image whose file says it is no radiograph (a DICOM's Modality) gets no answer; the
+#: Modality's value is never quoted (nothing from a header reaches the output).
+NOT_A_RADIOGRAPH_REASON = "its DICOM header says it is not an X-ray radiograph (CT, MR, ultrasound or such)"
 
 #: At most this many threads by default: the 4 cores of the usual edge board (Raspberry Pi,
 #: Jetson Nano); more were not measured.
@@ -229,12 +233,15 @@ class Classifier:
             RuntimeMissingError: a DICOM file and no ``pydicom``.
         """
         start = time.perf_counter()
-        tensor = preprocess(image, self.metadata.preprocessing)
-        return self.classify_tensor(tensor, start)
+        config = self.metadata.preprocessing
+        grey = load_grey(image, config.input_size)
+        return self.classify_tensor(to_model_input(grey, config), start, not_a_radiograph(grey))
 
-    def classify_tensor(self, tensor: np.ndarray, start: float | None = None) -> Prediction:
+    def classify_tensor(self, tensor: np.ndarray, start: float | None = None,
+                        not_radiograph: bool = False) -> Prediction:
         """Classify one preprocessed ``(H, W, C)`` tensor over the model's test-time views, with
-        every flag; ``start`` (a ``time.perf_counter()`` value) begins the latency.
+        every flag; ``start`` (a ``time.perf_counter()`` value) begins the latency;
+        ``not_radiograph`` (its file says it is no radiograph) makes it out of distribution.
 
         Raises:
             ModelError: the runtime failed on this input or returned non-finite values.
@@ -245,6 +252,8 @@ class Classifier:
             raise ModelError("the model returned non-finite outputs for this image")
         scores = self._calibrated(raw[: len(self.labels)])
         out_of_distribution, reason = self._outlier(raw[len(self.labels):])
+        if not_radiograph:
+            out_of_distribution, reason = True, NOT_A_RADIOGRAPH_REASON
         latency_ms = (time.perf_counter() - start) * 1000.0
         probabilities = {label: float(p) for label, p in zip(self.labels, scores, strict=True)}
         threshold = self._calibration.uncertain_below if self._calibration is not None else None

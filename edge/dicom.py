@@ -4,7 +4,10 @@ The pixel data goes through the modality LUT (rescale slope/intercept), then
 the first VOI LUT or window (centre/width) the file names, then MONOCHROME1
 is inverted so that bone and metal are bright, as in every other image.
 Nothing from the header other than what these steps need is read, and no
-header value (patient name, IDs, dates) ever appears in a message.
+header value (patient name, IDs, dates) ever appears in a message. The one
+other element read is the Modality: an image the file itself says is no
+radiograph (CT, MR, ultrasound, ...) is marked (:data:`NOT_A_RADIOGRAPH`), and
+the classifier answers it as out of distribution without quoting the value.
 """
 
 from __future__ import annotations
@@ -29,6 +32,19 @@ from .quiet import silenced
 #: The 128-byte preamble is followed by this marker in a DICOM Part 10 file.
 DICOM_MAGIC = b"DICM"
 
+
+#: ``Image.info`` key set (to True) on a decoded DICOM whose Modality names no radiograph.
+NOT_A_RADIOGRAPH = "capsedge.not_a_radiograph"
+
+#: DICOM Modality codes (PS3.3 C.7.3.1.1.1) of images that are not projection X-rays: the
+#: feature statistics alone let one of pydicom's test images through (an ultrasound answered
+#: Depuy at 93 %, docs/trust.md). CR, DX, RG, RF, XA, PX, IO, MG, OT and RTIMAGE are not here,
+#: nor is a missing or unknown code: those go to the model and its own checks.
+NON_RADIOGRAPH_MODALITIES = frozenset({
+    "CT", "MR", "US", "NM", "PT", "OP", "OPT", "OPM", "OAM", "OPR", "OPV", "IVOCT", "IVUS", "OCT",
+    "XC", "ES", "GM", "SM", "TG", "LS", "BDUS", "DG", "BI", "EPS", "ECG", "HD", "RESP",
+    "RTDOSE", "RTSTRUCT", "RTPLAN", "RTRECORD", "SEG", "REG", "SR", "DOC", "KO", "PR",
+})
 
 #: Leading bytes of formats Pillow reads, so that a PNG or JPEG named ``.dcm`` is not forced through pydicom.
 _OTHER_FORMATS = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
@@ -114,6 +130,7 @@ def _decode(pydicom: ModuleType, source: bytes | Path) -> Image.Image:
     except Exception:  # noqa: BLE001 - pydicom raises many kinds on missing decoders and corrupt data
         raise ImageError(_undecodable(dataset)) from None
     photometric = str(getattr(dataset, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    not_radiograph = str(getattr(dataset, "Modality", "") or "").strip().upper() in NON_RADIOGRAPH_MODALITIES
     values = np.empty(pixels.shape[:2], np.float32)  # filled block by block: no float64 copy
     if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or pixels.ndim == 3:
         if pixels.ndim != 3 or pixels.shape[-1] != 3:
@@ -121,7 +138,7 @@ def _decode(pydicom: ModuleType, source: bytes | Path) -> Image.Image:
         weights = np.array([0.299, 0.587, 0.114], np.float32)
         for block in _row_blocks(pixels.shape):
             values[block] = pixels[block].astype(np.float32) @ weights
-        return Image.fromarray(values, mode="F")
+        return _marked(Image.fromarray(values, mode="F"), not_radiograph)
     if pixels.ndim != 2:
         raise ImageError("unsupported DICOM pixel layout")
     try:
@@ -132,7 +149,13 @@ def _decode(pydicom: ModuleType, source: bytes | Path) -> Image.Image:
     del pixels, dataset
     if photometric == "MONOCHROME1":
         np.subtract(values.max(), values, out=values)
-    return Image.fromarray(values, mode="F")
+    return _marked(Image.fromarray(values, mode="F"), not_radiograph)
+
+
+def _marked(image: Image.Image, not_radiograph: bool) -> Image.Image:
+    if not_radiograph:
+        image.info[NOT_A_RADIOGRAPH] = True
+    return image
 
 
 #: Deflated Explicit VR Little Endian: the whole data set after the file meta is deflated.

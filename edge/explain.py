@@ -22,7 +22,7 @@ from .classifier import Classifier, Prediction
 from .errors import UsageError
 from .fonts import figure_font
 from .limits import DEFAULT_GRID, MAX_GRID, MIN_GRID
-from .preprocess import ImageSource, content_box, load_grey, to_model_input
+from .preprocess import ImageSource, content_box, load_grey, not_a_radiograph, to_model_input
 
 #: The overlay's longer image side, in pixels.
 OVERLAY_SIDE = 512
@@ -96,7 +96,7 @@ def occlusion_map(classifier: Classifier, image: ImageSource, grid: int = DEFAUL
     tensor = to_model_input(grey, config)
     top, left, height, width = content_box(grey.size, config.input_size)
     views = classifier.test_time_views
-    prediction = classifier.classify_tensor(tensor, start)
+    prediction = classifier.classify_tensor(tensor, start, not_a_radiograph(grey))
     answer = np.array(list(prediction.probabilities.values()), np.float32)
     target = classifier.labels.index(prediction.label)
     base = answer if views == 1 else classifier.probabilities(tensor, views=1)

@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
-from .dicom import looks_like_dicom, read_dicom
+from .dicom import NOT_A_RADIOGRAPH, looks_like_dicom, read_dicom
 from .errors import CapsedgeError, ImageError, preview, reason
 from .limits import MAX_IMAGE_BYTES, MAX_PIXELS
 from .quiet import silenced, warnings_raised
@@ -270,6 +270,7 @@ def load_grey(source: ImageSource, size_hint: int = 0) -> Image.Image:
 
 def _load_grey(source: ImageSource, size_hint: int) -> Image.Image:
     image = open_image(source)
+    not_radiograph = bool(image.info.get(NOT_A_RADIOGRAPH))
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageError("image has no pixels")
@@ -280,7 +281,16 @@ def _load_grey(source: ImageSource, size_hint: int) -> Image.Image:
     image.seek(0)
     image = ImageOps.exif_transpose(image) or image
     image.load()
-    return _to_grey(image)
+    grey = _to_grey(image)
+    if not_radiograph:  # carried to the classifier (dicom.NOT_A_RADIOGRAPH)
+        grey.info[NOT_A_RADIOGRAPH] = True
+    return grey
+
+
+def not_a_radiograph(grey: Image.Image) -> bool:
+    """Whether :func:`load_grey` read an image its own file calls no radiograph (a DICOM's
+    Modality: CT, MR, ultrasound, ...)."""
+    return bool(grey.info.get(NOT_A_RADIOGRAPH))
 
 
 def to_model_input(grey: Image.Image, config: Preprocessing) -> np.ndarray:

@@ -234,3 +234,22 @@ def test_a_png_named_dcm_is_read_as_a_png(tmp_path: Path) -> None:
     path = tmp_path / "mislabelled.dcm"
     Image.fromarray(synthetic_xray()).save(path, format="PNG")
     np.testing.assert_allclose(preprocess(path, CONFIG), preprocess(synthetic_xray(), CONFIG), atol=1e-6)
+
+
+def test_a_dicom_that_says_it_is_no_radiograph_gets_no_answer(tmp_path: Path) -> None:
+    """The same pixels as CR go to the model; as MR or an ophthalmic tomogram (OPT) they are out of
+    distribution by their Modality, whatever the features say, and the code is never quoted."""
+    import json
+
+    from capsedge.classifier import NOT_A_RADIOGRAPH_REASON
+
+    files = [write_dicom(tmp_path / f"{name}.dcm", twelve_bit(), Modality=code)
+             for name, code in (("radiograph", "CR"), ("mr", "MR"), ("tomogram", "opt "))]
+    result = CliRunner().invoke(main, ["classify", "--json", *map(str, files)])
+    assert result.exit_code == 0, result.output
+    records = {Path(r["path"]).stem: r for r in map(json.loads, result.stdout.splitlines())}
+    assert records["radiograph"]["ood_reason"] != NOT_A_RADIOGRAPH_REASON
+    for name in ("mr", "tomogram"):
+        assert records[name]["out_of_distribution"] is True and records[name]["answer"] is None
+        assert records[name]["ood_reason"] == NOT_A_RADIOGRAPH_REASON
+    assert "OPT" not in result.stdout.upper() and "Secret" not in result.stdout
