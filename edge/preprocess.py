@@ -270,7 +270,7 @@ def load_grey(source: ImageSource, size_hint: int = 0) -> Image.Image:
 
 def _load_grey(source: ImageSource, size_hint: int) -> Image.Image:
     image = open_image(source)
-    not_radiograph = bool(image.info.get(NOT_A_RADIOGRAPH))
+    not_radiograph = not_a_radiograph(image)
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageError("image has no pixels")
