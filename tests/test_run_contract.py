@@ -111,14 +111,18 @@ def test_export_and_the_benches_read_the_same_answers(trained: tuple, tmp_path: 
 @pytest.mark.slow
 def test_turned_views_bench_scores_the_folds_saved_views_turned(trained: tuple,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """``bench/turned_views.py``: turned by 0 degrees the views are the fold's saved ones; turned a
-    quarter, the same eight views in another order, so the same average; as float and as int8."""
+    """``bench/turned_views.py``: turned by 0 degrees the views are the fold's saved ones (eight, or
+    all sixteen with ``views=16``); turned a quarter, the same eight views in another order, so the
+    same average; as float and as int8."""
     from capsedge.workshop.dataset import read_dataset
 
     cv, data = trained
     bench = bench_script("turned_views", monkeypatch)
     fold, dataset = cv.fold(1), read_dataset(data)
-    saved = fold.read_views()
+    every = fold.read_views()
+    assert every.shape[1] == 16
+    np.testing.assert_allclose(bench.fold_turned_views(fold, dataset, 0.0, 16), every, atol=1e-5)
+    saved = every[:, :8]
     np.testing.assert_allclose(bench.fold_turned_views(fold, dataset, 0.0), saved, atol=1e-5)
     quarter = bench.fold_turned_views(fold, dataset, 90.0)
     assert not np.allclose(quarter, saved, atol=1e-3)  # another order of the views
@@ -130,3 +134,7 @@ def test_turned_views_bench_scores_the_folds_saved_views_turned(trained: tuple,
     upright, int8_quarter = bench.fold_int8_views(fold, dataset, 90.0)  # the int8 file, as export scores it
     assert not np.array_equal(int8_quarter, upright)  # turned: another order of the views
     np.testing.assert_allclose(np.sort(int8_quarter, axis=1), np.sort(upright, axis=1), atol=1e-6)
+    upright16, unturned16 = bench.fold_int8_views(fold, dataset, 0.0, 16)  # thirty-two views' halves
+    assert upright16.shape == unturned16.shape == (len(truth), 16, 2)
+    np.testing.assert_allclose(unturned16, upright16, atol=1e-6)
+    assert set(bench.accuracies(upright16, unturned16, truth)) == {"16 views", "16 turned views", "32 views"}
