@@ -578,6 +578,27 @@ def test_stage_two_starts_every_fold_from_its_own_stage_one_trunk_and_can_keep_i
                        folds=2, progress=False, reuse=tmp_path / "s2", parts=[0])
     with pytest.raises(UsageError, match="give stage1_readout too"):
         dataclasses.replace(stage2, readout_loss=1.0)
+    # --distill-readout: the NCP head is fitted to the read-out's answer too. The read-out trains as
+    # without it (the term's gradient stops there), the NCP head does not, the classifier is the
+    # same network, and the term's loss is in the history.
+    distilling = dataclasses.replace(with_readout, readout_loss=1.0, distill_readout=1.0)
+    cross_validate(tiny_data, tmp_path / "s2td", distilling, folds=2, progress=False, parts=[0])
+    distilled = keras.models.load_model(tmp_path / "s2td" / "fold-0" / "classifier.keras")
+    assert [layer.name for layer in distilled.layers] == [layer.name for layer in fitted.layers]
+    for got, want in zip(distilled.get_layer("readout_probs").get_weights(),
+                         fitted.get_layer("readout_probs").get_weights(), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    ncp = [layer.name for layer in fitted.layers if layer.name.startswith("ncp") and layer.get_weights()]
+    assert ncp and not all(np.allclose(a, b, atol=1e-5) for name in ncp for a, b in zip(
+        distilled.get_layer(name).get_weights(), fitted.get_layer(name).get_weights(), strict=True))
+    header = (tmp_path / "s2td" / "fold-0" / "history.csv").read_text().splitlines()[0].split(",")
+    assert "readout_teacher_loss" in header and "readout_teacher_loss" not in (
+        (tmp_path / "s2tr" / "fold-0" / "history.csv").read_text().splitlines()[0].split(","))
+    with pytest.raises(UsageError, match="give stage1_readout too"):
+        dataclasses.replace(stage2, distill_readout=1.0)
+    with pytest.raises(UsageError, match="drop --readout-loss and --distill-readout"):
+        cross_validate(tiny_data, tmp_path / "s2tdr", dataclasses.replace(with_readout, distill_readout=1.0),
+                       folds=2, progress=False, reuse=tmp_path / "s2", parts=[0])
 
     # --readout-run: the head of a linear network refitted on stage 1's frozen trunk instead.
     refit = dataclasses.replace(stage1, freeze_stages=7, augment="dihedral", init=f"run:{tmp_path / 's1'}")

@@ -188,7 +188,8 @@ def test_train_command_records_every_option_in_the_run(tiny_data: Path, tmp_path
                         # --int8-trunk needs a frozen trunk: tests/test_pretrained.py
                         "freeze_stages": 0, "int8_trunk": 0.0, "training_views": 8, "int8_aware_trunk": 0,
                         # with --init run:PATH: test_pretrained
-                        "stage1_readout": 0.0, "readout_run": "", "readout_loss": 0.0}
+                        "stage1_readout": 0.0, "readout_run": "", "readout_loss": 0.0,
+                        "distill_readout": 0.0}
     bad = CliRunner().invoke(main, [*args[:5], "--reconstruction-weight", "-1"])
     assert bad.exit_code == 2 and "-1" in bad.stderr
 

@@ -67,8 +67,9 @@ def command(data: Path, run_dir: Path, folds: int | None, final: bool, parts: tu
         chosen = [part if part == CrossValidation.FINAL else _fold_number(part) for part in parts] or None
         if reuse is not None and not config.stage1_readout:
             raise UsageError("--reuse adds the stage-1 read-out to a trained run: give --stage1-readout too")
-        if reuse is not None and config.readout_loss:
-            raise UsageError("--reuse copies the read-out without training it: drop --readout-loss")
+        if reuse is not None and (config.readout_loss or config.distill_readout):
+            raise UsageError("--reuse copies the read-out without training: drop --readout-loss and "
+                             "--distill-readout")
         refuse_inside(run_dir, [data, reuse], "--out")
         import_tensorflow_quietly(verbose)
         if folds:

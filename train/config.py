@@ -100,6 +100,9 @@ class TrainConfig:
             above 0 the read-out trains beside the capsule head, from the stage-1 head it
             copies, on the same maps (the distilled trunk's, int8 ones with ``int8_trunk``);
             0: it keeps the copied weights.
+        distill_readout: with ``stage1_readout``, the weight of the NCP head's cross-entropy
+            against the read-out's answer, whose gradient stops at the read-out
+            (:mod:`capsedge.train.distillation`); 0: none.
     """
 
     model: str = _setting("effcaps_ncp_lite0_512", "Model configuration name.")
@@ -161,6 +164,10 @@ class TrainConfig:
         0.0, "With --stage1-readout: weight of the read-out's own cross-entropy; above 0 it trains beside "
         "the capsule head, from the copied head, on the same maps (0: it stays as copied).",
         click.FloatRange(0))
+    distill_readout: float = _setting(
+        0.0, "With --stage1-readout: weight of the NCP head's cross-entropy against the read-out's answer "
+        "on the same maps, the read-out held fixed by it (0: none).",
+        click.FloatRange(0))
 
     @property
     def init_run(self) -> Path | None:
@@ -199,6 +206,9 @@ class TrainConfig:
                              "stage1_readout too")
         if self.readout_loss and not self.stage1_readout:
             raise UsageError("readout_loss trains the stage-1 read-out: give stage1_readout too")
+        if self.distill_readout and not self.stage1_readout:
+            raise UsageError("distill_readout fits the NCP head to the stage-1 read-out: give "
+                             "stage1_readout too")
         if self.training_views not in (DIHEDRAL_VIEWS, ALL_VIEWS):
             raise UsageError(f"training_views must be {DIHEDRAL_VIEWS} or {ALL_VIEWS}, "
                              f"got {self.training_views!r}")

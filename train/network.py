@@ -15,6 +15,7 @@ from capsedge.errors import UsageError
 from capsedge.workshop.run import RunDir
 
 from .config import TrainConfig
+from .distillation import DISTILLATION_OUTPUT, distillation_loss, with_readout_teacher
 from .plan import TrainingPlan, stage1_trunk_file
 from .schedule import learning_rate_schedule
 
@@ -56,6 +57,11 @@ def build_network(plan: TrainingPlan, trunk_file: Path | None = None,
         trunk["readout_from"] = load_stage1_readout(built.classifier, stage1, trains=trains)
         if trains:  # the read-out becomes an output of the trainer, fitted to the label
             built = with_trained_readout(built)
+        if plan.config.distill_readout:
+            if not plan.model.use_ncp:
+                raise UsageError("--distill-readout fits the NCP head to the read-out: "
+                                 f"{plan.model.name} has none")
+            built = with_readout_teacher(built)
     if plan.frozen_trunk:
         frozen, fitted = frozen_split(built, plan.config.freeze_stages)
         return Network(built, fitted, frozen, trunk)
@@ -198,6 +204,9 @@ def compile_network(model: Any, config: TrainConfig, counts: np.ndarray, steps: 
     if READOUT_HEAD in outputs:
         loss[READOUT_HEAD] = cross_entropy
         weights[READOUT_HEAD] = config.readout_loss
+    if DISTILLATION_OUTPUT in outputs:
+        loss[DISTILLATION_OUTPUT] = distillation_loss
+        weights[DISTILLATION_OUTPUT] = config.distill_readout
     if "reconstruction" in outputs:
         loss["reconstruction"] = losses.reconstruction_loss
         weights["reconstruction"] = config.reconstruction_weight

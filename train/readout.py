@@ -46,8 +46,9 @@ def reuse_trained(data: str | Path | Dataset, run_dir: str | Path, config: Train
     dataset, plan = plan_training(data, config)
     if not config.stage1_readout:
         raise UsageError("--reuse adds the stage-1 read-out to a trained run: give --stage1-readout too")
-    if config.readout_loss:
-        raise UsageError("--reuse copies the read-out without training it: drop --readout-loss")
+    if config.readout_loss or config.distill_readout:
+        raise UsageError("--reuse copies the read-out without training: drop --readout-loss and "
+                         "--distill-readout")
     origin = RunDir(Path(source))
     if not origin.is_finished():
         raise UsageError(f"{origin.path} is not a finished run to reuse")
