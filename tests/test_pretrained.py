@@ -486,13 +486,14 @@ def check_int8_features(float_file: Classifier, int8_file: Classifier, images: l
 
 @pytest.mark.slow
 def test_stage_two_starts_every_fold_from_its_own_stage_one_trunk_and_can_keep_its_readout(
-    tiny_models: None, tiny_data: Path, tmp_path: Path
+    tiny_models: None, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Stage 2 starts fold K from stage 1's fold K. ``--stage1-readout``: stage 1's linear head
     beside the capsule head, its weights copied and kept; ``--reuse`` gives a finished stage 2 the
     read-out, answering ``(1 - v)`` of its own answer and ``v`` of stage 1's."""
     from capsedge.errors import UsageError
     from capsedge.train.readout import reuse_trained
+    from capsedge.workshop.run import RunDir
 
     stage1 = TrainConfig(model=TINY_LINEAR_H.name, epochs=1, batch_size=4, freeze_stages=0, augment="full")
     # Parts of one cross-validation, as separate processes train them; the last call sums up.
@@ -573,6 +574,16 @@ def test_stage_two_starts_every_fold_from_its_own_stage_one_trunk_and_can_keep_i
             np.testing.assert_allclose(got, want, atol=1e-5)
     header = (tmp_path / "s2tr" / "fold-0" / "history.csv").read_text().splitlines()[0]
     assert "readout_probs_categorical_accuracy" in header.split(",")
+    # bench/readout_sides.py splits the fused network into its two sides, which mix back into it.
+    sides = bench_script("readout_sides", monkeypatch).split_sides(RunDir(tmp_path / "s2tr" / "fold-0"))
+    (caps_side, caps_config), (readout_side, readout_config) = sides["caps"], sides["readout"]
+    assert caps_config.readout_weight == 0 and readout_config.head == "linear"
+    share = with_readout.stage1_readout
+    np.testing.assert_allclose(fitted(images), (1 - share) * caps_side(images) + share * readout_side(images),
+                               atol=1e-5)
+    assert not np.allclose(caps_side(images), readout_side(images), atol=1e-3)
+    with pytest.raises(SystemExit, match="has no read-out"):
+        bench_script("readout_sides", monkeypatch).split_sides(RunDir(tmp_path / "s2" / "fold-0"))
     with pytest.raises(UsageError, match="drop --readout-loss"):
         cross_validate(tiny_data, tmp_path / "s2trr", dataclasses.replace(with_readout, readout_loss=1.0),
                        folds=2, progress=False, reuse=tmp_path / "s2", parts=[0])
