@@ -96,6 +96,16 @@ def accuracies(views: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return {"1 view": accuracy(1), f"{ALL_VIEWS} views": accuracy(ALL_VIEWS)}
 
 
+def disagreements(answers: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, int]:
+    """On the images where the two sides answer differently: how many, how often each side is
+    right, how often the fused answer is the capsule side's, and how often it is right."""
+    differ = answers["caps"] != answers["readout"]
+    return {"images": int(differ.sum()), "caps right": int((answers["caps"] == truth)[differ].sum()),
+            "readout right": int((answers["readout"] == truth)[differ].sum()),
+            "fused is caps": int((answers["fused"] == answers["caps"])[differ].sum()),
+            "fused right": int((answers["fused"] == truth)[differ].sum())}
+
+
 def main() -> None:
     parser = common.parser(__doc__, out_required=True)
     parser.add_argument("--cv", type=Path, required=True,
@@ -154,6 +164,9 @@ def main() -> None:
             macro = classification_report(truth, views.mean(1).argmax(1), dataset.classes)["macro_f1"]
             report["pooled"][key] = accuracies(views, truth) | {"macro_f1 16 views": round(float(macro), 4)}
     report["pooled"]["images"] = len(truth)
+    if all(len(pooled.get(f"{name} int8", [])) == len(folds) for name in runs):
+        answers = {name: np.concatenate(pooled[f"{name} int8"]).mean(1).argmax(1) for name in runs}
+        report["pooled"]["int8 disagreements"] = disagreements(answers, truth)
     print(json.dumps(report["pooled"], indent=2))
     common.save_json(args, "readout_sides.json", report)
 

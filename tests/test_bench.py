@@ -199,3 +199,13 @@ def test_heldout_int8_reads_the_saved_int8_answers_and_means_the_folds(
     means = bench.mean_over_folds([{"int8_accuracy_16_views": 0.8}, {"int8_accuracy_16_views": 0.9}],
                                   {"images": 190, "int8_accuracy_16_views": 0.85})
     assert means == {"int8_accuracy_16_views": 0.85, "int8_accuracy_16_views_std": round(0.1 / 2 ** 0.5, 4)}
+
+
+def test_readout_sides_counts_what_happens_where_the_sides_disagree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bench/readout_sides.py``: only images whose sides answer differently are counted."""
+    bench = bench_script("readout_sides", monkeypatch)
+    truth = np.array([0, 1, 2, 3, 0])
+    answers = {"caps": np.array([0, 1, 1, 3, 2]), "readout": np.array([0, 2, 2, 0, 1]),
+               "fused": np.array([0, 1, 2, 0, 2])}
+    assert bench.disagreements(answers, truth) == {"images": 4, "caps right": 2, "readout right": 1,
+                                                   "fused is caps": 2, "fused right": 2}
