@@ -138,7 +138,7 @@ def _decode(pydicom: ModuleType, source: bytes | Path) -> Image.Image:
         weights = np.array([0.299, 0.587, 0.114], np.float32)
         for block in _row_blocks(pixels.shape):
             values[block] = pixels[block].astype(np.float32) @ weights
-        return _marked(Image.fromarray(values, mode="F"), not_radiograph)
+        return marked(Image.fromarray(values, mode="F"), not_radiograph)
     if pixels.ndim != 2:
         raise ImageError("unsupported DICOM pixel layout")
     try:
@@ -149,10 +149,11 @@ def _decode(pydicom: ModuleType, source: bytes | Path) -> Image.Image:
     del pixels, dataset
     if photometric == "MONOCHROME1":
         np.subtract(values.max(), values, out=values)
-    return _marked(Image.fromarray(values, mode="F"), not_radiograph)
+    return marked(Image.fromarray(values, mode="F"), not_radiograph)
 
 
-def _marked(image: Image.Image, not_radiograph: bool) -> Image.Image:
+def marked(image: Image.Image, not_radiograph: bool) -> Image.Image:
+    """``image``, carrying the :data:`NOT_A_RADIOGRAPH` mark if ``not_radiograph``."""
     if not_radiograph:
         image.info[NOT_A_RADIOGRAPH] = True
     return image

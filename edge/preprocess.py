@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
-from .dicom import NOT_A_RADIOGRAPH, looks_like_dicom, read_dicom
+from .dicom import NOT_A_RADIOGRAPH, looks_like_dicom, marked, read_dicom
 from .errors import CapsedgeError, ImageError, preview, reason
 from .limits import MAX_IMAGE_BYTES, MAX_PIXELS
 from .quiet import silenced, warnings_raised
@@ -281,10 +281,7 @@ def _load_grey(source: ImageSource, size_hint: int) -> Image.Image:
     image.seek(0)
     image = ImageOps.exif_transpose(image) or image
     image.load()
-    grey = _to_grey(image)
-    if not_radiograph:  # carried to the classifier (dicom.NOT_A_RADIOGRAPH)
-        grey.info[NOT_A_RADIOGRAPH] = True
-    return grey
+    return marked(_to_grey(image), not_radiograph)  # the mark goes on to the classifier
 
 
 def not_a_radiograph(grey: Image.Image) -> bool:

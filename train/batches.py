@@ -7,10 +7,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from capsedge.models.build import LABEL_OUTPUTS
-
 from .augment import Augmentation, augment_batch
-from .distillation import DISTILLATION_OUTPUT
+from .distillation import LABEL_FED_OUTPUTS
 
 
 class TrainingBatches(keras.utils.PyDataset):
@@ -61,7 +59,7 @@ class TrainingBatches(keras.utils.PyDataset):
             partner = rng.permutation(len(chosen))
             images = weight * images + (1 - weight) * images[partner]
             labels = weight * labels + (1 - weight) * labels[partner]
-        wanted = dict.fromkeys((*LABEL_OUTPUTS, DISTILLATION_OUTPUT), labels)
+        wanted = dict.fromkeys(LABEL_FED_OUTPUTS, labels)
         if "reconstruction" in self.outputs:
             wanted["reconstruction"] = average_pool(images, self.reconstruction_size)
         return (images, labels), {k: v for k, v in wanted.items() if k in self.outputs}

@@ -17,9 +17,15 @@ from typing import Any
 import keras
 from keras import ops
 
+from capsedge.errors import UsageError
+from capsedge.models.build import LABEL_OUTPUTS
+
 #: The trainer output that carries the distillation term: each image's cross-entropy of the NCP
 #: head against the read-out; fed the label as its target, which its loss ignores.
 DISTILLATION_OUTPUT = "readout_teacher"
+
+#: Every trainer output the batches feed the one-hot label as its target.
+LABEL_FED_OUTPUTS = (*LABEL_OUTPUTS, DISTILLATION_OUTPUT)
 
 #: Probabilities are clipped to this before their logarithm.
 EPSILON = 1e-7
@@ -48,7 +54,7 @@ def with_readout_teacher(built: Any) -> Any:
     cross-entropy against the read-out of its classifier.
 
     Raises:
-        ValueError: the network has no NCP head or no read-out.
+        UsageError: the network has no NCP head or no read-out.
     """
     import dataclasses
 
@@ -58,7 +64,8 @@ def with_readout_teacher(built: Any) -> Any:
     outputs = dict(zip(trainer.output_names, trainer.outputs, strict=True))
     names = {layer.name for layer in built.classifier.layers}
     if "ncp_probs" not in outputs or READOUT_HEAD not in names:
-        raise ValueError("distilling from the read-out needs a network with an NCP head and a read-out")
+        raise UsageError(f"--distill-readout fits the NCP head to the read-out: {built.config.name} has "
+                         "no NCP head or no read-out")
     teacher = built.classifier.get_layer(READOUT_HEAD).output
     outputs[DISTILLATION_OUTPUT] = ReadoutTeacher(name=DISTILLATION_OUTPUT)([outputs["ncp_probs"], teacher])
     return dataclasses.replace(built, trainer=keras.Model(trainer.inputs, outputs, name=trainer.name))

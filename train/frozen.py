@@ -26,12 +26,11 @@ from typing import Any
 import keras
 import numpy as np
 
-from capsedge.models.build import LABEL_OUTPUTS
 from capsedge.views import ALL_VIEWS, DIHEDRAL_VIEWS, orientations, turned
 
 from .augment import DRAWN_VIEWS, orientation
 from .batches import average_pool
-from .distillation import DISTILLATION_OUTPUT
+from .distillation import LABEL_FED_OUTPUTS
 
 #: By default the maps of every image are computed in all eight orientations, numbered as in
 #: :mod:`capsedge.views` (``maps[:, v]`` is view ``v``); ``views=16`` adds views 8-15.
@@ -169,7 +168,7 @@ class FrozenViewBatches(keras.utils.PyDataset):
             from_int8 = from_int8 < self.int8_fraction
             maps[from_int8] = self.int8_maps[chosen[from_int8], views[from_int8]]
         labels = self.onehot[chosen]
-        targets = {k: labels for k in (*LABEL_OUTPUTS, DISTILLATION_OUTPUT) if k in self.outputs}
+        targets = {k: labels for k in LABEL_FED_OUTPUTS if k in self.outputs}
         if "reconstruction" in self.outputs:
             seen = np.stack([view_of(self.images[i], int(v)) for i, v in zip(chosen, views, strict=True)])
             targets["reconstruction"] = average_pool(seen, self.reconstruction_size)

@@ -58,9 +58,6 @@ def build_network(plan: TrainingPlan, trunk_file: Path | None = None,
         if trains:  # the read-out becomes an output of the trainer, fitted to the label
             built = with_trained_readout(built)
         if plan.config.distill_readout:
-            if not plan.model.use_ncp:
-                raise UsageError("--distill-readout fits the NCP head to the read-out: "
-                                 f"{plan.model.name} has none")
             built = with_readout_teacher(built)
     if plan.frozen_trunk:
         frozen, fitted = frozen_split(built, plan.config.freeze_stages)
