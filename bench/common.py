@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import numpy as np
 
     from capsedge.workshop.run import RunDir
@@ -137,3 +139,18 @@ def averaged_answers(fold: RunDir, views: int, fmt: str | None) -> np.ndarray:
     if stored.shape[1] < views:
         raise SystemExit(f"{fold.path}: {stored.shape[1]} views stored, {views} asked for")
     return average_views(stored, views)
+
+
+def quietly(main: Callable[[], object]) -> None:
+    """Run a script's ``main`` that loads TensorFlow or LiteRT with their C++ start-up and
+    conversion lines kept off the terminal (``capsedge.boundary.quiet_native_logs``; the script's
+    own printing still shows), and a capsedge error (a folder that is no run, a missing model)
+    as one line and exit status 1, as the other ``bench:`` messages."""
+    from capsedge.boundary import printable, quiet_native_logs
+    from capsedge.errors import CapsedgeError
+
+    try:
+        with quiet_native_logs():
+            main()
+    except CapsedgeError as exc:
+        sys.exit(f"bench: {printable(str(exc))}")

@@ -101,4 +101,4 @@ def _averaged(views: np.ndarray, count: int, geometric: bool) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    main()
+    common.quietly(main)

@@ -99,6 +99,25 @@ def test_a_script_writes_only_into_out(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.rglob("*")] == ["out", "model_macs.json"]
 
 
+#: What a script's source holds when it loads TensorFlow in its own process (Keras, a trained run,
+#: the converter, the training's view predictions).
+LOADS_TENSORFLOW = ("import keras", "load_run", "score_folds", "predict_views", "keras_to_tflite")
+
+
+def test_scripts_that_load_tensorflow_keep_its_start_up_lines_off_the_terminal(tmp_path: Path) -> None:
+    """Each such script runs its ``main`` through ``common.quietly`` (or quiets each step itself);
+    one run for real: ``int8_report`` imports Keras, then fails on a folder that is no run, and
+    stderr holds its one-line error and no line of TensorFlow's C++ start-up."""
+    for script in BENCH.glob("*.py"):
+        source = script.read_text()
+        if any(marker in source for marker in LOADS_TENSORFLOW):
+            assert "common.quietly(main)" in source or "quiet_native_logs()" in source, script.name
+    pytest.importorskip("tensorflow")
+    failed = run_bench("int8_report", "--run", str(tmp_path / "none"), "--data", str(tmp_path))
+    assert failed.returncode == 1
+    assert failed.stderr.splitlines() == [f"bench: no trained model at {tmp_path / 'none'}"]
+
+
 def test_heldout_int8_names_the_formats_it_knows_before_reading_anything(tmp_path: Path) -> None:
     wrong = run_bench("heldout_int8", "--cv", str(tmp_path), "--data", str(tmp_path),
                       "--formats", "int8,int9")
