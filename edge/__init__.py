@@ -11,7 +11,7 @@ Training (``capsedge.train``) and export (``capsedge.export``) need TensorFlow
 and are never imported from here.
 """
 
-__version__ = "0.8.0"
+__version__ = "0.9.0"
 
 from typing import TYPE_CHECKING, Any
 

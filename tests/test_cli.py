@@ -58,8 +58,8 @@ def test_a_generated_picture_is_not_an_xray(xray_png: Path) -> None:
     row = next(csv.DictReader(table.open(encoding="utf-8")))
     assert row["answer"] == "" and row["label"] in LABELS and row["out_of_distribution"] == "true"
     assert row["ood_reason"].startswith("not like the shoulder-implant X-rays")
-    assert row["model_version"] == "effcaps_ncp_lite0h_512-0.8.0"
-    assert float(row["threshold"]) == pytest.approx(0.882, abs=1e-3)
+    assert row["model_version"] == "effcaps_ncp_lite0h_512-0.9.0"
+    assert float(row["threshold"]) == pytest.approx(0.888, abs=1e-3)
 
 
 def test_json_output_shape(xray_png: Path) -> None:
@@ -71,7 +71,7 @@ def test_json_output_shape(xray_png: Path) -> None:
         assert set(record) == {"path", "answer", "label", "probabilities", "latency_ms", "model_version",
                                "uncertain", "calibrated", "threshold", "out_of_distribution", "ood_reason"}
         assert record["path"] == str(xray_png)
-        assert record["model_version"] == "effcaps_ncp_lite0h_512-0.8.0"
+        assert record["model_version"] == "effcaps_ncp_lite0h_512-0.9.0"
         assert list(record["probabilities"]) == LABELS
         assert sum(record["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
         assert record["label"] == max(record["probabilities"], key=record["probabilities"].get)

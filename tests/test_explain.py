@@ -97,7 +97,7 @@ def test_explain_command_on_the_bundled_model(tmp_path: Path) -> None:
     # The generated picture is no X-ray: explain carries classify's flags.
     assert record["out_of_distribution"] is True and record["answer"] is None
     assert record["ood_reason"].startswith("not like") and record["uncertain"] in (True, False)
-    assert record["model_version"] == "effcaps_ncp_lite0h_512-0.8.0" and record["threshold"] > 0.5
+    assert record["model_version"] == "effcaps_ncp_lite0h_512-0.9.0" and record["threshold"] > 0.5
     text = CliRunner().invoke(main, ["explain", str(image), "--out", str(out), "--grid", "2"])
     assert text.stdout.startswith(f"{image}: not a shoulder-implant X-ray, no answer: not like")
     assert not any(maker in text.stdout for maker in ("Cofield", "Depuy", "Tornier", "Zimmer"))
