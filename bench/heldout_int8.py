@@ -190,15 +190,13 @@ def main() -> None:
     if unknown:
         parser.error(f"--formats: {unknown[0]!r} is not one of {', '.join(known)}")
 
-    from capsedge.boundary import quiet_native_logs
     from capsedge.workshop.dataset import read_dataset
     dataset = read_dataset(common.data_folder(args))
     folds = [fold.path for fold in common.finished_folds(args.cv, args.folds)]
     truth, pooled = [], {}
     report = {"cv": str(args.cv), "folds": {}}
     for fold in folds:
-        with quiet_native_logs():  # TensorFlow's converter and LiteRT write to descriptor 2
-            measured = measure_fold(fold, dataset, formats, args.saved)
+        measured = measure_fold(fold, dataset, formats, args.saved)
         scores = summary(measured["truth"], measured["answers"], formats, dataset.classes)
         report["folds"][fold.name] = scores | measured["maps"]
         print(json.dumps({fold.name: report["folds"][fold.name]}), flush=True)
@@ -214,4 +212,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.quietly(main)  # TensorFlow's converter and LiteRT write to descriptor 2

@@ -105,13 +105,13 @@ LOADS_TENSORFLOW = ("import keras", "load_run", "score_folds", "predict_views", 
 
 
 def test_scripts_that_load_tensorflow_keep_its_start_up_lines_off_the_terminal(tmp_path: Path) -> None:
-    """Each such script runs its ``main`` through ``common.quietly`` (or quiets each step itself);
+    """Each such script runs its ``main`` through ``common.quietly``;
     one run for real: ``int8_report`` imports Keras, then fails on a folder that is no run, and
     stderr holds its one-line error and no line of TensorFlow's C++ start-up."""
     for script in BENCH.glob("*.py"):
         source = script.read_text()
         if any(marker in source for marker in LOADS_TENSORFLOW):
-            assert "common.quietly(main)" in source or "quiet_native_logs()" in source, script.name
+            assert "common.quietly(main)" in source, script.name
     pytest.importorskip("tensorflow")
     failed = run_bench("int8_report", "--run", str(tmp_path / "none"), "--data", str(tmp_path))
     assert failed.returncode == 1
